@@ -1,0 +1,60 @@
+"""Fisher importance as the encoder takes it: per element, per tensor, or none (uniform)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..errors import EncodeError
+
+__all__ = ["normalize_fisher"]
+
+
+def normalize_fisher(fisher, names: list, shapes: dict) -> dict:
+    """Validate ``fisher`` against the tensors and return ``name -> float | ndarray``.
+
+    Parameters
+    ----------
+    fisher : None or Mapping[str, array-like or float]
+        ``None`` means uniform importance (plain MSE). A mapping must name every tensor; each value
+        is a non-negative finite scalar (one weight for the whole tensor) or an array of the
+        tensor's shape (one weight per element).
+
+    Raises
+    ------
+    EncodeError
+        If a tensor is missing, a shape differs, or a weight is negative or not finite.
+    TypeError
+        If ``fisher`` is not a mapping.
+    """
+    if fisher is None:
+        return {name: 1.0 for name in names}
+    if not isinstance(fisher, Mapping):
+        raise TypeError(f"fisher must be a mapping of tensor names to weights, got {type(fisher).__name__}")
+    unknown = set(fisher) - set(names)
+    if unknown:
+        raise EncodeError(f"fisher names tensors that are not being encoded: {sorted(unknown)[:5]}")
+    out = {}
+    for name in names:
+        if name not in fisher:
+            raise EncodeError(f"fisher has no weights for tensor {name!r}", tensor=name)
+        value = fisher[name]
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().float().cpu().numpy()
+        array = np.asarray(value, dtype=np.float64)
+        if array.ndim == 0:
+            weight = float(array)
+            if not (math.isfinite(weight) and weight >= 0):
+                raise EncodeError(f"fisher weight of {name!r} must be finite and >= 0, got {weight}", tensor=name)
+            out[name] = weight
+            continue
+        if array.shape != tuple(shapes[name]):
+            raise EncodeError(
+                f"fisher for {name!r} has shape {array.shape}, the tensor has {tuple(shapes[name])}", tensor=name
+            )
+        if not np.all(np.isfinite(array)) or np.any(array < 0):
+            raise EncodeError(f"fisher for {name!r} holds negative or non-finite weights", tensor=name)
+        out[name] = array
+    return out

@@ -1,0 +1,299 @@
+"""The message container: preamble, header, body of sections, checksum (spec sections 3-5).
+
+This module knows bytes and lengths only. It frames a header map and a list of sections on
+encode, and on decode it validates the framing in the order the spec's decoding procedure gives,
+checking every declared length against the limits and against the bytes present before
+allocating anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import zlib
+
+import msgpack
+import zstandard
+
+from ..errors import (
+    BadFormatError,
+    ChecksumError,
+    LimitExceededError,
+    TrailingDataError,
+    TruncatedError,
+    UnsupportedVersionError,
+)
+from ..limits import Limits
+
+__all__ = [
+    "MAGIC",
+    "VERSION_MAJOR",
+    "VERSION_MINOR",
+    "PREAMBLE",
+    "CHECKSUM_SIZE",
+    "Section",
+    "Container",
+    "write_container",
+    "read_container",
+    "decode_section",
+    "zstd_compress",
+]
+
+#: First 8 bytes of every message. The high-bit byte catches 7-bit channels, ``\r\n`` and the lone
+#: ``\n`` catch newline conversion in either direction, ``\x1a`` stops DOS ``type`` (as in PNG).
+MAGIC = b"\x89FSQ\r\n\x1a\n"
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+
+#: magic, major, minor, header encoding, reserved, header stored length, header length, body length
+PREAMBLE = struct.Struct("<8sBBBBIIQ")
+CHECKSUM_SIZE = 4
+
+HEADER_RAW = 0
+HEADER_ZSTD = 1
+
+ENCODING_NONE = "none"
+ENCODING_ZSTD = "zstd"
+SECTION_ENCODINGS = (ENCODING_NONE, ENCODING_ZSTD)
+
+# A fixed zstd level keeps the bytes deterministic for a given zstandard library version.
+_ZSTD_LEVEL = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One section of the body as declared in the header.
+
+    Attributes
+    ----------
+    kind : str
+        ``"blocks"``, ``"scales"`` or ``"codes"``.
+    offset : int
+        Offset of its stored bytes from the start of the message.
+    stored_length, decoded_length : int
+        Sizes before and after its encoding is undone.
+    encoding : str
+        ``"none"`` or ``"zstd"``.
+    """
+
+    kind: str
+    offset: int
+    stored_length: int
+    encoding: str
+    decoded_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Container:
+    """A message whose framing, checksum and header have been validated."""
+
+    major: int
+    minor: int
+    header: dict
+    header_offset: int
+    header_stored_length: int
+    header_length: int
+    header_encoding: int
+    body_offset: int
+    body_length: int
+    data: memoryview
+
+
+def zstd_compress(payload: bytes) -> bytes:
+    """Compress with zstd as the encoder does: one frame, content size and no checksum flag."""
+    compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_content_size=True, write_checksum=False)
+    return compressor.compress(payload)
+
+
+def write_container(header: dict, body: bytes, *, compress_header: bool) -> bytes:
+    """Frame ``header`` and ``body`` into a message: preamble, header, body, CRC-32.
+
+    The caller has already put the section table (stored lengths summing to ``len(body)``) into
+    ``header``.
+    """
+    header_bytes = msgpack.packb(header, use_bin_type=True)
+    stored_header = header_bytes
+    encoding = HEADER_RAW
+    if compress_header:
+        candidate = zstd_compress(header_bytes)
+        # Only use the zstd form when it is smaller: tiny headers grow under zstd.
+        if len(candidate) < len(header_bytes):
+            stored_header, encoding = candidate, HEADER_ZSTD
+    preamble = PREAMBLE.pack(
+        MAGIC, VERSION_MAJOR, VERSION_MINOR, encoding, 0, len(stored_header), len(header_bytes), len(body)
+    )
+    parts = [preamble, stored_header, body]
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return b"".join(parts) + struct.pack("<I", crc)
+
+
+def _zstd_decompress_exact(stored, decoded_length: int, what: str, offset: int) -> bytes:
+    """Decompress one zstd frame that must hold exactly ``decoded_length`` bytes and nothing after it.
+
+    The caller has checked ``decoded_length`` against the limits. The frame must declare its
+    content size, equal to ``decoded_length``; this is checked from the frame header before
+    decompressing, and libzstd refuses to write past a declared content size, so a frame that
+    claims gigabytes (or lies about its size) never gets to allocate them.
+    """
+    stored = bytes(stored)
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError:
+        raise BadFormatError(f"{what}: not a valid zstd frame header", offset=offset) from None
+    if declared != decoded_length:
+        raise BadFormatError(
+            f"{what}: zstd frame declares content size {declared if declared >= 0 else 'unknown'}, "
+            f"header declares {decoded_length}",
+            offset=offset,
+        )
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        out = decompressor.decompress(stored)
+    except zstandard.ZstdError as exc:
+        raise BadFormatError(f"{what}: invalid zstd data ({exc})", offset=offset) from None
+    if not decompressor.eof:
+        raise TruncatedError(f"{what}: zstd frame ends early", offset=offset + len(stored))
+    if decompressor.unused_data:
+        extra = len(decompressor.unused_data)
+        raise TrailingDataError(f"{what}: {extra} bytes follow its zstd frame", extra=extra, offset=offset)
+    if len(out) != decoded_length:
+        raise BadFormatError(
+            f"{what}: zstd data decodes to {len(out)} bytes, header declares {decoded_length}", offset=offset
+        )
+    return out
+
+
+def read_container(data, limits: Limits) -> Container:
+    """Validate the framing of ``data`` (spec 5, steps 1-9) and return its parsed header.
+
+    Raises
+    ------
+    TruncatedError, BadFormatError, UnsupportedVersionError, LimitExceededError,
+    TrailingDataError, ChecksumError
+        As the spec's decoding procedure names them.
+    """
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    size = len(view)
+    # 1. Magic. A short input that is a prefix of the magic is a truncated message.
+    head = bytes(view[: len(MAGIC)])
+    if head != MAGIC[: len(head)]:
+        raise BadFormatError("not an fstq message (bad magic)", offset=0)
+    if size < PREAMBLE.size:
+        raise TruncatedError(f"message is {size} bytes, shorter than the {PREAMBLE.size}-byte preamble", offset=size)
+    _, major, minor, header_encoding, reserved, header_stored, header_length, body_length = PREAMBLE.unpack_from(view, 0)
+    # 2. Version before anything else, so a future major version is reported as such.
+    if major != VERSION_MAJOR:
+        raise UnsupportedVersionError(
+            f"message has format version {major}.{minor}; this decoder reads major version {VERSION_MAJOR}",
+            major=major,
+            minor=minor,
+            offset=8,
+        )
+    # 3. Preamble fields.
+    if header_encoding not in (HEADER_RAW, HEADER_ZSTD):
+        raise BadFormatError(f"unknown header encoding {header_encoding}", offset=10)
+    if reserved != 0:
+        raise BadFormatError(f"reserved preamble byte is {reserved}, must be 0", offset=11)
+    if header_encoding == HEADER_RAW and header_stored != header_length:
+        raise BadFormatError(
+            f"raw header: stored length {header_stored} differs from header length {header_length}", offset=12
+        )
+    # 4. Limits on declared sizes, before any allocation.
+    if header_length > limits.max_header_size:
+        raise LimitExceededError(
+            f"header declares {header_length} bytes, limit max_header_size is {limits.max_header_size}",
+            limit_name="max_header_size",
+            limit=limits.max_header_size,
+            actual=header_length,
+        )
+    total = PREAMBLE.size + header_stored + body_length + CHECKSUM_SIZE
+    if total > limits.max_message_size:
+        raise LimitExceededError(
+            f"message declares {total} bytes, limit max_message_size is {limits.max_message_size}",
+            limit_name="max_message_size",
+            limit=limits.max_message_size,
+            actual=total,
+        )
+    # 5. Exact length: no truncation, no trailing bytes.
+    if size < total:
+        raise TruncatedError(f"message is {size} bytes, its preamble declares {total}", offset=size)
+    if size > total:
+        raise TrailingDataError(
+            f"{size - total} bytes follow the end of the message", extra=size - total, offset=total
+        )
+    # 6. Checksum over everything before it.
+    expected = struct.unpack_from("<I", view, total - CHECKSUM_SIZE)[0]
+    actual = zlib.crc32(view[: total - CHECKSUM_SIZE])
+    if expected != actual:
+        raise ChecksumError(
+            f"CRC-32 mismatch: message stores {expected:#010x}, contents give {actual:#010x}",
+            expected=expected,
+            actual=actual,
+            offset=total - CHECKSUM_SIZE,
+        )
+    # 7. Header bytes, decompressed to exactly the declared length.
+    header_offset = PREAMBLE.size
+    stored = view[header_offset : header_offset + header_stored]
+    if header_encoding == HEADER_ZSTD:
+        header_bytes = _zstd_decompress_exact(stored, header_length, "header", header_offset)
+    else:
+        header_bytes = bytes(stored)
+    # 8. msgpack with every container length capped by the bytes present, no extension types.
+    header = unpack_header(header_bytes, header_offset)
+    return Container(
+        major=major,
+        minor=minor,
+        header=header,
+        header_offset=header_offset,
+        header_stored_length=header_stored,
+        header_length=header_length,
+        header_encoding=header_encoding,
+        body_offset=header_offset + header_stored,
+        body_length=body_length,
+        data=view,
+    )
+
+
+def _refuse_ext(code, payload):
+    raise BadFormatError(f"header uses msgpack extension type {code}, which the format forbids")
+
+
+def unpack_header(header_bytes: bytes, offset: int) -> dict:
+    """Unpack the header map with bounded msgpack (spec 4.1)."""
+    n = len(header_bytes)
+    try:
+        header = msgpack.unpackb(
+            header_bytes,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n // 2,
+            max_ext_len=0,
+            ext_hook=_refuse_ext,
+        )
+    except BadFormatError:
+        raise
+    except msgpack.ExtraData as exc:
+        raise TrailingDataError(
+            "header holds bytes after its msgpack map", extra=len(exc.extra), offset=offset
+        ) from None
+    except (ValueError, msgpack.UnpackException, RecursionError) as exc:
+        # ValueError covers msgpack's FormatError, StackError (nesting bombs), OutOfData, and
+        # invalid UTF-8 in strings.
+        raise BadFormatError(f"header is not valid msgpack ({type(exc).__name__}: {exc})", offset=offset) from None
+    if not isinstance(header, dict):
+        raise BadFormatError(f"header must be a msgpack map, got {type(header).__name__}", offset=offset)
+    return header
+
+
+def decode_section(container: Container, section: Section, what: str) -> bytes | memoryview:
+    """Return a section's decoded bytes; its decoded length was checked by the caller."""
+    stored = container.data[section.offset : section.offset + section.stored_length]
+    if section.encoding == ENCODING_ZSTD:
+        return _zstd_decompress_exact(stored, section.decoded_length, what, section.offset)
+    return stored
