@@ -1,0 +1,198 @@
+"""``fstq simulate``: options and entry point (called by :mod:`fstqcodec.cli`).
+
+Kept free of torch imports at module level so ``fstq --help`` stays fast and works without the
+``sim`` extra; torch, transformers and peft load only when a simulation runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fstqcodec.sim.methods import DEFAULT_METHODS, METHOD_NAMES, parse_methods
+
+__all__ = ["add_arguments", "run", "config_from_args", "QUICK_SETTINGS"]
+
+#: What ``--quick`` changes (a smoke run of well under a minute of training); options given
+#: explicitly on the command line win.
+QUICK_SETTINGS = {
+    "clients": 4,
+    "rounds": 3,
+    "local_steps": 1,
+    "eval_size": 64,
+}
+
+# Defaults of the full run; the parser uses None so that --quick can tell what the user set.
+_DEFAULTS = {
+    "task": "bbc",
+    "model": "all-MiniLM-L6-v2",
+    "clients": 10,
+    "rounds": 20,
+    "fraction": 1.0,
+    "local_steps": 2,
+    "batch_size": 8,
+    "lr": 2e-3,
+    "max_length": 64,
+    "alpha": 0.5,
+    "seed": 0,
+    "budget_bpp": 0.5,
+    "block_size": 64,
+    "eval_size": 320,
+    "test_fraction": 0.2,
+    "lora_rank": 8,
+    "uplink_mbps": 1.0,
+    "downlink_mbps": 10.0,
+    "bandwidth_sigma": 1.0,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every ``fstq simulate`` option to ``parser``."""
+    d = _DEFAULTS
+    parser.add_argument("--out", default="out/simulate", metavar="DIR",
+                        help="output directory for results.json, CSVs, plots (default: %(default)s)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated methods or 'all' (known: {', '.join(METHOD_NAMES)}; "
+                             "'qsgd' = qsgd8,qsgd4) (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run of about a minute: " +
+                             ", ".join(f"{k.replace('_', '-')}={v}" for k, v in QUICK_SETTINGS.items()))
+    parser.add_argument("--task", default=None,
+                        help=f"bbc, drugreview, multilingual or hf:<dataset>[:<config>] (default: {d['task']})")
+    parser.add_argument("--model", default=None,
+                        help=f"packaged model name, local path or hub id (default: {d['model']})")
+    parser.add_argument("--clients", type=int, default=None, help=f"number of clients (default: {d['clients']})")
+    parser.add_argument("--rounds", type=int, default=None, help=f"federated rounds (default: {d['rounds']})")
+    parser.add_argument("--fraction", type=float, default=None,
+                        help=f"fraction of clients sampled per round (default: {d['fraction']})")
+    parser.add_argument("--local-steps", type=int, default=None,
+                        help=f"local optimizer steps per round (default: {d['local_steps']})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"local batch size (default: {d['batch_size']})")
+    parser.add_argument("--lr", type=float, default=None, help=f"local AdamW learning rate (default: {d['lr']})")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help=f"tokens per example after truncation (default: {d['max_length']})")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help=f"Dirichlet concentration over labels; 0.1 is extreme non-IID (default: {d['alpha']})")
+    parser.add_argument("--seed", type=int, default=None, help=f"seed for everything (default: {d['seed']})")
+    parser.add_argument("--budget-bpp", type=float, default=None,
+                        help=f"bits per parameter for fstq, fstq-nofisher and topk (default: {d['budget_bpp']})")
+    parser.add_argument("--block-size", type=int, default=None, help=f"fstq block size (default: {d['block_size']})")
+    parser.add_argument("--target", type=float, default=None,
+                        help="target accuracy for 'to target' figures (default: 0.85 for bbc, else 95%% of fp32's final)")
+    parser.add_argument("--eval-size", type=int, default=None,
+                        help=f"held-out examples evaluated each round (default: {d['eval_size']})")
+    parser.add_argument("--test-fraction", type=float, default=None,
+                        help=f"share of the data held out for testing (default: {d['test_fraction']})")
+    parser.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank (default: {d['lora_rank']})")
+    parser.add_argument("--uplink-mbps", type=float, default=None,
+                        help=f"median client uplink, Mbit/s (log-normal) (default: {d['uplink_mbps']})")
+    parser.add_argument("--downlink-mbps", type=float, default=None,
+                        help=f"median client downlink, Mbit/s (log-normal) (default: {d['downlink_mbps']})")
+    parser.add_argument("--bandwidth-sigma", type=float, default=None,
+                        help=f"log-normal sigma of client bandwidths (default: {d['bandwidth_sigma']})")
+    parser.add_argument("--engine", choices=["in-process"], default="in-process",
+                        help="simulation engine (only in-process for now)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--text-column", default="text", help="text column of an hf: dataset")
+    parser.add_argument("--label-column", default="label", help="label column of an hf: dataset")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace):
+    """Build a :class:`fstqcodec.sim.loop.SimConfig` from parsed arguments.
+
+    Raises
+    ------
+    ValueError
+        On an invalid method list or setting.
+    """
+    from fstqcodec.sim.loop import SimConfig
+
+    def pick(name: str, arg_name: str | None = None):
+        value = getattr(args, arg_name or name, None)
+        if value is not None:
+            return value
+        if getattr(args, "quick", False) and name in QUICK_SETTINGS:
+            return QUICK_SETTINGS[name]
+        return _DEFAULTS[name]
+
+    config = SimConfig(
+        task=pick("task"),
+        model=pick("model"),
+        clients=pick("clients"),
+        rounds=pick("rounds"),
+        fraction=pick("fraction"),
+        local_steps=pick("local_steps"),
+        batch_size=pick("batch_size"),
+        lr=pick("lr"),
+        max_length=pick("max_length"),
+        alpha=pick("alpha"),
+        seed=pick("seed"),
+        budget_bpp=pick("budget_bpp"),
+        block_size=pick("block_size"),
+        target_accuracy=args.target,
+        test_fraction=pick("test_fraction"),
+        eval_size=pick("eval_size"),
+        lora_rank=pick("lora_rank"),
+        lora_alpha=2 * pick("lora_rank"),
+        median_uplink_mbps=pick("uplink_mbps"),
+        median_downlink_mbps=pick("downlink_mbps"),
+        bandwidth_sigma=pick("bandwidth_sigma"),
+        threads=args.threads,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        methods=tuple(parse_methods(args.methods)),
+        quick=bool(args.quick),
+    )
+    config.validate()
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fstq simulate`` with parsed arguments; returns the process exit status."""
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"fstq simulate: {error}", file=sys.stderr)
+        return 2
+    if any(name.startswith("fstq") for name in config.methods):
+        import fstqcodec
+
+        if not all(hasattr(fstqcodec, attr) for attr in ("encode", "decode", "Budget", "ErrorFeedback")):
+            print("fstq simulate: this fstqcodec build has no encoder yet; run baselines only "
+                  "(e.g. --methods fp32,nf4)", file=sys.stderr)
+            return 2
+    # Packaged models and data are local; keep transformers from reaching for the hub for them.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        from fstqcodec.sim.loop import run_simulation
+        from fstqcodec.sim.report import format_table, write_outputs
+    except ImportError as error:
+        print(f"fstq simulate needs the sim extra (torch, transformers, peft, matplotlib, tqdm): {error}",
+              file=sys.stderr)
+        return 2
+    try:
+        results = run_simulation(config, progress=not args.no_progress)
+    except (ValueError, RuntimeError) as error:
+        print(f"fstq simulate: {error}", file=sys.stderr)
+        return 1
+    written = write_outputs(results, args.out, plots=not args.no_plots)
+    print()
+    print(format_table(results))
+    print()
+    print(f"target accuracy {results['target_accuracy']:.2f} ({results['target_rule']}); "
+          f"run took {results['wall_time_s']:.0f} s; wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m fstqcodec.sim.cli``), same options as ``fstq simulate``."""
+    parser = argparse.ArgumentParser(prog="fstq simulate", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

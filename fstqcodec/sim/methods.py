@@ -1,0 +1,423 @@
+"""Uplink encodings compared by the reference loop; each produces the real bytes a system would send.
+
+Every method turns a client's update (name -> float32 array) into ``bytes`` and back; the loop counts
+``len(bytes)``. The baselines use a minimal container: an 8-byte header (magic ``b"SB"``, method id,
+format version, little-endian ``uint32`` tensor count) followed by the payload of each tensor in the
+order of a schema both ends agree on once (the model's trainable parameters, as Flower and FLARE fix
+it by the model definition). Tensor names and shapes are therefore not sent by the baselines, which
+favours them against fstqcodec, whose messages are self-describing: the comparison is conservative.
+
+Methods
+-------
+fp32, fp16
+    Raw little-endian floats (Fed-LoRA, the Fed-FSTQ paper's baseline, and half precision).
+nf4
+    NVIDIA FLARE's 4-bit filter: per tensor, 64-element blocks, a float32 absmax per block, 4-bit
+    NormalFloat codes packed two per byte (low nibble first).
+qsgd8, qsgd4
+    QSGD-style stochastic uniform quantisation: a float32 per-tensor norm, then ``s = 2**(b-1) - 1``
+    levels per sign, rounded stochastically so the estimate is unbiased. The max-norm variant is used
+    (the L2-norm variant at 4 bits rounds nearly every element of a 6k-element tensor to zero).
+topk
+    Global top-k by magnitude with error feedback: ``uint32`` count, ``uint32`` indices into the
+    concatenated update, ``float32`` values. ``k`` is set from the same bits-per-parameter as fstq,
+    so the two send about the same bytes.
+fstq, fstq-nofisher
+    :func:`fstqcodec.encode` under ``Budget(bits_per_param=...)`` with :class:`fstqcodec.ErrorFeedback`,
+    with the diagonal Fisher from the client's accumulator, or with uniform importance (ablation).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "METHOD_NAMES",
+    "DEFAULT_METHODS",
+    "Schema",
+    "Method",
+    "make_method",
+    "parse_methods",
+    "NF4_LEVELS",
+]
+
+#: Every method ``fstq simulate`` knows, in the order results are reported.
+METHOD_NAMES = ("fp32", "fp16", "nf4", "qsgd8", "qsgd4", "topk", "fstq-nofisher", "fstq")
+#: Methods run by ``fstq simulate`` with no ``--methods``.
+DEFAULT_METHODS = ("fp32", "nf4", "fstq")
+
+#: The 16 NormalFloat-4 levels (QLoRA; bitsandbytes' and FLARE's table).
+NF4_LEVELS = np.array(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=np.float32,
+)
+_NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+
+_MAGIC = b"SB"
+_VERSION = 1
+_HEADER = struct.Struct("<2sBBI")
+_METHOD_IDS = {"fp32": 1, "fp16": 2, "nf4": 3, "qsgd8": 4, "qsgd4": 5, "topk": 6}
+
+
+class Schema:
+    """Ordered tensor names and shapes, agreed once by client and server (the model definition)."""
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]]):
+        self.names = list(shapes)
+        self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+        self.sizes = {name: math.prod(shape) for name, shape in self.shapes.items()}
+        self.total = sum(self.sizes.values())
+
+    def check(self, update: Mapping[str, np.ndarray]) -> None:
+        """Raise ``ValueError`` unless ``update`` has exactly the schema's names and shapes."""
+        if list(update) != self.names and set(update) != set(self.names):
+            missing = sorted(set(self.names) - set(update))
+            extra = sorted(set(update) - set(self.names))
+            raise ValueError(f"update does not match the schema: missing {missing[:3]}, extra {extra[:3]}")
+        for name in self.names:
+            if tuple(np.shape(update[name])) != self.shapes[name]:
+                raise ValueError(
+                    f"tensor {name!r} has shape {np.shape(update[name])}, schema says {self.shapes[name]}"
+                )
+
+    def flatten(self, update: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.asarray(update[n], dtype=np.float32).ravel() for n in self.names])
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        out, offset = {}, 0
+        for name in self.names:
+            size = self.sizes[name]
+            out[name] = flat[offset:offset + size].reshape(self.shapes[name]).astype(np.float32)
+            offset += size
+        return out
+
+
+class Method:
+    """One uplink encoding. Subclasses implement :meth:`encode` and :meth:`decode`.
+
+    Client state (error-feedback memory) lives in the object returned by :meth:`new_client_state`,
+    one per client, so a method object is shared by all clients of a run.
+    """
+
+    name = ""
+    #: Whether the method uses the client's Fisher estimate (the loop collects it only if needed).
+    uses_fisher = False
+
+    def __init__(self, schema: Schema):
+        self.schema = schema
+
+    def new_client_state(self) -> Any:
+        return None
+
+    def encode(self, update: Mapping[str, np.ndarray], *, fisher: Mapping[str, np.ndarray] | None,
+               state: Any, seed: int) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+    # -- the minimal container shared by the baselines --
+    def _header(self) -> bytes:
+        return _HEADER.pack(_MAGIC, _METHOD_IDS[self.name], _VERSION, len(self.schema.names))
+
+    def _read_header(self, data: bytes) -> memoryview:
+        if len(data) < _HEADER.size:
+            raise ValueError(f"{self.name} message truncated: {len(data)} bytes")
+        magic, method_id, version, count = _HEADER.unpack_from(data)
+        if magic != _MAGIC or method_id != _METHOD_IDS[self.name] or version != _VERSION:
+            raise ValueError(f"not a {self.name} message (magic {magic!r}, id {method_id}, version {version})")
+        if count != len(self.schema.names):
+            raise ValueError(f"{self.name} message has {count} tensors, schema has {len(self.schema.names)}")
+        return memoryview(data)[_HEADER.size:]
+
+
+class _Reader:
+    """Sequential reader over a payload that refuses to read past its end."""
+
+    def __init__(self, payload: memoryview, what: str):
+        self.payload, self.offset, self.what = payload, 0, what
+
+    def take(self, dtype: str, count: int) -> np.ndarray:
+        size = np.dtype(dtype).itemsize * count
+        if self.offset + size > len(self.payload):
+            raise ValueError(f"{self.what} message truncated")
+        out = np.frombuffer(self.payload, dtype=dtype, count=count, offset=self.offset)
+        self.offset += size
+        return out
+
+    def finish(self) -> None:
+        if self.offset != len(self.payload):
+            raise ValueError(f"{self.what} message has {len(self.payload) - self.offset} trailing bytes")
+
+
+class RawFloat(Method):
+    """fp32 / fp16: raw little-endian values."""
+
+    def __init__(self, schema: Schema, dtype: str):
+        super().__init__(schema)
+        self.name = {"<f4": "fp32", "<f2": "fp16"}[dtype]
+        self.dtype = dtype
+
+    def encode(self, update, *, fisher, state, seed):
+        self.schema.check(update)
+        return self._header() + self.schema.flatten(update).astype(self.dtype).tobytes()
+
+    def decode(self, data):
+        reader = _Reader(self._read_header(data), self.name)
+        flat = reader.take(self.dtype, self.schema.total).astype(np.float32)
+        reader.finish()
+        return self.schema.unflatten(flat)
+
+
+def _pack_nibbles(codes: np.ndarray) -> bytes:
+    codes = codes.astype(np.uint8)
+    if codes.size % 2:
+        codes = np.append(codes, np.uint8(0))
+    return (codes[0::2] | (codes[1::2] << 4)).tobytes()
+
+
+def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    out = np.empty(packed.size * 2, dtype=np.uint8)
+    out[0::2] = packed & 0x0F
+    out[1::2] = packed >> 4
+    return out[:count]
+
+
+class NF4(Method):
+    """Blockwise NormalFloat-4, as NVIDIA FLARE's 4-bit quantisation filter sends it."""
+
+    name = "nf4"
+    block_size = 64
+
+    def encode(self, update, *, fisher, state, seed):
+        self.schema.check(update)
+        parts = [self._header()]
+        for name in self.schema.names:
+            values = np.asarray(update[name], dtype=np.float32).ravel()
+            n_blocks = -(-values.size // self.block_size)
+            padded = np.zeros(n_blocks * self.block_size, dtype=np.float32)
+            padded[: values.size] = values
+            blocks = padded.reshape(n_blocks, self.block_size)
+            absmax = np.abs(blocks).max(axis=1).astype(np.float32)
+            safe = np.where(absmax > 0, absmax, 1.0)[:, None]
+            codes = np.searchsorted(_NF4_MIDPOINTS, blocks / safe).ravel()[: values.size]
+            parts.append(absmax.astype("<f4").tobytes())
+            parts.append(_pack_nibbles(codes))
+        return b"".join(parts)
+
+    def decode(self, data):
+        reader = _Reader(self._read_header(data), self.name)
+        out = {}
+        for name in self.schema.names:
+            size = self.schema.sizes[name]
+            n_blocks = -(-size // self.block_size)
+            absmax = reader.take("<f4", n_blocks).astype(np.float32)
+            codes = _unpack_nibbles(reader.take("u1", (size + 1) // 2), size)
+            scales = np.repeat(absmax, self.block_size)[:size]
+            out[name] = (NF4_LEVELS[codes] * scales).reshape(self.schema.shapes[name])
+        reader.finish()
+        return out
+
+
+class QSGD(Method):
+    """Stochastic uniform quantisation with a per-tensor (max) norm, 8 or 4 bits per element."""
+
+    def __init__(self, schema: Schema, bits: int):
+        super().__init__(schema)
+        if bits not in (4, 8):
+            raise ValueError("qsgd supports 4 or 8 bits")
+        self.bits = bits
+        self.name = f"qsgd{bits}"
+        self.levels = (1 << (bits - 1)) - 1  # per sign: 7 or 127
+
+    def config(self):
+        return {"name": self.name, "bits": self.bits, "levels_per_sign": self.levels, "norm": "max"}
+
+    def encode(self, update, *, fisher, state, seed):
+        self.schema.check(update)
+        rng = np.random.default_rng(seed)
+        parts = [self._header()]
+        for name in self.schema.names:
+            values = np.asarray(update[name], dtype=np.float32).ravel()
+            norm = np.float32(np.abs(values).max()) if values.size else np.float32(0)
+            scaled = np.abs(values) / norm * self.levels if norm > 0 else np.zeros_like(values)
+            lower = np.floor(scaled)
+            level = lower + (rng.random(values.size) < (scaled - lower))
+            signed = (np.sign(values) * level).astype(np.int16)
+            parts.append(np.array([norm], dtype="<f4").tobytes())
+            if self.bits == 8:
+                parts.append(signed.astype(np.int8).tobytes())
+            else:
+                parts.append(_pack_nibbles(signed + self.levels))
+        return b"".join(parts)
+
+    def decode(self, data):
+        reader = _Reader(self._read_header(data), self.name)
+        out = {}
+        for name in self.schema.names:
+            size = self.schema.sizes[name]
+            norm = float(reader.take("<f4", 1)[0])
+            if self.bits == 8:
+                signed = reader.take("i1", size).astype(np.float32)
+            else:
+                signed = _unpack_nibbles(reader.take("u1", (size + 1) // 2), size).astype(np.float32)
+                signed -= self.levels
+            out[name] = (signed * (norm / self.levels)).astype(np.float32).reshape(self.schema.shapes[name])
+        reader.finish()
+        return out
+
+
+class TopK(Method):
+    """Global top-k sparsification with error feedback; ``k`` from a bits-per-parameter budget."""
+
+    name = "topk"
+    bits_per_entry = 64  # uint32 index + float32 value
+
+    def __init__(self, schema: Schema, bits_per_param: float):
+        super().__init__(schema)
+        budget_bits = bits_per_param * schema.total - 8 * (_HEADER.size + 4)
+        self.k = max(1, min(schema.total, int(budget_bits // self.bits_per_entry)))
+
+    def config(self):
+        return {"name": self.name, "k": self.k, "fraction": self.k / self.schema.total,
+                "error_feedback": True}
+
+    def new_client_state(self):
+        return {"residual": np.zeros(self.schema.total, dtype=np.float32)}
+
+    def encode(self, update, *, fisher, state, seed):
+        self.schema.check(update)
+        corrected = self.schema.flatten(update) + state["residual"]
+        # argpartition then sort: the indices go out ascending, which a receiver can check cheaply.
+        indices = np.sort(np.argpartition(np.abs(corrected), -self.k)[-self.k:]).astype(np.uint32)
+        values = corrected[indices].astype(np.float32)
+        state["residual"] = corrected
+        state["residual"][indices] = 0.0
+        return (self._header() + struct.pack("<I", self.k)
+                + indices.astype("<u4").tobytes() + values.astype("<f4").tobytes())
+
+    def decode(self, data):
+        reader = _Reader(self._read_header(data), self.name)
+        (k,) = reader.take("<u4", 1)
+        if k > self.schema.total:
+            raise ValueError(f"topk message declares k={k} > {self.schema.total} parameters")
+        indices = reader.take("<u4", int(k))
+        values = reader.take("<f4", int(k))
+        reader.finish()
+        if k and (indices.max() >= self.schema.total or np.any(np.diff(indices.astype(np.int64)) <= 0)):
+            raise ValueError("topk indices out of range or not strictly increasing")
+        flat = np.zeros(self.schema.total, dtype=np.float32)
+        flat[indices] = values
+        return self.schema.unflatten(flat)
+
+
+class Fstq(Method):
+    """fstqcodec under a bits-per-parameter budget, with error feedback; Fisher-weighted or not."""
+
+    def __init__(self, schema: Schema, bits_per_param: float, *, use_fisher: bool,
+                 options: Mapping[str, Any] | None = None):
+        super().__init__(schema)
+        import fstqcodec  # the core; imported here so the baselines work without it
+
+        self._fstqcodec = fstqcodec
+        self.name = "fstq" if use_fisher else "fstq-nofisher"
+        self.uses_fisher = use_fisher
+        self.bits_per_param = float(bits_per_param)
+        self.options = dict(options or {})
+
+    def config(self):
+        return {"name": self.name, "bits_per_param": self.bits_per_param, "fisher": self.uses_fisher,
+                "error_feedback": True, **self.options}
+
+    def new_client_state(self):
+        return self._fstqcodec.ErrorFeedback()
+
+    def encode(self, update, *, fisher, state, seed):
+        self.schema.check(update)
+        budget = self._fstqcodec.Budget(bits_per_param=self.bits_per_param)
+        return state.encode(
+            {name: np.asarray(update[name], dtype=np.float32) for name in self.schema.names},
+            fisher=fisher if self.uses_fisher else None,
+            budget=budget,
+            seed=seed,
+            **self.options,
+        )
+
+    def decode(self, data):
+        return self._fstqcodec.decode(data)
+
+
+def make_method(name: str, schema: Schema, *, bits_per_param: float,
+                fstq_options: Mapping[str, Any] | None = None) -> Method:
+    """Build a method by name.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`METHOD_NAMES`.
+    schema : Schema
+        The update's tensor names and shapes.
+    bits_per_param : float
+        Budget for ``fstq``, ``fstq-nofisher`` (and, through ``k``, ``topk``).
+    fstq_options : Mapping, optional
+        Extra keyword options for :func:`fstqcodec.encode`.
+
+    Raises
+    ------
+    ValueError
+        If the name is unknown.
+    """
+    if name == "fp32":
+        return RawFloat(schema, "<f4")
+    if name == "fp16":
+        return RawFloat(schema, "<f2")
+    if name == "nf4":
+        return NF4(schema)
+    if name in ("qsgd8", "qsgd4"):
+        return QSGD(schema, int(name[4:]))
+    if name == "topk":
+        return TopK(schema, bits_per_param)
+    if name in ("fstq", "fstq-nofisher"):
+        return Fstq(schema, bits_per_param, use_fisher=name == "fstq", options=fstq_options)
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
+
+
+def parse_methods(text: str) -> list[str]:
+    """Parse ``--methods``: a comma-separated list, or ``all``; ``qsgd`` means both qsgd8 and qsgd4.
+
+    Raises
+    ------
+    ValueError
+        On an unknown or repeated name, or an empty list.
+    """
+    text = text.strip()
+    if text == "all":
+        return list(METHOD_NAMES)
+    names: list[str] = []
+    for raw in text.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        expanded = ["qsgd8", "qsgd4"] if name == "qsgd" else [name]
+        for item in expanded:
+            if item not in METHOD_NAMES:
+                raise ValueError(f"unknown method {item!r}; known: {', '.join(METHOD_NAMES)}, all")
+            if item in names:
+                raise ValueError(f"method {item!r} given twice")
+            names.append(item)
+    if not names:
+        raise ValueError("no methods given")
+    return names
