@@ -368,18 +368,17 @@ class FstqMod:
             content, request = self._unpack_incoming(msg.content)
         except (fstqcodec.DecodeError, _Rejected, ValueError) as err:
             return _error_reply(msg, f"FstqMod could not read the server's message: {err}")
-        msg.content = content
 
         if request is None or not _is_train(msg):
-            return call_next(msg, ctxt)
+            return _call_with_content(call_next, msg, ctxt, content)
 
         try:
             budget = _budget_from_config(request)
-            model_key, received = _the_model(content, "the train message")
+            _, received = _the_model(content, "the train message")
         except (ValueError, _Rejected) as err:
             return _error_reply(msg, f"FstqMod: {err}")
 
-        reply = call_next(msg, ctxt)
+        reply = _call_with_content(call_next, msg, ctxt, content)
         if reply.has_error():
             return reply
 
@@ -501,6 +500,22 @@ def _restore_residual(
 ) -> None:
     """Put a residual saved in a previous round back into a fresh ErrorFeedback."""
     feedback.residual = {name: np.array(value) for name, value in residual.items()}
+
+
+def _call_with_content(
+    call_next: ClientAppCallable, msg: Message, ctxt: Context, content: RecordDict
+) -> Message:
+    """Run the rest of the chain on ``msg`` holding ``content``, then restore what it held.
+
+    The incoming message is the runtime's object; it is lent to the app with the decoded content
+    and handed back unchanged, so that nothing outside this mod sees the swap.
+    """
+    original = msg.content
+    msg.content = content
+    try:
+        return call_next(msg, ctxt)
+    finally:
+        msg.content = original
 
 
 def _is_train(msg: Message) -> bool:
