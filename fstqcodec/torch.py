@@ -94,13 +94,13 @@ def encode(tensors: Mapping[str, torch.Tensor], *, fisher: Mapping[str, Any] | N
     """
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a mapping of name -> torch.Tensor, got {type(tensors).__name__}")
-    arrays = {name: to_numpy(t) for name, t in tensors.items()}
-    bf16_names = [name for name, t in tensors.items() if t.dtype == torch.bfloat16]
-    if bf16_names:
-        # numpy has no bfloat16: the core takes float32 arrays plus the declared wire dtype.
-        declared = dict(options.pop("dtypes", None) or {})
-        declared.update({name: "bfloat16" for name in bf16_names})
-        options["dtypes"] = declared
+    arrays: dict[str, Any] = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.bfloat16:
+            # numpy has no bfloat16: the core takes the CPU tensor and declares it bfloat16 on the wire.
+            arrays[name] = tensor.detach().cpu()
+        else:
+            arrays[name] = to_numpy(tensor)
     if fisher is not None:
         fisher = {name: _importance_to_numpy(value) for name, value in fisher.items()}
     return fstqcodec.encode(arrays, fisher=fisher, **options)
