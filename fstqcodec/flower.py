@@ -70,7 +70,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -114,6 +113,10 @@ RESIDUAL_STATE = "fstq.residual"
 _MOD_FAILED_PRECONDITION = 6
 
 _BUDGET_UNITS = ("bits_per_param", "max_bytes", "ratio")
+
+#: What a client mod calls next: the next mod, or the app (Flower's ``ClientAppCallable``, restated
+#: here because its module is not part of Flower's stable ``flwr.app`` surface).
+ClientAppCallable = Callable[[Message, Context], Message]
 
 BudgetSpec = Union["fstqcodec.Budget", None, Callable[[int, int], "fstqcodec.Budget | None"]]
 

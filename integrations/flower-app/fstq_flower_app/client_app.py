@@ -1,0 +1,42 @@
+"""ClientApp: local LoRA training on one partition; FstqMod compresses what goes back.
+
+The training code knows nothing of compression: it returns plain arrays, plus the diagonal Fisher
+it accumulated as a second ArrayRecord named ``"fisher"``. :class:`fstqcodec.flower.FstqMod`
+turns that into one fstq message of the update, with error feedback kept in the node's state,
+and keeps the Fisher on the client.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fstqcodec.flower import FISHER_RECORD, FstqMod
+from fstq_flower_app.task import Settings, workbench
+
+# FstqMod first: it is the outermost mod, so any clipping or DP mod added after it sees plain arrays.
+app = ClientApp(mods=[FstqMod()])
+
+
+def _arrays(tensors) -> ArrayRecord:
+    return ArrayRecord({name: Array(value) for name, value in tensors.items()})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received adapter on this node's partition for one round."""
+    partition_id = int(context.node_config["partition-id"])
+    settings = Settings.from_run_config(
+        context.run_config, num_partitions=int(context.node_config["num-partitions"])
+    )
+    received = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    server_round = int(msg.content["config"]["server-round"])
+    trained, fisher, num_examples, loss = workbench(settings).train(received, partition_id, server_round)
+    content = RecordDict(
+        {
+            "arrays": _arrays(trained),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss}),
+            FISHER_RECORD: _arrays(fisher),
+        }
+    )
+    return Message(content, reply_to=msg)
