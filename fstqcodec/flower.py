@@ -89,7 +89,9 @@ __all__ = [
     "STYPE_UPDATE",
 ]
 
-logger = logging.getLogger(__name__)
+# A child of Flower's logger: what the adapter reports (dropped replies above all) shows up in
+# Flower's console and in the logs `flwr run --stream` / `flwr log` relay from a ServerApp.
+logger = logging.getLogger("flwr").getChild("fstqcodec")
 
 #: Version of the adapter's protocol (the record names and config keys below). A mod refuses a
 #: train message that declares a newer version instead of guessing what it means.
@@ -747,6 +749,10 @@ class FstqStrategy(Strategy):
     ) -> tuple[list[Message], int]:
         """Give each message its own RecordDict with the downlink (and request) swapped in."""
         messages = list(messages)
+        if downlink_record is None and request_for is None:
+            # Nothing to swap in: send the wrapped strategy's messages as they are.
+            sent = sum(r.count_bytes() for m in messages for r in m.content.array_records.values())
+            return messages, sent
         sent_bytes = 0
         for message in messages:
             content = message.content

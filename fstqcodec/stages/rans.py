@@ -20,9 +20,23 @@ from __future__ import annotations
 
 import numpy as np
 
+import os
+
 from ..errors import BadFormatError, TrailingDataError
 
-__all__ = ["RANS_L", "normalize_frequencies", "encode", "decode", "estimate_bits", "choose_lanes"]
+__all__ = ["RANS_L", "normalize_frequencies", "encode", "decode", "estimate_bits", "choose_lanes", "ACCELERATED"]
+
+# The C accelerator (fstqcodec/_speedups.c) produces the same bytes as the numpy code below, which
+# stays the reference and the fallback. FSTQ_PURE_PYTHON=1 forces the fallback.
+try:
+    if os.environ.get("FSTQ_PURE_PYTHON"):
+        raise ImportError("disabled by FSTQ_PURE_PYTHON")
+    from .. import _speedups
+except ImportError:
+    _speedups = None
+
+#: True when the C accelerator is in use.
+ACCELERATED = _speedups is not None
 
 RANS_L = 1 << 16
 _WORD_MASK = np.uint64(0xFFFF)
@@ -75,6 +89,14 @@ def estimate_bits(counts: np.ndarray, freqs: np.ndarray, prob_bits: int) -> floa
 
 def encode(symbols: np.ndarray, freqs: np.ndarray, prob_bits: int, lanes: int) -> bytes:
     """Encode ``symbols`` (each with a non-zero frequency) into an interleaved rANS stream."""
+    if _speedups is not None and len(freqs) <= 256:
+        table = np.ascontiguousarray(freqs, dtype="<u4")
+        return _speedups.rans_encode(np.ascontiguousarray(symbols, dtype=np.uint8), table, prob_bits, lanes)
+    return encode_numpy(symbols, freqs, prob_bits, lanes)
+
+
+def encode_numpy(symbols: np.ndarray, freqs: np.ndarray, prob_bits: int, lanes: int) -> bytes:
+    """The numpy implementation of :func:`encode` (the reference; vectorised across lanes)."""
     symbols = np.asarray(symbols).ravel()
     count = len(symbols)
     freqs = np.asarray(freqs, dtype=np.int64)
@@ -120,6 +142,21 @@ def decode(data, count: int, freqs: np.ndarray, prob_bits: int, lanes: int) -> n
     TrailingDataError
         If words are left over after the last symbol.
     """
+    if _speedups is not None and len(freqs) <= 256:
+        table = np.ascontiguousarray(freqs, dtype="<u4")
+        try:
+            out = _speedups.rans_decode(data, count, table, prob_bits, lanes)
+        except ValueError as exc:
+            code, message = exc.args if len(exc.args) == 2 else ("format", str(exc))
+            if code == "trailing":
+                raise TrailingDataError(message, extra=0) from None
+            raise BadFormatError(message) from None
+        return np.frombuffer(out, dtype=np.uint8)
+    return decode_numpy(data, count, freqs, prob_bits, lanes)
+
+
+def decode_numpy(data, count: int, freqs: np.ndarray, prob_bits: int, lanes: int) -> np.ndarray:
+    """The numpy implementation of :func:`decode` (the reference)."""
     raw = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
     state_bytes = 4 * lanes
     if len(raw) < state_bytes or (len(raw) - state_bytes) % 2:

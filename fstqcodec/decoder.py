@@ -1,0 +1,193 @@
+"""The decoder: validated container and header in, arrays out (spec section 5).
+
+Runs on untrusted bytes: every declared size is checked against the limits and the bytes present
+before anything is allocated, and every failure is a :class:`fstqcodec.DecodeError` subclass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import BadFormatError
+from .limits import DEFAULT_LIMITS, Limits
+from .stages import bitpack, rans
+from .stages.scales import from_bf16_bits, round_bf16
+from .wire.container import CHECKSUM_SIZE, PREAMBLE, decode_section, read_container
+from .wire.header import DTYPES, RAW_FORMATS, Layout, parse_header
+
+__all__ = ["decode_message", "inspect_message", "resolve_limits"]
+
+_RAW_NUMPY = {"f16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "f32": np.dtype("<f4"), "f64": np.dtype("<f8")}
+
+
+def resolve_limits(limits) -> Limits:
+    if limits is None:
+        return DEFAULT_LIMITS
+    if not isinstance(limits, Limits):
+        raise TypeError(f"limits must be a fstqcodec.Limits or None, got {type(limits).__name__}")
+    return limits
+
+
+def _open(data, limits):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
+    container = read_container(data, limits)
+    layout = parse_header(container.header, limits, body_offset=container.body_offset, body_length=container.body_length)
+    return container, layout
+
+
+def _block_table(layout: Layout):
+    """Per block: element count and start offset in the concatenated output."""
+    counts, starts = [], []
+    offset = 0
+    for spec in layout.tensors:
+        nb = spec.num_blocks
+        if nb:
+            start = offset + np.arange(nb, dtype=np.int64) * spec.block_size
+            count = np.full(nb, spec.block_size, dtype=np.int64)
+            count[-1] = spec.size - (nb - 1) * spec.block_size
+            starts.append(start)
+            counts.append(count)
+        offset += spec.size
+    if not counts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(counts), np.concatenate(starts)
+
+
+def _read_block_contexts(container, layout: Layout) -> np.ndarray:
+    section = layout.sections[0]
+    total_blocks = layout.total_blocks
+    if section.decoded_length != total_blocks:
+        raise BadFormatError(f"blocks section declares {section.decoded_length} bytes, the tensors have {total_blocks} blocks")
+    ids = np.frombuffer(decode_section(container, section, "blocks section"), dtype=np.uint8)
+    if len(ids) and int(ids.max()) >= len(layout.contexts):
+        bad = int(np.argmax(ids >= len(layout.contexts)))
+        raise BadFormatError(f"block #{bad} names context {int(ids[bad])}, the header has {len(layout.contexts)}")
+    return ids
+
+
+def decode_message(data, limits: Limits | None = None) -> dict:
+    """Decode a message into ``name -> array`` (see :func:`fstqcodec.decode`)."""
+    limits = resolve_limits(limits)
+    container, layout = _open(data, limits)
+    block_contexts = _read_block_contexts(container, layout)
+    counts, starts = _block_table(layout)
+    contexts = layout.contexts
+    is_quantized = np.array([c.quantized for c in contexts], dtype=bool)
+    quantized_block = is_quantized[block_contexts] if len(contexts) else np.zeros(0, bool)
+    quantized_count = int(np.count_nonzero(quantized_block))
+    scale_section = layout.sections[1]
+    if scale_section.decoded_length != 2 * quantized_count:
+        raise BadFormatError(
+            f"scales section declares {scale_section.decoded_length} bytes, {quantized_count} quantized blocks need {2 * quantized_count}"
+        )
+    scale_bits = np.frombuffer(decode_section(container, scale_section, "scales section"), dtype="<u2")
+    scales_all = np.zeros(len(block_contexts), dtype=np.float32)
+    scales_all[quantized_block] = from_bf16_bits(scale_bits)
+    wide = any(c.kind == "raw" and c.raw_format == "f64" for c in contexts)
+    output = np.zeros(layout.total_elements, dtype=np.float64 if wide else np.float32)
+    order = np.argsort(block_contexts, kind="stable")
+    boundaries = np.searchsorted(block_contexts[order], np.arange(len(contexts) + 1))
+    for index, context in enumerate(contexts):
+        rows = order[boundaries[index] : boundaries[index + 1]]
+        section = layout.sections[2 + index]
+        element_count = int(counts[rows].sum())
+        what = f"codes section of context #{index}"
+        if context.kind == "zero":
+            expected = 0
+        elif context.kind == "raw":
+            expected = element_count * RAW_FORMATS[context.raw_format]
+        elif context.kind == "packed":
+            expected = bitpack.packed_size(element_count, context.width)
+        else:
+            expected = None
+            # A stream holds the lane states and at most one 16-bit word per symbol.
+            bound = 4 * context.lanes + 2 * element_count
+            if section.decoded_length > bound:
+                raise BadFormatError(f"{what} declares {section.decoded_length} bytes, at most {bound} possible")
+        if expected is not None and section.decoded_length != expected:
+            raise BadFormatError(f"{what} declares {section.decoded_length} bytes, its {len(rows)} blocks need {expected}")
+        if context.kind == "zero":
+            continue
+        payload = decode_section(container, section, what)
+        if context.kind == "raw":
+            values = np.frombuffer(payload, dtype=_RAW_NUMPY[context.raw_format])
+            if context.raw_format == "bf16":
+                values = (values.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        else:
+            if context.kind == "packed":
+                symbols = bitpack.unpack(payload, context.width, element_count)
+            else:
+                symbols = rans.decode(payload, element_count, context.full_frequencies(), context.prob_bits, context.lanes)
+            if context.codebook is None:
+                levels = np.arange(1 << context.width, dtype=np.float32) - np.float32(1 << (context.width - 1))
+            else:
+                levels = layout.codebooks[context.codebook]
+            row_counts = counts[rows]
+            values = levels[symbols] * np.repeat(scales_all[rows], row_counts)
+        _scatter(output, values, starts[rows], counts[rows])
+    result = {}
+    offset = 0
+    for spec in layout.tensors:
+        flat = output[offset : offset + spec.size]
+        offset += spec.size
+        if spec.dtype == "bfloat16":
+            array = round_bf16(flat.astype(np.float32))
+        else:
+            with np.errstate(over="ignore"):
+                array = flat.astype(DTYPES[spec.dtype])
+        if not np.all(np.isfinite(array)):
+            raise BadFormatError(f"tensor {spec.name!r} decodes to non-finite values")
+        result[spec.name] = array.reshape(spec.shape)
+    return result
+
+
+def _scatter(output: np.ndarray, values: np.ndarray, starts: np.ndarray, counts: np.ndarray):
+    """Write ``values`` (the blocks' elements back to back) to their places in ``output``."""
+    if not len(starts):
+        return
+    block = int(counts.max())
+    if np.all(counts == block):
+        if np.all(np.diff(starts) == block):
+            output[int(starts[0]) : int(starts[0]) + len(values)] = values
+            return
+        positions = starts[:, None] + np.arange(block)[None, :]
+        output[positions.reshape(-1)] = values
+        return
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    positions = np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
+    output[positions] = values
+
+
+def inspect_message(data, limits: Limits | None = None) -> dict:
+    """Describe a message without decoding its codes (see :func:`fstqcodec.inspect`)."""
+    limits = resolve_limits(limits)
+    container, layout = _open(data, limits)
+    block_contexts = _read_block_contexts(container, layout)
+    per_context = np.bincount(block_contexts, minlength=len(layout.contexts)) if len(block_contexts) else np.zeros(len(layout.contexts), np.int64)
+    histogram: dict[int, int] = {}
+    for context, blocks in zip(layout.contexts, per_context):
+        if blocks:
+            histogram[context.width] = histogram.get(context.width, 0) + int(blocks)
+    size = len(container.data)
+    elements = layout.total_elements
+    return {
+        "version": f"{container.major}.{container.minor}",
+        "size": size,
+        "header_size": container.header_stored_length,
+        "header_encoding": "zstd" if container.header_encoding == 1 else "none",
+        "framing_size": PREAMBLE.size + CHECKSUM_SIZE,
+        "sections": [
+            {"kind": s.kind, "stored": s.stored_length, "encoding": s.encoding, "decoded": s.decoded_length}
+            for s in layout.sections
+        ],
+        "tensors": [
+            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "block_size": t.block_size, "blocks": t.num_blocks}
+            for t in layout.tensors
+        ],
+        "contexts": [c.to_wire() for c in layout.contexts],
+        "width_histogram": dict(sorted(histogram.items())),
+        "elements": elements,
+        "bits_per_element": (8.0 * size / elements) if elements else None,
+        "meta": layout.meta,
+    }
