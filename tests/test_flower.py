@@ -437,7 +437,7 @@ def test_a_broken_reply_is_dropped_with_its_reason_and_the_round_goes_on(kind, r
 
     good_update = fstqcodec.decode(the_message(good_reply))
 
-    with caplog.at_level("WARNING", logger="fstqcodec.flower"):
+    with caplog.at_level("WARNING", logger="flwr.fstqcodec"):
         arrays, metrics = strategy.aggregate_train(1, [good_reply, broken_reply])
 
     # The round's result is the good client's model alone.
