@@ -1,0 +1,1094 @@
+#!/usr/bin/env python3
+"""Generate the fstq v1 test vectors in ``spec/vectors/`` (see ``spec/FORMAT.md``, section 13).
+
+Usage::
+
+    python spec/make_vectors.py [--out DIR]
+
+Writes ``DIR/manifest.json``, ``DIR/valid/*.fstq`` (with ``*.npz`` holding the decoded tensors)
+and ``DIR/invalid/*.fstq``. The output is deterministic: the same versions of this script,
+fstqcodec, numpy and libzstd give the same bytes (the manifest records the versions).
+
+Valid vectors come from two sources: the reference encoder (``fstqcodec.encode``), and messages
+built here by hand from the spec, to cover features the encoder does not emit (bfloat16 and
+float64 tensors, every packed width, rANS corner cases, unknown header keys, a newer minor
+version). Their expected tensors are computed by :func:`spec_decode`, a small decoder written
+from the spec alone, and the script checks that ``fstqcodec.decode`` agrees bit for bit.
+
+Invalid vectors are mostly built by hand with :func:`frame`, which writes a correct preamble and
+CRC-32, so that each one fails for the intended reason and not with a checksum error. The script
+checks that ``fstqcodec.decode`` raises the named error for every invalid vector, except those in
+:data:`REFERENCE_DECODER_GAPS`, where the reference decoder is known not to conform yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import shutil
+import struct
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import zstandard
+
+import fstqcodec
+
+# ---------------------------------------------------------------------------------------------
+# Format constants, restated from spec/FORMAT.md (not imported, so the script checks the code).
+
+MAGIC = b"\x89FSQ\r\n\x1a\n"
+PREAMBLE = struct.Struct("<8sBBBBIIQ")  # 28 bytes
+RANS_L = 1 << 16
+RAW_SIZES = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8}
+TENSOR_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8"}
+
+#: Invalid vectors the reference decoder does not reject as the spec requires (see the report in
+#: FORMAT.md, Appendix B). The test suite marks them as expected failures.
+REFERENCE_DECODER_GAPS = {
+    "invalid/tensor_dtype_not_a_string.fstq": "fstqcodec leaks TypeError (unhashable dtype)",
+    "invalid/raw_format_not_a_string.fstq": "fstqcodec leaks TypeError (unhashable raw format)",
+    "invalid/zero_context_section_not_zstd.fstq": "fstqcodec skips the section of a zero context",
+    "invalid/section_skippable_zstd_frame.fstq": "fstqcodec accepts a skippable frame as an empty section",
+    "invalid/header_duplicate_key.fstq": "fstqcodec lets the last duplicate key win",
+}
+
+
+def zstd_frame(payload: bytes, *, checksum: bool = False) -> bytes:
+    """One zstd frame with its content size, at the level the reference encoder uses."""
+    return zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=checksum).compress(payload)
+
+
+def packb(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def frame(
+    header,
+    body: bytes = b"",
+    *,
+    magic: bytes = MAGIC,
+    major: int = 1,
+    minor: int = 0,
+    header_encoding: int = 0,
+    reserved: int = 0,
+    stored_header: bytes | None = None,
+    header_stored_length: int | None = None,
+    header_length: int | None = None,
+    body_length: int | None = None,
+) -> bytes:
+    """Frame a header (a map, or its msgpack bytes) and a body into a message with a correct CRC-32.
+
+    Any preamble field can be overridden, so a vector can break exactly one rule.
+    """
+    header_bytes = header if isinstance(header, (bytes, bytearray)) else packb(header)
+    if stored_header is None:
+        stored_header = zstd_frame(header_bytes) if header_encoding == 1 else header_bytes
+    preamble = PREAMBLE.pack(
+        magic,
+        major,
+        minor,
+        header_encoding,
+        reserved,
+        len(stored_header) if header_stored_length is None else header_stored_length,
+        len(header_bytes) if header_length is None else header_length,
+        len(body) if body_length is None else body_length,
+    )
+    message = preamble + stored_header + body
+    return message + struct.pack("<I", zlib.crc32(message))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages written from the spec (independent of fstqcodec.stages).
+
+
+def pack_codes(codes, width: int) -> bytes:
+    """LSB-first bit packing: bit k of the stream is bit k % 8 of byte k // 8."""
+    acc = 0
+    for index, code in enumerate(codes):
+        acc |= int(code) << (index * width)
+    return acc.to_bytes((len(codes) * width + 7) // 8, "little")
+
+
+def rans_encode(symbols, freqs, prob_bits: int, lanes: int) -> bytes:
+    """Interleaved rANS, the exact inverse of the decoder in FORMAT.md section 8."""
+    cumulative = [0]
+    for f in freqs:
+        cumulative.append(cumulative[-1] + f)
+    state = [RANS_L] * lanes
+    words = {}
+    for i in range(len(symbols) - 1, -1, -1):
+        s = int(symbols[i])
+        f, c = freqs[s], cumulative[s]
+        x = state[i % lanes]
+        if x >= f << (32 - prob_bits):
+            words[i] = x & 0xFFFF
+            x >>= 16
+        state[i % lanes] = ((x // f) << prob_bits) + (x % f) + c
+    out = b"".join(struct.pack("<I", x) for x in state)
+    return out + b"".join(struct.pack("<H", words[i]) for i in sorted(words))
+
+
+def rans_decode(stream: bytes, count: int, freqs, prob_bits: int, lanes: int) -> list:
+    """The decoder of FORMAT.md section 8, one symbol at a time (valid streams only)."""
+    mask = (1 << prob_bits) - 1
+    state = list(struct.unpack_from(f"<{lanes}I", stream, 0))
+    words = struct.unpack_from(f"<{(len(stream) - 4 * lanes) // 2}H", stream, 4 * lanes)
+    cumulative = [0]
+    for f in freqs:
+        cumulative.append(cumulative[-1] + f)
+    slot_symbol = []
+    for s, f in enumerate(freqs):
+        slot_symbol.extend([s] * f)
+    assert all(x >= RANS_L for x in state)
+    out, position = [], 0
+    for i in range(count):
+        j = i % lanes
+        x = state[j]
+        slot = x & mask
+        s = slot_symbol[slot]
+        out.append(s)
+        x = freqs[s] * (x >> prob_bits) + slot - cumulative[s]
+        if x < RANS_L:
+            x = (x << 16) | words[position]
+            position += 1
+        state[j] = x
+    assert position == len(words) and all(x == RANS_L for x in state)
+    return out
+
+
+def bf16_to_f32(bits) -> np.ndarray:
+    return (np.asarray(bits, dtype=np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def f32_to_bf16_bits(values) -> np.ndarray:
+    """binary32 -> bfloat16 bit patterns, round to nearest, ties to even (finite inputs)."""
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype(np.uint16)
+
+
+def spec_decode(data: bytes) -> list:
+    """Decode a *valid* message following FORMAT.md step by step; returns (name, dtype, shape, LE bytes).
+
+    This is deliberately naive (no limits, asserts instead of errors): it is the executable
+    reading of the spec that the expected values of the valid vectors come from.
+    """
+    magic, major, minor, enc, reserved, stored_len, header_len, body_len = PREAMBLE.unpack_from(data, 0)
+    assert magic == MAGIC and major == 1 and reserved == 0
+    assert len(data) == PREAMBLE.size + stored_len + body_len + 4
+    assert zlib.crc32(data[:-4]) == struct.unpack("<I", data[-4:])[0]
+    stored = data[PREAMBLE.size : PREAMBLE.size + stored_len]
+    header_bytes = zstandard.ZstdDecompressor().decompress(stored) if enc == 1 else stored
+    assert len(header_bytes) == header_len
+    header = msgpack.unpackb(header_bytes, raw=False)
+    offset = PREAMBLE.size + stored_len
+    sections = []
+    for kind, slen, sencoding, dlen in header["sections"]:
+        raw = data[offset : offset + slen]
+        offset += slen
+        payload = zstandard.ZstdDecompressor().decompress(raw) if sencoding == "zstd" else raw
+        assert len(payload) == dlen, (kind, len(payload), dlen)
+        sections.append(payload)
+    codebooks = [np.frombuffer(b, dtype="<f4") for b in header.get("codebooks") or []]
+    contexts = header["contexts"]
+    # Blocks in order: (tensor index, element offset in the tensor, count).
+    blocks = []
+    for t, (name, dtype, shape, block_size) in enumerate(header["tensors"]):
+        size = 1
+        for d in shape:
+            size *= d
+        for start in range(0, size, block_size):
+            blocks.append((t, start, min(block_size, size - start)))
+    block_context = list(sections[0])
+    assert len(block_context) == len(blocks)
+    quantized = [contexts[k][0] in ("packed", "rans") for k in block_context]
+    scale_bits = np.frombuffer(sections[1], dtype="<u2")
+    assert len(scale_bits) == sum(quantized)
+    assert np.all((scale_bits >= 1) & (scale_bits <= 0x7F7F))
+    scale_of_block = {}
+    for index in [b for b, q in enumerate(quantized) if q]:
+        scale_of_block[index] = bf16_to_f32([scale_bits[len(scale_of_block)]])[0]
+    # Element values per tensor, as numpy scalars of binary32 or binary64.
+    values = [dict() for _ in header["tensors"]]
+    for k, context in enumerate(contexts):
+        members = [b for b, c in enumerate(block_context) if c == k]
+        n = sum(blocks[b][2] for b in members)
+        payload = sections[2 + k]
+        kind = context[0]
+        if kind == "zero":
+            assert len(payload) == 0
+            element_values = [np.float32(0.0)] * n
+        elif kind == "raw":
+            fmt = context[1]
+            assert len(payload) == n * RAW_SIZES[fmt]
+            if fmt == "bf16":
+                element_values = list(bf16_to_f32(np.frombuffer(payload, dtype="<u2")))
+            else:
+                element_values = list(np.frombuffer(payload, dtype={"f16": "<f2", "f32": "<f4", "f64": "<f8"}[fmt]))
+                if fmt == "f16":
+                    element_values = [np.float32(v) for v in element_values]
+        else:
+            width, codebook = context[1], context[2]
+            if kind == "packed":
+                assert len(payload) == (n * width + 7) // 8
+                acc = int.from_bytes(payload, "little")
+                assert acc >> (n * width) == 0, "padding bits must be zero"
+                symbols = [(acc >> (i * width)) & ((1 << width) - 1) for i in range(n)]
+            else:
+                _, _, _, lanes, prob_bits, first, stored_freqs = context
+                freqs = [0] * (1 << width)
+                freqs[first : first + len(stored_freqs)] = stored_freqs
+                symbols = rans_decode(payload, n, freqs, prob_bits, lanes)
+            if codebook is None:
+                levels = [np.float32(u - (1 << (width - 1))) for u in range(1 << width)]
+            else:
+                levels = list(codebooks[codebook])
+            scales = []
+            for b in members:
+                scales.extend([scale_of_block[b]] * blocks[b][2])
+            element_values = [np.float32(levels[u]) * np.float32(s) for u, s in zip(symbols, scales)]
+        position = 0
+        for b in members:
+            t, start, count = blocks[b]
+            for i in range(count):
+                values[t][start + i] = element_values[position + i]
+            position += count
+    out = []
+    for t, (name, dtype, shape, _) in enumerate(header["tensors"]):
+        size = len(values[t])
+        ordered = [values[t][i] for i in range(size)]
+        if dtype == "float64":
+            array = np.array([np.float64(v) for v in ordered], dtype="<f8")
+        elif dtype == "float32":
+            array = np.array([np.float32(v) for v in ordered], dtype="<f4")
+        elif dtype == "float16":
+            # Directly from the element's value (binary32 or binary64), round to nearest even.
+            array = np.array([np.float16(v) for v in ordered], dtype="<f2")
+        else:  # bfloat16: to binary32 first, then to bfloat16
+            as_f32 = np.array([np.float32(v) for v in ordered], dtype="<f4")
+            array = f32_to_bf16_bits(as_f32).astype("<u2")
+            assert np.all((array & 0x7F80) != 0x7F80)
+        if dtype != "bfloat16":
+            assert np.all(np.isfinite(array))
+        out.append((name, dtype, list(shape), array.tobytes()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-built messages.
+
+
+def build(tensors, contexts, block_contexts, scale_bits, codes, *, codebooks=None, extra=None, encodings=None, **frame_options):
+    """A message from its parts: ``codes`` holds one payload per context (unencoded bytes).
+
+    ``encodings`` optionally maps a section index to "zstd". ``extra`` adds header keys.
+    """
+    payloads = [bytes(block_contexts), np.asarray(scale_bits, dtype="<u2").tobytes(), *codes]
+    kinds = ["blocks", "scales"] + ["codes"] * len(contexts)
+    table, body = [], b""
+    for index, (kind, payload) in enumerate(zip(kinds, payloads)):
+        if (encodings or {}).get(index) == "zstd":
+            stored = zstd_frame(payload)
+            table.append([kind, len(stored), "zstd", len(payload)])
+        else:
+            stored = payload
+            table.append([kind, len(payload), "none", len(payload)])
+        body += stored
+    header = {"tensors": tensors, "contexts": contexts}
+    if codebooks is not None:
+        header["codebooks"] = [np.asarray(c, dtype="<f4").tobytes() for c in codebooks]
+    header["sections"] = table
+    header.update(extra or {})
+    return header, body, frame(header, body, **frame_options)
+
+
+def base_parts():
+    """The hand-built base message: one float32 tensor of 3x5 elements in blocks of 4.
+
+    Block 0 -> packed width 3 (scale 0.5), block 1 -> rANS width 2 (scale 0.25),
+    block 2 -> raw f32, block 3 (3 elements) -> zero.
+    """
+    tensors = [["w", "float32", [3, 5], 4]]
+    rans_freqs = [2, 6, 6, 2]
+    contexts = [["zero"], ["raw", "f32"], ["packed", 3, None], ["rans", 2, None, 2, 4, 0, rans_freqs]]
+    block_contexts = [2, 3, 1, 0]
+    scale_bits = [0x3F00, 0x3E80]  # 0.5, 0.25
+    codes = [
+        b"",
+        np.array([1.5, -2.25, 1e-40, 3.0e38], dtype="<f4").tobytes(),
+        pack_codes([0, 3, 4, 7], 3),
+        rans_encode([1, 2, 3, 0], rans_freqs, 4, 2),
+    ]
+    return tensors, contexts, block_contexts, scale_bits, codes
+
+
+def base_message(**overrides):
+    tensors, contexts, block_contexts, scale_bits, codes = base_parts()
+    parts = dict(tensors=tensors, contexts=contexts, block_contexts=block_contexts, scale_bits=scale_bits, codes=codes)
+    options = {k: v for k, v in overrides.items() if k not in parts}
+    parts.update({k: v for k, v in overrides.items() if k in parts})
+    return build(parts["tensors"], parts["contexts"], parts["block_contexts"], parts["scale_bits"], parts["codes"], **options)
+
+
+def rebuild(header, body, **frame_options):
+    return frame(header, body, **frame_options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid vectors.
+
+
+def lora_source():
+    rng = np.random.default_rng(20260521)
+    a = (rng.standard_normal((48, 80)) * 0.01).astype(np.float32)
+    b = (rng.standard_normal((80, 48)) * np.exp(rng.standard_normal((80, 1))) * 0.003).astype(np.float32)
+    b[:16] = 0.0  # whole zero rows: zero blocks
+    fisher_a = np.exp(rng.standard_normal(a.shape) * 1.5).astype(np.float32)
+    return {"lora_A": a, "lora_B": b}, {"lora_A": fisher_a, "lora_B": 1.0}
+
+
+def valid_vectors():
+    """Yield (name, description, message bytes)."""
+    f32 = np.float32
+    specials = np.array(
+        [0.0, -0.0, 1.0, -1.5, np.pi, 1e-45, -1e-45, 1.1754942e-38, 1.17549435e-38, 3.4028235e38, -3.4028235e38, 2.0**-126 * 1.5, 65504.0, 1e-30]
+        + [0.0] * 64
+        + list(np.linspace(-3, 3, 22)),
+        dtype=f32,
+    ).reshape(4, 25)
+    yield (
+        "lossless_float32_specials",
+        "Lossless float32 (budget=None): +0.0 and -0.0, the smallest and largest subnormals, the smallest "
+        "normal, +-FLT_MAX; a block of zeros becomes a zero block, the rest raw f32.",
+        fstqcodec.encode({"specials": specials}),
+    )
+    half = np.array(
+        [0.0, -0.0, 6e-08, -6e-08, 6.1e-05, 65504.0, -65504.0, 1.0, -2.0, 0.333]
+        + list(np.linspace(-100, 100, 53)),
+        dtype=np.float16,
+    ).reshape(7, 9)
+    yield ("lossless_float16", "Lossless float16 with -0.0, subnormals and +-65504 (raw f16 context).", fstqcodec.encode({"h": half}))
+    yield (
+        "lossless_float64",
+        "Lossless float64 (raw f64 context); values not representable in float32.",
+        fstqcodec.encode({"d": np.array([1e-300, -1e300, 1 / 3, 0.1, -0.0, 2.0**-1074], dtype=np.float64)}),
+    )
+    yield (
+        "scalar_and_empty",
+        "A 0-d scalar, a zero-size float32 tensor of shape (0, 3) and a zero-size float16 tensor of shape (4, 0, 2).",
+        fstqcodec.encode(
+            {"scalar": np.array(2.5, dtype=f32), "empty": np.zeros((0, 3), f32), "empty16": np.zeros((4, 0, 2), np.float16)}
+        ),
+    )
+    rng = np.random.default_rng(7)
+    odd = {
+        "v3": rng.standard_normal(3).astype(f32),
+        "m5x7": rng.standard_normal((5, 7)).astype(f32),
+        "one": rng.standard_normal((1, 1, 1)).astype(f32),
+        "h": rng.standard_normal((2, 13)).astype(np.float16),
+    }
+    yield (
+        "odd_shapes_bits3",
+        "Odd shapes and tensors smaller than a block, block_size 8 (short last blocks), fixed-rate 3-bit packed codes "
+        "(codes straddle byte boundaries).",
+        fstqcodec.encode(odd, bits=3, block_size=8),
+    )
+    tensors, fisher = lora_source()
+    for bpp in (0.5, 1, 2, 4):
+        yield (
+            f"budget_{str(bpp).replace('.', 'p')}bpp",
+            f"Fisher-weighted RD allocation at {bpp} bits/param (LoRA-shaped 48x80 and 80x48 float32, block 64): "
+            "zero blocks, rANS contexts, centroid codebooks, zstd-encoded blocks/scales sections, zstd header.",
+            fstqcodec.encode(tensors, fisher=fisher, budget=fstqcodec.Budget(bits_per_param=bpp)),
+        )
+    yield ("fixed_bits4", "Fixed-rate bits=4: uniform grid, absmax bfloat16 scales, packed codes.", fstqcodec.encode(tensors, bits=4))
+    yield ("fixed_bits8", "Fixed-rate bits=8: packed width 8.", fstqcodec.encode({"lora_A": tensors["lora_A"]}, bits=8))
+    yield ("fixed_nf4", "Fixed-rate codebook='nf4': explicit 16-level codebook carried in the header, packed codes.", fstqcodec.encode(tensors, codebook="nf4"))
+    yield (
+        "stochastic_seed7",
+        "Stochastic rounding with seed 7 at 2 bits/param.",
+        fstqcodec.encode(tensors, budget=fstqcodec.Budget(bits_per_param=2), rounding="stochastic", seed=7),
+    )
+    many = {f"model.layers.{i}.self_attn.q_proj.lora_A.weight": np.full((2, 2), i, dtype=f32) for i in range(40)}
+    yield ("zstd_header", "40 small tensors with long, similar names: the header is stored zstd-compressed (header encoding 1).", fstqcodec.encode(many))
+    yield (
+        "meta",
+        "A header 'meta' map with string, integer, float, boolean, binary and nil values.",
+        fstqcodec.encode(
+            {"x": np.arange(6, dtype=f32).reshape(2, 3)},
+            meta={"round": 3, "client": "c-17", "lr": 0.001, "final": True, "digest": b"\x00\x01\xfe", "note": None},
+        ),
+    )
+
+    # ---- hand-built: features the reference encoder does not emit -----------------------
+    _, _, message = base_message()
+    yield ("handmade_all_kinds", "Hand-built: one tensor whose four blocks use packed (width 3), rANS (2 lanes), raw f32 and zero contexts.", message)
+
+    # Every packed width 1..8, uniform grid, plus a block of each in one tensor of 8 blocks of 5.
+    contexts, codes, scales = [], [], []
+    symbols_all = []
+    for width in range(1, 9):
+        symbols = [(3 * i + width) % (1 << width) for i in range(5)]
+        contexts.append(["packed", width, None])
+        codes.append(pack_codes(symbols, width))
+        scales.append(int(f32_to_bf16_bits([0.375 * width])[0]))
+        symbols_all.append(symbols)
+    _, _, message = build([["p", "float32", [8, 5], 5]], contexts, list(range(8)), scales, codes)
+    yield ("packed_widths_1_to_8", "Hand-built: packed contexts of every width 1..8 on the uniform grid (value = (u - 2**(w-1)) * scale).", message)
+
+    # rANS corners: a single-symbol table with prob_bits 16 (the state never changes), more
+    # lanes than symbols, an unused context, an empty zstd frame as a section, zstd blocks section.
+    long_symbols = [(i * i + 3 * i) % 4 for i in range(150)]
+    long_freqs = [3, 7, 4, 2]
+    contexts = [
+        ["rans", 2, None, 1, 16, 3, [65536]],
+        ["rans", 2, None, 7, 4, 0, long_freqs],
+        ["rans", 3, None, 5, 4, 0, [16]],  # unused: no blocks point at it
+        ["raw", "f16"],  # unused, stored as an empty zstd frame
+    ]
+    tensors = [["r", "float32", [160], 64], ["s", "float32", [3], 64]]
+    block_contexts = [0, 1, 1, 0]  # r: 64 (single symbol), 64 + 32 (long stream, 96 symbols); s: single symbol
+    long_stream = rans_encode(long_symbols[:96], long_freqs, 4, 7)
+    codes = [
+        rans_encode([3] * (64 + 3), [0, 0, 0, 65536], 16, 1),
+        long_stream,
+        rans_encode([], [16, 0, 0, 0, 0, 0, 0, 0], 4, 5),
+        b"",
+    ]
+    scales = [int(b) for b in f32_to_bf16_bits([0.125, 1.0, 0.0625, 3.0])]
+    _, _, message = build(tensors, contexts, block_contexts, scales, codes, encodings={0: "zstd", 5: "zstd"})
+    yield (
+        "rans_corners",
+        "Hand-built rANS corners: a one-symbol table at prob_bits 16 (first_symbol 3), a 7-lane stream over 96 symbols with "
+        "renormalisation words, an unused rANS context (4*5 bytes of states, no symbols), an unused raw context whose empty "
+        "section is an empty zstd frame, and a zstd-encoded blocks section.",
+        message,
+    )
+
+    # bfloat16 tensor: raw bf16 values, quantized values that need rounding to bfloat16 (ties to
+    # even), and raw f64 values converted to binary32 first and then to bfloat16 (double rounding).
+    tie_up = 1 + 3 * 2.0**-8  # between bf16 1+2**-7 and 1+2**-6: tie, rounds to even (1+2**-6)
+    double_round = 1 + 2.0**-8 + 2.0**-30  # binary32 gives 1+2**-8 (a tie), bf16 then gives 1.0
+    contexts = [["raw", "bf16"], ["packed", 8, 0], ["raw", "f64"]]
+    codebook = np.linspace(-1, 1, 256, dtype=np.float32)
+    codebook[200] = np.float32(tie_up)
+    codebook[201] = np.float32(1 + 2.0**-9)
+    bf16_raw = [0x3F80, 0x8000, 0x0001, 0x7F7F, 0xC2F7]
+    _, _, message = build(
+        [["b", "bfloat16", [3, 5], 5], ["f", "float16", [5], 5], ["g", "float32", [5], 5]],
+        contexts,
+        [0, 1, 2, 2, 2],
+        [0x3F80],
+        [
+            np.array(bf16_raw, dtype="<u2").tobytes(),
+            bytes([200, 201, 0, 255, 128]),
+            np.array(
+                [double_round, -1e-300, 1e38, 1 / 3, 3.0e38]  # b, third block: to binary32, then bfloat16
+                + [double_round, 65519.99, -1e-8, 2.0**-25 * 1.5, 0.1]  # f: directly to float16
+                + [1 / 3, 2.0**-149, 2.0**-150, 3.4028235e38, -0.0],  # g: to float32 (2**-150 is a tie -> 0)
+                dtype="<f8",
+            ).tobytes(),
+        ],
+        codebooks=[codebook],
+    )
+    yield (
+        "conversions",
+        "Hand-built conversions to the tensor dtype: a bfloat16 tensor (raw bf16 values; codebook values rounded to bfloat16 "
+        "with a tie to even; a raw f64 value rounded to binary32 and then to bfloat16), a float16 tensor from raw f64 "
+        "(round to nearest even, 65519.99 stays finite, subnormal results), and a float32 tensor from raw f64.",
+        message,
+    )
+
+    # Forward compatibility: newer minor version, unknown non-critical keys, critical listing
+    # known fields only, meta, codebooks key present but empty.
+    header, body, _ = base_message()
+    header["critical"] = ["tensors", "contexts", "sections"]
+    header["x-future-field"] = {"nested": [1, 2, {"deep": b"\x00"}], "ignored": True}
+    header["codebooks"] = []
+    yield (
+        "forward_compatible",
+        "The base message with minor version 7, an unknown non-critical header key (ignored), 'critical' naming only "
+        "known fields and an empty 'codebooks' array.",
+        frame(header, body, minor=7),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid vectors.
+
+
+def invalid_vectors():
+    """Yield (name, description, error class name, why, message bytes)."""
+    good = fstqcodec.encode(*lora_source()[:1], budget=fstqcodec.Budget(bits_per_param=2))
+    base_header, base_body, base = base_message()
+
+    def variant(**changes):
+        header = json.loads(json.dumps(base_header, default=lambda b: None))  # deep copy (no bytes in base)
+        header.update(changes)
+        return frame(header, base_body)
+
+    def with_tensor(index, value):
+        tensors = [list(t) for t in base_header["tensors"]]
+        tensors[0][index] = value
+        return variant(tensors=tensors)
+
+    def with_context(index, value):
+        contexts = [list(c) for c in base_header["contexts"]]
+        contexts[index] = value
+        return variant(contexts=contexts)
+
+    def with_codes(context_index, payload, *, block_contexts=None, scale_bits=None, **options):
+        tensors, contexts, blocks, scales, codes = base_parts()
+        codes[context_index] = payload
+        return build(tensors, contexts, block_contexts or blocks, scales if scale_bits is None else scale_bits, codes, **options)[2]
+
+    # --- framing -------------------------------------------------------------------------
+    yield "empty", "Zero bytes.", "TruncatedError", "Shorter than the 28-byte preamble (an empty prefix of the magic).", b""
+    for cut in (5, 20, 28, 40, len(good) // 2, len(good) - 1):
+        yield (
+            f"truncated_at_{cut}",
+            f"A valid message cut to its first {cut} bytes.",
+            "TruncatedError",
+            "Fewer bytes than the preamble, or than the preamble declares (step 1 or 5).",
+            good[:cut],
+        )
+    yield "bad_magic", "The magic's 'FSQ' replaced by 'FSX'.", "BadFormatError", "Magic mismatch (step 1).", good[:3] + b"X" + good[4:]
+    yield (
+        "text_mode_crlf_to_lf",
+        "Every \\r\\n replaced by \\n, as a text-mode transfer does.",
+        "BadFormatError",
+        "The magic's \\r\\n became \\n (step 1).",
+        good.replace(b"\r\n", b"\n"),
+    )
+    yield (
+        "text_mode_lf_to_crlf",
+        "Every lone \\n replaced by \\r\\n.",
+        "BadFormatError",
+        "The magic's final \\n became \\r\\n (step 1).",
+        good.replace(b"\r\n", b"\0\0").replace(b"\n", b"\r\n").replace(b"\0\0", b"\r\n"),
+    )
+    yield "major_version_2", "Major version 2.", "UnsupportedVersionError", "Unknown major version (step 2).", frame(base_header, base_body, major=2)
+    yield "major_version_0", "Major version 0.", "UnsupportedVersionError", "Unknown major version (step 2).", frame(base_header, base_body, major=0)
+    yield "reserved_nonzero", "Reserved preamble byte (offset 11) set to 1.", "BadFormatError", "Reserved byte must be 0 (step 3).", frame(base_header, base_body, reserved=1)
+    yield "header_encoding_2", "Header encoding byte 2.", "BadFormatError", "Only 0 (none) and 1 (zstd) are defined (step 3).", frame(base_header, base_body, header_encoding=2, stored_header=packb(base_header))
+    raw_header = packb(base_header)
+    yield (
+        "raw_header_length_mismatch",
+        "Header encoding 0 with header_length one more than header_stored_length.",
+        "BadFormatError",
+        "An unencoded header's two lengths must be equal (step 3).",
+        frame(raw_header, base_body, header_length=len(raw_header) + 1),
+    )
+    yield (
+        "header_length_over_limit",
+        "Preamble declares a 16 MiB + 1 byte raw header; the message is only 32 bytes.",
+        "LimitExceededError",
+        "header_length > max_header_size (16 MiB) is checked before the message length (step 4).",
+        frame(b"", b"", header_stored_length=(16 << 20) + 1, header_length=(16 << 20) + 1),
+    )
+    yield (
+        "message_length_over_limit",
+        "Preamble declares a body of 2**40 bytes.",
+        "LimitExceededError",
+        "The declared total length exceeds max_message_size (2 GiB) (step 4).",
+        frame(base_header, base_body, body_length=1 << 40),
+    )
+    flipped = bytearray(good)
+    flipped[len(good) - 10] ^= 0x01
+    yield "checksum_mismatch", "One bit of the body flipped.", "ChecksumError", "CRC-32 over the message differs from the stored one (step 6).", bytes(flipped)
+    crc_flipped = bytearray(good)
+    crc_flipped[-1] ^= 0x80
+    yield "checksum_field_flipped", "One bit of the stored CRC-32 flipped.", "ChecksumError", "Stored CRC-32 wrong (step 6).", bytes(crc_flipped)
+    yield "trailing_byte", "A valid message followed by one zero byte.", "TrailingDataError", "Bytes after the CRC (step 5).", good + b"\x00"
+    yield "trailing_message", "A valid message followed by a second copy of itself.", "TrailingDataError", "Bytes after the CRC (step 5).", base + base
+
+    # --- header bytes --------------------------------------------------------------------
+    header_bytes = packb(base_header)
+    yield (
+        "header_zstd_declares_1gib",
+        "zstd header whose frame declares a content size of 1 GiB while header_length says the real size.",
+        "BadFormatError",
+        "Frame content size must equal header_length, checked before decompressing (step 7).",
+        frame(header_bytes, base_body, header_encoding=1, stored_header=fake_zstd_frame(1 << 30)),
+    )
+    yield (
+        "header_zstd_trailing_bytes",
+        "zstd header frame followed by 3 more bytes inside the stored header.",
+        "TrailingDataError",
+        "Nothing may follow the single zstd frame (step 7).",
+        frame(header_bytes, base_body, header_encoding=1, stored_header=zstd_frame(header_bytes) + b"abc"),
+    )
+    yield (
+        "header_zstd_no_content_size",
+        "zstd header frame without the content size field.",
+        "BadFormatError",
+        "A zstd frame must declare its content size (step 7).",
+        frame(header_bytes, base_body, header_encoding=1, stored_header=zstandard.ZstdCompressor(write_content_size=False).compress(header_bytes)),
+    )
+    yield "header_not_a_map", "Header is a msgpack array.", "BadFormatError", "The header must be a map (step 8).", frame([1, 2, 3], base_body)
+    yield "header_empty", "Header of zero bytes.", "BadFormatError", "Not a msgpack value (step 8).", frame(b"", base_body)
+    yield (
+        "header_nesting_bomb",
+        "Header is 10000 nested one-element arrays.",
+        "BadFormatError",
+        "Nesting deeper than any decoder's bound (at most 1024) must be refused, not recursed into (step 8).",
+        frame(b"\x91" * 10000 + b"\xc0", base_body),
+    )
+    yield (
+        "header_ext_type",
+        "Header map with a msgpack extension value (type 5) under an unknown key.",
+        "BadFormatError",
+        "Extension types are forbidden anywhere in the header (step 8).",
+        frame(packb({**base_header, "x": msgpack.ExtType(5, b"\x01\x02")}), base_body),
+    )
+    yield (
+        "header_timestamp",
+        "Header map with a msgpack timestamp (extension type -1).",
+        "BadFormatError",
+        "Extension types, including the predefined timestamp, are forbidden (step 8).",
+        frame(packb({**base_header, "when": msgpack.Timestamp(1, 0)}), base_body),
+    )
+    yield (
+        "header_trailing_bytes",
+        "One msgpack nil after the header map, inside header_length.",
+        "TrailingDataError",
+        "The header bytes must hold exactly one msgpack map (step 8).",
+        frame(header_bytes + b"\xc0", base_body),
+    )
+    yield (
+        "header_invalid_utf8",
+        "A header key that is not valid UTF-8.",
+        "BadFormatError",
+        "msgpack str values must be UTF-8 (step 8).",
+        frame(header_bytes[:1].replace(b"\x83", b"\x84") + header_bytes[1:] + b"\xa2\xff\xfe\xc0", base_body),
+    )
+    yield (
+        "header_int_key",
+        "A top-level header key that is an integer.",
+        "BadFormatError",
+        "Map keys must be strings (step 8).",
+        frame(bytes([header_bytes[0] + 1]) + header_bytes[1:] + b"\x01\xc0", base_body),
+    )
+    duplicate = bytes([header_bytes[0] + 1]) + header_bytes[1:] + packb("tensors") + packb([["other", "float32", [15], 4]])
+    yield (
+        "header_duplicate_key",
+        "The header map holds the key 'tensors' twice (the second declares another tensor of the same size).",
+        "BadFormatError",
+        "Duplicate map keys are forbidden: decoders that keep the first and those that keep the last would disagree (step 8).",
+        frame(duplicate, base_body),
+    )
+
+    # --- header fields -------------------------------------------------------------------
+    for key in ("tensors", "contexts", "sections"):
+        header = dict(base_header)
+        del header[key]
+        yield f"missing_{key}", f"Header without the required key '{key}'.", "BadFormatError", "Required field missing (step 10).", frame(header, base_body)
+    yield (
+        "critical_unknown",
+        "'critical' lists 'x-sparse-v2', a field this version does not define.",
+        "UnsupportedFeatureError",
+        "A must-understand field the decoder does not implement (step 9).",
+        variant(critical=["tensors", "x-sparse-v2"], **{"x-sparse-v2": 1}),
+    )
+    yield "critical_not_array", "'critical' is a string.", "BadFormatError", "'critical' must be an array of strings (step 9).", variant(critical="tensors")
+    yield "tensors_not_array", "'tensors' is a map.", "BadFormatError", "Wrong type (step 11).", variant(tensors={"w": 1})
+    tensors = [list(t) for t in base_header["tensors"]] * 2
+    yield "duplicate_tensor_name", "Two tensors named 'w'.", "BadFormatError", "Tensor names must be unique (step 11).", variant(tensors=tensors)
+    yield "empty_tensor_name", "Tensor name ''.", "BadFormatError", "Names must be non-empty (step 11).", with_tensor(0, "")
+    yield "tensor_name_too_long", "Tensor name of 1025 bytes.", "LimitExceededError", "Over max_name_length (1024) (step 11).", with_tensor(0, "n" * 1025)
+    yield "unknown_dtype", "dtype 'int8'.", "BadFormatError", "dtype must be float32, float16, bfloat16 or float64 (step 11).", with_tensor(1, "int8")
+    yield (
+        "tensor_dtype_not_a_string",
+        "dtype is an array ['float32'].",
+        "BadFormatError",
+        "dtype must be one of the four strings; any other msgpack value is malformed (step 11).",
+        with_tensor(1, ["float32"]),
+    )
+    yield "negative_shape", "Shape [3, -5].", "BadFormatError", "Dimensions are non-negative integers (step 11).", with_tensor(2, [3, -5])
+    yield "float_shape", "Shape [3.0, 5].", "BadFormatError", "Dimensions are integers, not floats (step 11).", with_tensor(2, [3.0, 5])
+    yield "shape_too_many_dims", "A shape of 33 ones.", "LimitExceededError", "Over max_ndim (32) (step 11).", with_tensor(2, [1] * 33)
+    yield (
+        "elements_10e12",
+        "Shape [1000000, 1000000]: 10**12 float32 elements.",
+        "LimitExceededError",
+        "4 * 10**12 bytes exceed max_output_size (2 GiB); computed with exact integers, before any allocation (step 11).",
+        with_tensor(2, [10**6, 10**6]),
+    )
+    yield (
+        "elements_overflow_int64",
+        "Shape [2**62, 4]: an element count that overflows 64-bit integers.",
+        "LimitExceededError",
+        "Sizes are computed without overflow (arbitrary precision or checked arithmetic) (step 11).",
+        with_tensor(2, [2**62, 4]),
+    )
+    million = msgpack.packb({"tensors": [None] * 10**6, "contexts": [], "sections": [["blocks", 0, "none", 0], ["scales", 0, "none", 0]]})
+    yield (
+        "tensors_10e6",
+        "zstd-compressed header (about 100 bytes stored) declaring an array of 10**6 tensor entries.",
+        "LimitExceededError",
+        "Tensor count over max_tensors (65536), checked on the array length before any per-tensor work (step 11).",
+        frame(million, b"", header_encoding=1),
+    )
+    yield "block_size_0", "block_size 0.", "BadFormatError", "block_size is in [1, 65536] (step 11).", with_tensor(3, 0)
+    yield "block_size_65537", "block_size 65537.", "BadFormatError", "block_size is in [1, 65536] (step 11).", with_tensor(3, 65537)
+    yield "tensor_entry_short", "A tensor entry of three fields.", "BadFormatError", "A tensor is [name, dtype, shape, block_size] (step 11).", variant(tensors=[["w", "float32", [3, 5]]])
+
+    # codebooks
+    codebook_header = dict(base_header, contexts=[["zero"], ["raw", "f32"], ["packed", 3, 0], base_header["contexts"][3]])
+    for name, levels, why in (
+        ("codebook_nan_level", [0, 1, 2, float("nan"), 4, 5, 6, 7], "Levels must be finite (step 12)."),
+        ("codebook_inf_level", [0, 1, 2, float("inf"), 4, 5, 6, 7], "Levels must be finite (step 12)."),
+        ("codebook_3_levels", [0, 1, 2], "A codebook has 2, 4, ..., 256 levels (step 12)."),
+    ):
+        header = dict(codebook_header, codebooks=[np.array(levels, dtype="<f4").tobytes()])
+        yield name, f"Codebook levels {levels}.", "BadFormatError", why, frame(header, base_body)
+    header = dict(codebook_header, codebooks=[np.zeros(8, "<f4").tobytes()[:-1]])
+    yield "codebook_ragged", "Codebook of 31 bytes.", "BadFormatError", "Not a whole number of float32 levels (step 12).", frame(header, base_body)
+    header = dict(codebook_header, codebooks=[np.zeros(16, "<f4").tobytes()])
+    yield "codebook_wrong_size_for_width", "A width-3 context naming a 16-level codebook.", "BadFormatError", "2**width levels needed (step 13).", frame(header, base_body)
+    header = dict(codebook_header, codebooks=[np.zeros(8, "<f4").tobytes()], contexts=[["zero"], ["raw", "f32"], ["packed", 3, 1], base_header["contexts"][3]])
+    yield "codebook_index_out_of_range", "A context naming codebook 1 of 1.", "BadFormatError", "Index out of range (step 13).", frame(header, base_body)
+    yield "codebook_missing", "A context naming codebook 0 with no 'codebooks' key.", "BadFormatError", "Index out of range (step 13).", frame(codebook_header, base_body)
+
+    # contexts
+    yield "context_unknown_kind", "Context ['huffman', 3].", "BadFormatError", "Unknown context kind (step 13).", with_context(2, ["huffman", 3])
+    yield "context_width_9", "Packed context of width 9.", "BadFormatError", "Widths are 1..8 (step 13).", with_context(2, ["packed", 9, None])
+    yield "context_width_0", "Packed context of width 0.", "BadFormatError", "Widths are 1..8 (step 13).", with_context(2, ["packed", 0, None])
+    yield "raw_format_unknown", "Raw context of format 'f8'.", "BadFormatError", "Raw formats are f16, bf16, f32, f64 (step 13).", with_context(1, ["raw", "f8"])
+    yield "raw_format_not_a_string", "Raw context whose format is an array ['f32'].", "BadFormatError", "Raw format must be one of four strings (step 13).", with_context(1, ["raw", ["f32"]])
+    yield "zero_context_with_parameter", "Context ['zero', 1].", "BadFormatError", "A zero context has no parameters (step 13).", with_context(0, ["zero", 1])
+    rans_context = base_header["contexts"][3]
+    yield "rans_freqs_sum", "rANS frequencies [2, 6, 6, 3] at prob_bits 4 (sum 17).", "BadFormatError", "Frequencies must sum to 2**prob_bits (step 13).", with_context(3, rans_context[:6] + [[2, 6, 6, 3]])
+    yield "rans_lanes_0", "rANS context with 0 lanes.", "BadFormatError", "lanes >= 1 (step 13).", with_context(3, rans_context[:3] + [0] + rans_context[4:])
+    yield "rans_lanes_over_limit", "rANS context with 65537 lanes.", "LimitExceededError", "Over max_rans_lanes (65536) (step 13).", with_context(3, rans_context[:3] + [65537] + rans_context[4:])
+    yield "rans_prob_bits_17", "rANS context with prob_bits 17.", "BadFormatError", "prob_bits is 1..16 (step 13).", with_context(3, rans_context[:4] + [17, 0, [2**17]])
+    yield "rans_freqs_overflow_alphabet", "Width-2 rANS table of 4 frequencies starting at symbol 1.", "BadFormatError", "first_symbol + len(freqs) <= 2**width (step 13).", with_context(3, rans_context[:5] + [1, [2, 6, 6, 2]])
+    yield "rans_negative_frequency", "rANS frequencies [-2, 10, 6, 2].", "BadFormatError", "Frequencies are in [0, 2**prob_bits] (step 13).", with_context(3, rans_context[:6] + [[-2, 10, 6, 2]])
+    yield (
+        "contexts_257",
+        "257 zero contexts.",
+        "LimitExceededError",
+        "At most 256 contexts (a block's context index is one byte) (step 13).",
+        variant(contexts=[["zero"]] * 257, sections=[["blocks", 4, "none", 4], ["scales", 4, "none", 4]] + [["codes", 0, "none", 0]] * 257),
+    )
+
+    # sections
+    sections = [list(s) for s in base_header["sections"]]
+    yield "sections_out_of_order", "The 'blocks' and 'scales' section entries swapped.", "BadFormatError", "Kinds are blocks, scales, then one codes per context (step 14).", variant(sections=[sections[1], sections[0]] + sections[2:])
+    yield "sections_missing_one", "One codes section fewer than contexts.", "BadFormatError", "2 + len(contexts) sections (step 14).", variant(sections=sections[:-1])
+    bigger = [list(s) for s in sections]
+    bigger[2] = ["codes", 0, "none", 0]
+    bigger[3][1] += 1
+    bigger[3][3] += 1
+    yield "sections_do_not_tile", "Section lengths that sum to one byte more than the body.", "BadFormatError", "Sections tile the body exactly (step 14).", variant(sections=bigger)
+    unequal = [list(s) for s in sections]
+    unequal[4] = ["codes", unequal[4][1], "none", unequal[4][3] + 2]
+    yield "section_none_lengths_differ", "Unencoded section with decoded length != stored length.", "BadFormatError", "An unencoded section's lengths are equal (step 14).", variant(sections=unequal)
+    brotli = [list(s) for s in sections]
+    brotli[4][2] = "brotli"
+    yield "section_unknown_encoding", "Section encoding 'brotli'.", "BadFormatError", "Encodings are 'none' and 'zstd' (step 14).", variant(sections=brotli)
+
+    # body: blocks and scales
+    yield "block_context_out_of_range", "A block naming context 4 of 4.", "BadFormatError", "Context index out of range (step 16).", base_message(block_contexts=[2, 3, 1, 4])[2]
+    yield (
+        "blocks_section_wrong_length",
+        "A blocks section of 5 bytes for 4 blocks (and a fifth, zero, context index).",
+        "BadFormatError",
+        "One byte per block (step 15).",
+        base_message(block_contexts=[2, 3, 1, 0, 0])[2],
+    )
+    yield "scales_section_wrong_length", "Three scales for two quantized blocks.", "BadFormatError", "One scale per packed/rANS block (step 17).", base_message(scale_bits=[0x3F00, 0x3E80, 0x3F80])[2]
+    for name, bits, what in (
+        ("scale_zero", 0x0000, "+0"),
+        ("scale_negative_zero", 0x8000, "-0"),
+        ("scale_negative", 0xBF00, "-0.5"),
+        ("scale_inf", 0x7F80, "+inf"),
+        ("scale_nan", 0x7FC0, "NaN"),
+    ):
+        yield name, f"The first scale is bfloat16 {what} ({bits:#06x}).", "BadFormatError", "Scales are finite and strictly positive (0x0001..0x7F7F) (step 18).", base_message(scale_bits=[bits, 0x3E80])[2]
+
+    # body: codes
+    yield "packed_padding_bits", "The 12-bit packed stream with a padding bit set in its last byte.", "BadFormatError", "Padding bits are zero (step 19).", with_codes(2, pack_codes([0, 3, 4, 7], 3)[:1] + bytes([pack_codes([0, 3, 4, 7], 3)[1] | 0x80]))
+    yield "raw_codes_wrong_length", "Raw f32 section of 12 bytes for 4 elements.", "BadFormatError", "n * 4 bytes (step 19).", with_codes(1, np.zeros(3, "<f4").tobytes())
+    yield "raw_nan", "A raw f32 NaN.", "BadFormatError", "Decoded values must be finite (step 21).", with_codes(1, np.array([1, float("nan"), 2, 3], "<f4").tobytes())
+    yield "raw_inf", "A raw f32 -inf.", "BadFormatError", "Decoded values must be finite (step 21).", with_codes(1, np.array([1, -np.inf, 2, 3], "<f4").tobytes())
+    yield (
+        "raw_bf16_inf",
+        "A raw bf16 +inf (0x7F80).",
+        "BadFormatError",
+        "Decoded values must be finite (step 21).",
+        build([["w", "float32", [2], 4]], [["raw", "bf16"]], [0], [], [np.array([0x3F80, 0x7F80], "<u2").tobytes()])[2],
+    )
+    yield (
+        "float16_overflow",
+        "A float16 tensor holding the raw f32 value 65520 (rounds to inf in float16).",
+        "BadFormatError",
+        "Values must be finite after conversion to the tensor dtype (step 21).",
+        build([["h", "float16", [2], 4]], [["raw", "f32"]], [0], [], [np.array([1.0, 65520.0], "<f4").tobytes()])[2],
+    )
+    yield (
+        "quantized_overflow",
+        "Codebook level 3e38 times scale 2: the binary32 product overflows.",
+        "BadFormatError",
+        "Values must be finite (step 21).",
+        build([["w", "float32", [2], 4]], [["packed", 1, 0]], [0], [0x4000], [pack_codes([0, 1], 1)], codebooks=[[0.0, 3e38]])[2],
+    )
+    rans_long = [(i * 7 + i // 3) % 4 for i in range(64)]
+    long_freqs = [4, 5, 4, 3]
+    stream = rans_encode(rans_long, long_freqs, 4, 2)
+    assert len(stream) > 8 + 4, "the stream needs renormalisation words"
+
+    def rans_message(payload, freqs=long_freqs):
+        return build([["r", "float32", [64], 64]], [["rans", 2, None, 2, 4, 0, freqs]], [0], [0x3F80], [payload])[2]
+
+    assert spec_decode(rans_message(stream))
+    yield "rans_words_left_over", "A valid 2-lane rANS stream with one extra 16-bit word.", "TrailingDataError", "Words left after the last symbol (step 19).", rans_message(stream + b"\x34\x12")
+    yield "rans_runs_out", "A valid 2-lane rANS stream without its last word.", "BadFormatError", "The decoder needs a word past the end (step 19).", rans_message(stream[:-2])
+    yield "rans_odd_length", "A rANS stream with one extra byte (odd word area).", "BadFormatError", "States then whole 16-bit words (step 19).", rans_message(stream + b"\x00")
+    yield "rans_shorter_than_states", "A 6-byte stream for 2 lanes.", "BadFormatError", "At least 4 bytes per lane (step 19).", rans_message(stream[:6])
+    low_state = struct.pack("<I", RANS_L - 1) + stream[4:]
+    yield "rans_initial_state_low", "First lane's initial state 2**16 - 1.", "BadFormatError", "States start in [2**16, 2**32) (step 19).", rans_message(low_state)
+    single = build(
+        [["r", "float32", [64], 64]],
+        [["rans", 2, None, 1, 16, 3, [65536]]],
+        [0],
+        [0x3F80],
+        [struct.pack("<I", RANS_L + 1)],
+    )[2]
+    yield (
+        "rans_bad_final_state",
+        "One-symbol table at prob_bits 16 (the state never changes) with initial state 2**16 + 1.",
+        "BadFormatError",
+        "Every lane must end in state 2**16 (step 19).",
+        single,
+    )
+    yield (
+        "rans_stream_too_long_for_count",
+        "rANS section declaring more bytes than 4*lanes + 2*symbols.",
+        "BadFormatError",
+        "A stream holds at most one word per symbol (step 19).",
+        rans_message(stream + b"\x00\x00" * 80),
+    )
+
+    # zstd sections
+    raw_payload = np.array([1.5, -2.25, 1e-40, 3.0e38], dtype="<f4").tobytes()
+    yield (
+        "section_zstd_declares_4gib",
+        "Raw codes section stored as zstd whose frame declares a content size of 4 GiB.",
+        "BadFormatError",
+        "Frame content size must equal the declared decoded length, checked before decompressing (step 19).",
+        replace_section(base_header, base_body, 3, fake_zstd_frame(4 << 30), "zstd", 16),
+    )
+    yield (
+        "section_declares_4gib",
+        "Raw codes section whose table entry declares a decoded length of 4 GiB.",
+        "BadFormatError",
+        "Declared decoded length differs from what the blocks need, checked before decompressing (step 19).",
+        replace_section(base_header, base_body, 3, fake_zstd_frame(4 << 30), "zstd", 4 << 30),
+    )
+    yield (
+        "section_zstd_trailing_bytes",
+        "Raw codes section: a valid zstd frame followed by 2 bytes.",
+        "TrailingDataError",
+        "Exactly one frame, nothing after it (step 19).",
+        replace_section(base_header, base_body, 3, zstd_frame(raw_payload) + b"\x00\x00", "zstd", 16),
+    )
+    yield (
+        "section_zstd_two_frames",
+        "Raw codes section: a zstd frame of the 16 bytes followed by a second, empty frame.",
+        "TrailingDataError",
+        "Exactly one frame (step 19).",
+        replace_section(base_header, base_body, 3, zstd_frame(raw_payload) + zstd_frame(b""), "zstd", 16),
+    )
+    bad_checksum = bytearray(zstd_frame(raw_payload, checksum=True))
+    bad_checksum[-1] ^= 0xFF
+    yield (
+        "section_zstd_bad_checksum",
+        "Raw codes section: a zstd frame whose content checksum does not match.",
+        "BadFormatError",
+        "An invalid zstd frame (step 19).",
+        replace_section(base_header, base_body, 3, bytes(bad_checksum), "zstd", 16),
+    )
+    yield (
+        "section_zstd_truncated_frame",
+        "Raw codes section: a zstd frame missing its last 3 bytes.",
+        "TruncatedError",
+        "The zstd frame ends before its last block (step 19).",
+        replace_section(base_header, base_body, 3, zstd_frame(raw_payload)[:-3], "zstd", 16),
+    )
+    yield (
+        "zero_context_section_not_zstd",
+        "The zero context's empty section marked 'zstd' holding 5 bytes that are not a zstd frame.",
+        "BadFormatError",
+        "Every zstd section must be one valid frame, whether or not a block uses its context (step 19).",
+        replace_section(base_header, base_body, 2, b"hello", "zstd", 0),
+    )
+    yield (
+        "section_skippable_zstd_frame",
+        "The zero context's empty section marked 'zstd' holding a zstd skippable frame.",
+        "BadFormatError",
+        "A skippable frame has no content size; a zstd section is one ordinary frame (step 19).",
+        replace_section(base_header, base_body, 2, struct.pack("<II", 0x184D2A50, 0), "zstd", 0),
+    )
+
+
+def fake_zstd_frame(content_size: int) -> bytes:
+    """A zstd frame header declaring ``content_size`` (8-byte field) followed by one empty raw block."""
+    magic = struct.pack("<I", 0xFD2FB528)
+    descriptor = bytes([0xC0])  # Frame_Content_Size_flag 3 (8 bytes), not single-segment, no checksum
+    window = bytes([0x00])  # 1 KiB window
+    last_empty_raw_block = bytes([0x01, 0x00, 0x00])
+    return magic + descriptor + window + struct.pack("<Q", content_size) + last_empty_raw_block
+
+
+def replace_section(header, body, index, stored, encoding, decoded_length):
+    """The base message with section ``index`` replaced by ``stored`` bytes."""
+    sections = [list(s) for s in header["sections"]]
+    offsets = [0]
+    for s in sections:
+        offsets.append(offsets[-1] + s[1])
+    new_body = body[: offsets[index]] + stored + body[offsets[index + 1] :]
+    sections[index] = [sections[index][0], len(stored), encoding, decoded_length]
+    return frame(dict(header, sections=sections), new_body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    """An .npz archive with fixed timestamps (numpy.savez stamps the current time)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for key, array in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.array(array, order="C", copy=True), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, member.getvalue())
+    return buffer.getvalue()
+
+
+def decoded_entry(name, dtype, shape, raw: bytes, key: str) -> dict:
+    entry = {"name": name, "dtype": dtype, "shape": shape, "npz_key": key, "sha256": sha256(raw)}
+    if len(raw) <= 256:
+        entry["hex"] = raw.hex()
+    return entry
+
+
+def check_matches_reference(expected: list, message: bytes, name: str):
+    """fstqcodec.decode must give exactly the spec decoder's tensors."""
+    decoded = fstqcodec.decode(message)
+    assert list(decoded) == [e[0] for e in expected], name
+    for tensor_name, dtype, shape, raw in expected:
+        array = decoded[tensor_name]
+        if dtype == "bfloat16":
+            assert array.dtype == np.float32
+            assert np.all(array.view(np.uint32) & 0xFFFF == 0), name
+            got = (array.view(np.uint32) >> 16).astype("<u2").tobytes()
+        else:
+            assert array.dtype == np.dtype(TENSOR_DTYPES[dtype]), (name, array.dtype)
+            got = array.astype(TENSOR_DTYPES[dtype]).tobytes()
+        assert list(array.shape) == shape, (name, array.shape, shape)
+        assert got == raw, f"{name}/{tensor_name}: fstqcodec.decode differs from the spec decoder"
+
+
+def generate(out: Path) -> dict:
+    for sub in ("valid", "invalid"):
+        if (out / sub).exists():
+            shutil.rmtree(out / sub)
+        (out / sub).mkdir(parents=True)
+    manifest = {
+        "format": "fstq",
+        "format_version": "1.0",
+        "spec": "spec/FORMAT.md",
+        "generator": "spec/make_vectors.py",
+        "generated_with": {
+            "fstqcodec": fstqcodec.__version__,
+            "numpy": np.__version__,
+            "msgpack": ".".join(map(str, msgpack.version)),
+            "zstandard": zstandard.__version__,
+            "libzstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
+        },
+        "notes": (
+            "Valid vectors: decoding 'file' must give exactly 'tensors' (in this order): dtype, shape, and the "
+            "little-endian bytes of the values (bfloat16 as 16-bit patterns) given as 'hex' (when short) and "
+            "always as the array 'npz_key' of the file 'values' and by their sha256. Invalid vectors: decoding "
+            "must raise 'error' (a DecodeError subclass, FORMAT.md section 10) and nothing else. Every file's "
+            "sha256 is listed."
+        ),
+        "valid": [],
+        "invalid": [],
+    }
+    seen = set()
+    for name, description, message in valid_vectors():
+        assert name not in seen
+        seen.add(name)
+        expected = spec_decode(message)
+        check_matches_reference(expected, message, name)
+        file = f"valid/{name}.fstq"
+        (out / file).write_bytes(message)
+        arrays = {}
+        tensors = []
+        for index, (tensor_name, dtype, shape, raw) in enumerate(expected):
+            key = f"t{index}"
+            arrays[key] = np.frombuffer(raw, dtype=TENSOR_DTYPES[dtype]).reshape(shape)
+            tensors.append(decoded_entry(tensor_name, dtype, shape, raw, key))
+        values_file = f"valid/{name}.npz"
+        values = npz_bytes(arrays)
+        (out / values_file).write_bytes(values)
+        manifest["valid"].append(
+            {
+                "file": file,
+                "sha256": sha256(message),
+                "size": len(message),
+                "description": description,
+                "values": values_file,
+                "values_sha256": sha256(values),
+                "tensors": tensors,
+            }
+        )
+    for name, description, error, why, message in invalid_vectors():
+        assert name not in seen, name
+        seen.add(name)
+        file = f"invalid/{name}.fstq"
+        error_class = getattr(fstqcodec, error)
+        assert issubclass(error_class, fstqcodec.DecodeError)
+        if file not in REFERENCE_DECODER_GAPS:
+            try:
+                fstqcodec.decode(message)
+            except fstqcodec.DecodeError as exc:
+                assert type(exc) is error_class, f"{name}: expected {error}, fstqcodec raised {type(exc).__name__}: {exc}"
+            else:
+                raise AssertionError(f"{name}: fstqcodec decoded an invalid vector")
+        (out / file).write_bytes(message)
+        manifest["invalid"].append(
+            {"file": file, "sha256": sha256(message), "size": len(message), "description": description, "error": error, "why": why}
+        )
+    text = json.dumps(manifest, indent=1, ensure_ascii=True) + "\n"
+    (out / "manifest.json").write_text(text, encoding="utf-8", newline="\n")
+    return manifest
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "vectors", help="output directory (default: spec/vectors)")
+    args = parser.parse_args(argv)
+    manifest = generate(args.out)
+    print(f"wrote {len(manifest['valid'])} valid and {len(manifest['invalid'])} invalid vectors to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
