@@ -272,6 +272,8 @@ def test_mod_decodes_the_model_of_an_evaluate_message_and_compresses_nothing():
         ("negative-fisher", "negative"),
         ("newer-protocol", "protocol"),
         ("garbage-downlink", "could not read"),
+        ("unknown-budget-unit", "unknown budget unit"),
+        ("budget-too-small", "could not compress"),
     ],
 )
 def test_mod_answers_with_an_error_reply_when_it_cannot_comply(case, reason):
@@ -289,6 +291,10 @@ def test_mod_answers_with_an_error_reply_when_it_cannot_comply(case, reason):
         app = FakeApp(step, fisher={name: -np.ones(shape, np.float32) for name, shape in SHAPES.items()})
     elif case == "newer-protocol":
         fstq_request["version"] = PROTOCOL_VERSION + 1
+    elif case == "unknown-budget-unit":
+        fstq_request["budget-unit"] = "dollars"
+    elif case == "budget-too-small":
+        fstq_request["budget-unit"], fstq_request["budget-value"] = "max_bytes", 8.0
     elif case == "garbage-downlink":
         msg.content["arrays"] = ArrayRecord(
             {MESSAGE_ARRAY: Array(dtype="uint8", shape=(5,), stype=STYPE_MODEL, data=b"\x00junk")}
@@ -528,3 +534,15 @@ def test_a_flowertune_style_tracker_counts_the_compressed_bytes():
     downlink, uplink = strategy.tracked
     assert downlink <= 2 * (RAW_BYTES // 4)  # 8 of 32 bits per parameter
     assert uplink <= 2 * (RAW_BYTES // 8)
+
+
+def test_link_budget_gives_each_node_what_its_link_carries_before_the_deadline():
+    budget = LinkBudget({11: 8e6, 22: 1e6}, deadline_s=2.0)
+    assert budget(11, 1).max_bytes == 2_000_000
+    assert budget(22, 5).max_bytes == 250_000
+    with pytest.raises(KeyError, match="33"):
+        budget(33, 1)
+    assert LinkBudget({}, deadline_s=1.0, default_bps=8000.0)(33, 1).max_bytes == 1000
+    assert LinkBudget(lambda node: 16_000.0, deadline_s=0.5)(7, 1).max_bytes == 1000
+    with pytest.raises(ValueError):
+        LinkBudget({}, deadline_s=0.0)
