@@ -18,7 +18,8 @@ from the spec alone, and the script checks that ``fstqcodec.decode`` agrees bit 
 Invalid vectors are mostly built by hand with :func:`frame`, which writes a correct preamble and
 CRC-32, so that each one fails for the intended reason and not with a checksum error. The script
 checks that ``fstqcodec.decode`` raises the named error for every invalid vector, except those in
-:data:`REFERENCE_DECODER_GAPS`, where the reference decoder is known not to conform yet.
+:data:`REFERENCE_DECODER_GAPS`, where the reference decoder is known not to conform yet (FORMAT.md,
+Appendix B).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ REFERENCE_DECODER_GAPS = {
     "invalid/zero_context_section_not_zstd.fstq": "fstqcodec skips the section of a zero context",
     "invalid/section_skippable_zstd_frame.fstq": "fstqcodec accepts a skippable frame as an empty section",
     "invalid/header_duplicate_key.fstq": "fstqcodec lets the last duplicate key win",
+    "invalid/header_nested_binary_key.fstq": "fstqcodec accepts bin keys in nested maps (msgpack strict_map_key allows them)",
 }
 
 
@@ -675,6 +677,13 @@ def invalid_vectors():
         "BadFormatError",
         "Map keys must be strings (step 8).",
         frame(bytes([header_bytes[0] + 1]) + header_bytes[1:] + b"\x01\xc0", base_body),
+    )
+    yield (
+        "header_nested_binary_key",
+        "An unknown header key whose value is a map with a bin key.",
+        "BadFormatError",
+        "Map keys are str at every level (step 8).",
+        frame(packb({**base_header, "x-unknown": {b"k": 1}}), base_body),
     )
     duplicate = bytes([header_bytes[0] + 1]) + header_bytes[1:] + packb("tensors") + packb([["other", "float32", [15], 4]])
     yield (
