@@ -266,15 +266,17 @@ def spec_decode(data: bytes) -> list:
     for t, (name, dtype, shape, _) in enumerate(header["tensors"]):
         size = len(values[t])
         ordered = [values[t][i] for i in range(size)]
+        # Conversions through Python's struct (CPython's own IEEE packing), not numpy's casts, so
+        # that the expected values do not come from the same code as the decoder's.
         if dtype == "float64":
-            array = np.array([np.float64(v) for v in ordered], dtype="<f8")
+            array = np.array([float(v) for v in ordered], dtype="<f8")
         elif dtype == "float32":
-            array = np.array([np.float32(v) for v in ordered], dtype="<f4")
+            array = np.frombuffer(b"".join(struct.pack("<f", float(v)) for v in ordered), dtype="<f4")
         elif dtype == "float16":
             # Directly from the element's value (binary32 or binary64), round to nearest even.
-            array = np.array([np.float16(v) for v in ordered], dtype="<f2")
+            array = np.frombuffer(b"".join(struct.pack("<e", float(v)) for v in ordered), dtype="<f2")
         else:  # bfloat16: to binary32 first, then to bfloat16
-            as_f32 = np.array([np.float32(v) for v in ordered], dtype="<f4")
+            as_f32 = np.frombuffer(b"".join(struct.pack("<f", float(v)) for v in ordered), dtype="<f4")
             array = f32_to_bf16_bits(as_f32).astype("<u2")
             assert np.all((array & 0x7F80) != 0x7F80)
         if dtype != "bfloat16":
@@ -493,7 +495,7 @@ def valid_vectors():
             bytes([200, 201, 0, 255, 128]),
             np.array(
                 [double_round, -1e-300, 1e38, 1 / 3, 3.0e38]  # b, third block: to binary32, then bfloat16
-                + [double_round, 65519.99, -1e-8, 2.0**-25 * 1.5, 0.1]  # f: directly to float16
+                + [1 + 2.0**-11 + 2.0**-40, 65519.99, -1e-8, 2.0**-25 * 1.5, 0.1]  # f: directly to float16 (one rounding)
                 + [1 / 3, 2.0**-149, 2.0**-150, 3.4028235e38, -0.0],  # g: to float32 (2**-150 is a tie -> 0)
                 dtype="<f8",
             ).tobytes(),
@@ -504,7 +506,8 @@ def valid_vectors():
         "conversions",
         "Hand-built conversions to the tensor dtype: a bfloat16 tensor (raw bf16 values; codebook values rounded to bfloat16 "
         "with a tie to even; a raw f64 value rounded to binary32 and then to bfloat16), a float16 tensor from raw f64 "
-        "(round to nearest even, 65519.99 stays finite, subnormal results), and a float32 tensor from raw f64.",
+        "(one rounding: 1 + 2**-11 + 2**-40 gives 1 + 2**-10, where rounding through binary32 would give 1.0; 65519.99 "
+        "stays finite; subnormal results), and a float32 tensor from raw f64 (2**-150 is a tie and rounds to 0).",
         message,
     )
 
