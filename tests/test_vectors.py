@@ -245,3 +245,34 @@ def test_known_gaps_match_the_generator():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert set(module.REFERENCE_DECODER_GAPS) == set(KNOWN_DECODER_GAPS)
+
+
+def _limits_table() -> dict:
+    """The Limits table of FORMAT.md section 14: name -> (default, minimum) in bytes or counts."""
+    import re
+
+    text = (ROOT / "spec" / "FORMAT.md").read_text(encoding="utf-8")
+    section = text.split("## 14. Limits", 1)[1].split("\n## ", 1)[0]
+    units = {None: 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+    def value(cell: str) -> int:
+        number, unit = re.match(r"\s*(\d+)\s*(KiB|MiB|GiB)?", cell).groups()
+        return int(number) * units[unit]
+
+    table = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`max_"):
+            table[cells[0].strip("`")] = (value(cells[1]), value(cells[2]))
+    return table
+
+
+def test_spec_limits_table_matches_the_code():
+    """FORMAT.md states DEFAULT_LIMITS and MINIMUM_LIMITS; a default in the docs must be the code's."""
+    import dataclasses
+
+    table = _limits_table()
+    fields = [f.name for f in dataclasses.fields(fstqcodec.Limits)]
+    assert sorted(table) == sorted(fields)
+    for name in fields:
+        assert table[name] == (getattr(fstqcodec.DEFAULT_LIMITS, name), getattr(fstqcodec.MINIMUM_LIMITS, name)), name
