@@ -363,10 +363,11 @@ def valid_vectors():
     f32 = np.float32
     specials = np.array(
         [0.0, -0.0, 1.0, -1.5, np.pi, 1e-45, -1e-45, 1.1754942e-38, 1.17549435e-38, 3.4028235e38, -3.4028235e38, 2.0**-126 * 1.5, 65504.0, 1e-30]
-        + [0.0] * 64
-        + list(np.linspace(-3, 3, 22)),
+        + list(np.linspace(-3, 3, 50))
+        + [0.0] * 64  # elements 64..127: exactly the second block
+        + [-0.0] + list(np.linspace(-1, 1, 21)),
         dtype=f32,
-    ).reshape(4, 25)
+    ).reshape(6, 25)
     yield (
         "lossless_float32_specials",
         "Lossless float32 (budget=None): +0.0 and -0.0, the smallest and largest subnormals, the smallest "
@@ -999,6 +1000,34 @@ def decoded_entry(name, dtype, shape, raw: bytes, key: str) -> dict:
     return entry
 
 
+#: What each encoder-made valid vector's description promises, checked so that a change in the
+#: encoder cannot silently hollow out a vector: (header encoding or None, required context kinds,
+#: whether some quantized context must name a codebook).
+FEATURES = {
+    "lossless_float32_specials": (None, {"raw", "zero"}, False),
+    "odd_shapes_bits3": (None, {"packed"}, False),
+    "budget_0p5bpp": (None, {"rans", "zero"}, True),
+    "budget_1bpp": (None, {"rans", "zero"}, True),
+    "budget_2bpp": (None, {"rans", "zero"}, True),
+    "budget_4bpp": (None, {"rans", "zero"}, True),
+    "fixed_bits4": (None, {"packed"}, False),
+    "fixed_nf4": (None, {"packed"}, True),
+    "zstd_header": ("zstd", set(), False),
+}
+
+
+def check_features(name: str, message: bytes):
+    if name not in FEATURES:
+        return
+    header_encoding, kinds, needs_codebook = FEATURES[name]
+    facts = fstqcodec.inspect(message)
+    if header_encoding is not None:
+        assert facts["header_encoding"] == header_encoding, name
+    assert kinds <= {c[0] for c in facts["contexts"]}, (name, facts["contexts"])
+    if needs_codebook:
+        assert any(c[0] in ("packed", "rans") and c[2] is not None for c in facts["contexts"]), name
+
+
 def check_matches_reference(expected: list, message: bytes, name: str):
     """fstqcodec.decode must give exactly the spec decoder's tensors."""
     decoded = fstqcodec.decode(message)
@@ -1047,6 +1076,7 @@ def generate(out: Path) -> dict:
     for name, description, message in valid_vectors():
         assert name not in seen
         seen.add(name)
+        check_features(name, message)
         expected = spec_decode(message)
         check_matches_reference(expected, message, name)
         file = f"valid/{name}.fstq"
