@@ -26,6 +26,8 @@ pytest.importorskip("ray")
 pytest.importorskip("peft")
 psutil = pytest.importorskip("psutil")
 
+pytestmark = pytest.mark.slow
+
 APP_DIR = pathlib.Path(__file__).resolve().parents[1] / "integrations" / "flower-app"
 NUM_SUPERNODES = 2
 

@@ -34,6 +34,9 @@ from flwr.simulation import run_simulation
 import fstqcodec
 from fstqcodec.flower import STYPE_MODEL, STYPE_UPDATE, FstqMod, FstqStrategy
 
+# Each test starts Ray: runs by default, deselect with -m "not slow".
+pytestmark = pytest.mark.slow
+
 # A LoRA-shaped model: two factors of one adapted layer, 16 384 float32 parameters (64 KiB).
 MODEL_SHAPES = {"layer0.lora_A.weight": (16, 512), "layer0.lora_B.weight": (512, 16)}
 UPLINK_RATIO = 8.0
