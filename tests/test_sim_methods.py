@@ -1,0 +1,222 @@
+"""fstqcodec.sim building blocks that need only numpy: encodings, partitions, links, reports."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fstqcodec.sim.bandwidth import LinkModel, round_time
+from fstqcodec.sim.methods import (
+    METHOD_NAMES,
+    NF4_LEVELS,
+    Schema,
+    make_method,
+    parse_methods,
+)
+from fstqcodec.sim.partition import dirichlet_partition
+from fstqcodec.sim.report import ROUND_FIELDS, format_table, summarize, validate_results, write_outputs
+
+SHAPES = {"layer.lora_A.weight": (8, 96), "layer.lora_B.weight": (96, 8), "classifier.bias": (5,)}
+
+
+def _update(seed=0, scale=1e-2):
+    rng = np.random.default_rng(seed)
+    return {name: (scale * rng.standard_normal(shape)).astype(np.float32) for name, shape in SHAPES.items()}
+
+
+@pytest.fixture
+def schema():
+    return Schema(SHAPES)
+
+
+def _round_trip(name, schema, update, state=None, seed=0, **kw):
+    method = make_method(name, schema, bits_per_param=kw.pop("bits_per_param", 2.0))
+    state = method.new_client_state() if state is None else state
+    message = method.encode(update, fisher=None, state=state, seed=seed)
+    assert isinstance(message, bytes)
+    return method, message, method.decode(message), state
+
+
+def test_fp32_is_exact_and_sized_as_raw_values_plus_header(schema):
+    update = _update()
+    _, message, decoded, _ = _round_trip("fp32", schema, update)
+    assert len(message) == 8 + 4 * schema.total
+    for name in update:
+        np.testing.assert_array_equal(decoded[name], update[name])
+
+
+def test_fp16_matches_half_precision(schema):
+    update = _update()
+    _, message, decoded, _ = _round_trip("fp16", schema, update)
+    assert len(message) == 8 + 2 * schema.total
+    for name in update:
+        np.testing.assert_array_equal(decoded[name], update[name].astype(np.float16).astype(np.float32))
+
+
+def test_nf4_layout_and_error_bound(schema):
+    update = _update()
+    _, message, decoded, _ = _round_trip("nf4", schema, update)
+    expected_size = 8 + sum(4 * -(-n // 64) + (n + 1) // 2 for n in schema.sizes.values())
+    assert len(message) == expected_size
+    largest_gap = np.max(np.diff(NF4_LEVELS))
+    for name, values in update.items():
+        flat = values.ravel()
+        blocks = [flat[i:i + 64] for i in range(0, flat.size, 64)]
+        bound = np.concatenate([np.full(b.size, np.abs(b).max() * largest_gap / 2) for b in blocks])
+        assert np.all(np.abs(decoded[name].ravel() - flat) <= bound + 1e-7)
+        # each block's largest magnitude is represented exactly (code +-1 times the absmax)
+        assert np.isclose(np.abs(decoded[name]).max(), np.abs(values).max())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qsgd_is_unbiased_and_on_its_grid(schema, bits):
+    update = _update()
+    name = f"qsgd{bits}"
+    levels = 2 ** (bits - 1) - 1
+    _, message, decoded, _ = _round_trip(name, schema, update)
+    per_value = 1 if bits == 8 else 0.5
+    assert len(message) == 8 + sum(4 + int(np.ceil(n * per_value)) for n in schema.sizes.values())
+    for tensor, values in update.items():
+        grid = np.abs(values).max() / levels
+        np.testing.assert_allclose(decoded[tensor] / grid, np.round(decoded[tensor] / grid), atol=1e-3)
+    # unbiased: the mean over many seeds approaches the input
+    samples = [_round_trip(name, schema, update, seed=s)[2]["layer.lora_A.weight"] for s in range(300)]
+    error = np.abs(np.mean(samples, axis=0) - update["layer.lora_A.weight"]).max()
+    assert error < 0.2 * np.abs(update["layer.lora_A.weight"]).max() / levels + 1e-6
+
+
+def test_topk_keeps_largest_and_feeds_back_the_rest(schema):
+    update = _update()
+    method, message, decoded, state = _round_trip("topk", schema, update, bits_per_param=2.0)
+    k = method.k
+    assert len(message) == 8 + 4 + 8 * k
+    flat = schema.flatten(update)
+    sent = schema.flatten(decoded)
+    assert np.count_nonzero(sent) == k
+    threshold = np.sort(np.abs(flat))[-k]
+    assert np.all(np.abs(flat[sent != 0]) >= threshold)
+    np.testing.assert_allclose(state["residual"] + sent, flat, atol=0)
+    # next round: the residual is added before choosing
+    second = method.decode(method.encode(_update(1), fisher=None, state=state, seed=1))
+    assert np.count_nonzero(schema.flatten(second)) == k
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "nf4", "qsgd8", "qsgd4", "topk"])
+def test_baselines_reject_damaged_messages(schema, name):
+    method, message, _, _ = _round_trip(name, schema, _update())
+    with pytest.raises(ValueError):
+        method.decode(message[:-1])
+    with pytest.raises(ValueError):
+        method.decode(message + b"\0")
+    with pytest.raises(ValueError):
+        method.decode(b"XX" + message[2:])
+    with pytest.raises(ValueError):
+        method.encode({"other": np.zeros(3, np.float32)}, fisher=None, state=method.new_client_state(), seed=0)
+
+
+def test_fstq_methods_use_the_budget_and_error_feedback(schema):
+    pytest.importorskip("fstqcodec.codec")
+    update = _update()
+    fisher = {n: np.abs(v) + 1e-3 for n, v in _update(5).items()}
+    for name in ("fstq", "fstq-nofisher"):
+        method = make_method(name, schema, bits_per_param=2.0)
+        assert method.uses_fisher is (name == "fstq")
+        state = method.new_client_state()
+        message = method.encode(update, fisher=fisher, state=state, seed=0)
+        assert len(message) <= 2.0 * schema.total / 8
+        decoded = method.decode(message)
+        for tensor in update:
+            np.testing.assert_allclose(state.residual[tensor], update[tensor] - decoded[tensor], atol=1e-7)
+
+
+def test_parse_methods():
+    assert parse_methods("all") == list(METHOD_NAMES)
+    assert parse_methods("fp32, fstq") == ["fp32", "fstq"]
+    assert parse_methods("qsgd") == ["qsgd8", "qsgd4"]
+    for bad in ("fp8", "fp32,fp32", " , "):
+        with pytest.raises(ValueError):
+            parse_methods(bad)
+
+
+def test_dirichlet_partition_is_a_seeded_cover_and_skewed():
+    labels = np.repeat(np.arange(5), 100)
+    parts = dirichlet_partition(labels, 10, alpha=0.1, seed=3)
+    assert len(parts) == 10 and min(len(p) for p in parts) >= 2
+    joined = np.sort(np.concatenate(parts))
+    np.testing.assert_array_equal(joined, np.arange(labels.size))
+    again = dirichlet_partition(labels, 10, alpha=0.1, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    # alpha 0.1: most clients are dominated by one label; alpha 100: close to uniform
+    dominant = np.mean([np.bincount(labels[p], minlength=5).max() / len(p) for p in parts])
+    uniform = dirichlet_partition(labels, 10, alpha=100.0, seed=3)
+    dominant_iid = np.mean([np.bincount(labels[p], minlength=5).max() / len(p) for p in uniform])
+    assert dominant > 0.6 > 0.35 > dominant_iid
+    with pytest.raises(ValueError):
+        dirichlet_partition(labels, 0, alpha=0.5, seed=0)
+    with pytest.raises(ValueError):
+        dirichlet_partition(labels, 10, alpha=0.0, seed=0)
+
+
+def test_link_model_is_seeded_lognormal_and_round_waits_for_slowest():
+    model = LinkModel(median_uplink_mbps=1.0, sigma=1.0, seed=7)
+    a, b = model.draw(2000), model.draw(2000)
+    np.testing.assert_array_equal(a.uplink_bps, b.uplink_bps)
+    assert 0.85e6 < np.median(a.uplink_bps) < 1.15e6
+    assert 0.9 < np.std(np.log(a.uplink_bps)) < 1.1
+    down, up = a.transfer_time(0, uplink_bytes=125_000, downlink_bytes=0)
+    assert up == pytest.approx(model.latency_s + 1e6 / a.uplink_bps[0])
+    assert round_time([1.0, 2.0], [0.5, 0.1], [3.0, 0.2]) == pytest.approx(4.5)
+    assert round_time([], [], []) == 0.0
+    with pytest.raises(ValueError):
+        LinkModel(median_uplink_mbps=0)
+
+
+def _fake_results():
+    def rounds(accuracies, per_round_bytes, per_round_time):
+        out, total, clock = [], 0, 0.0
+        for i, acc in enumerate(accuracies):
+            sent = per_round_bytes if i else 0
+            total += sent
+            clock += per_round_time if i else 0.0
+            out.append({"round": i, "accuracy": acc, "uplink_bytes": sent, "cumulative_uplink_bytes": total,
+                        "downlink_bytes": 0, "sim_time_s": clock})
+        return out
+
+    return {
+        "config": {"task": "bbc", "model": "m", "clients": 2, "alpha": 0.5, "rounds": 3},
+        "target_accuracy": 0.85,
+        "methods": {
+            "fp32": {"rounds": rounds([0.3, 0.7, 0.86, 0.9], 1000, 10.0), "mean_message_bytes": 500,
+                     "mean_bits_per_param": 32.0},
+            "fstq": {"rounds": rounds([0.3, 0.6, 0.8, 0.85], 10, 2.0), "mean_message_bytes": 5,
+                     "mean_bits_per_param": 0.5},
+            "bad": {"rounds": rounds([0.3, 0.4, 0.5, 0.6], 10, 1.0), "mean_message_bytes": 5,
+                    "mean_bits_per_param": 0.5},
+        },
+    }
+
+
+def test_summary_ratios_and_table(tmp_path):
+    results = summarize(_fake_results())
+    validate_results(results)
+    fp32, fstq, bad = (results["methods"][n]["summary"] for n in ("fp32", "fstq", "bad"))
+    assert fp32["uplink_to_target_bytes"] == 2000 and fp32["rounds_to_target"] == 2
+    assert fstq["uplink_to_target_bytes"] == 30 and fstq["uplink_ratio_vs_fp32"] == pytest.approx(2000 / 30)
+    assert fstq["time_reduction_vs_fp32"] == pytest.approx(1 - 6.0 / 20.0)
+    assert bad["reached_target"] is False and bad["uplink_ratio_vs_fp32"] is None
+    table = format_table(results)
+    assert "66.7x" in table and "not reached" in table
+    written = write_outputs(results, tmp_path, plots=False)
+    loaded = json.loads((tmp_path / "results.json").read_text())
+    validate_results(loaded)
+    assert (tmp_path / "fstq.csv").read_text().splitlines()[0] == ",".join(ROUND_FIELDS)
+    assert len(written) == 5
+
+
+def test_validate_results_catches_inconsistent_records():
+    results = summarize(_fake_results())
+    results["methods"]["fp32"]["rounds"][2]["cumulative_uplink_bytes"] += 1
+    with pytest.raises(ValueError, match="cumulative"):
+        validate_results(results)
+    with pytest.raises(ValueError):
+        validate_results({"config": {}, "methods": {}})
