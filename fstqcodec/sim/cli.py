@@ -93,7 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"log-normal sigma of client bandwidths (default: {d['bandwidth_sigma']})")
     parser.add_argument("--engine", choices=["in-process"], default="in-process",
                         help="simulation engine (only in-process for now)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in all (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="methods run in parallel processes, threads shared among them "
+                             "(default: min(methods, threads); 1 = in this process)")
     parser.add_argument("--text-column", default="text", help="text column of an hf: dataset")
     parser.add_argument("--label-column", default="label", help="label column of an hf: dataset")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -154,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``fstq simulate`` with parsed arguments; returns the process exit status."""
     try:
         config = config_from_args(args)
+        if args.workers is not None and args.workers < 1:
+            raise ValueError("workers must be >= 1")
     except ValueError as error:
         print(f"fstq simulate: {error}", file=sys.stderr)
         return 2
@@ -174,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        results = run_simulation(config, progress=not args.no_progress)
+        results = run_simulation(config, progress=not args.no_progress, workers=args.workers)
     except (ValueError, RuntimeError) as error:
         print(f"fstq simulate: {error}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,8 +87,220 @@ def _seed_for(*parts: int) -> int:
     return ((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1)
 
 
-def run_simulation(config: SimConfig, *, progress: bool = True,
-                   log: Callable[[str], None] | None = None) -> dict:
+class _Federation:
+    """Everything a run shares between methods: data, partition, model, links. One per process."""
+
+    def __init__(self, config: SimConfig):
+        import torch
+
+        from fstqcodec.peft import adapter_state, state_names
+        from fstqcodec.sim.bandwidth import LinkModel
+        from fstqcodec.sim.data import load_task, train_test_split
+        from fstqcodec.sim.methods import Schema, make_method
+        from fstqcodec.sim.models import load_lora_classifier, tokenize
+        from fstqcodec.sim.partition import dirichlet_partition
+        from fstqcodec.torch import FisherAccumulator
+
+        self.config = config
+        self.torch = torch
+        self.threads = config.threads or max(1, os.cpu_count() or 1)
+        torch.set_num_threads(self.threads)
+        self.task = load_task(config.task, text_column=config.text_column, label_column=config.label_column)
+        labels = self.task.labels
+        self.train_idx, self.test_idx = train_test_split(labels, config.test_fraction, config.seed)
+        # Evaluate on a fixed random subset of the held-out split, to keep evaluation cheap.
+        eval_rng = np.random.default_rng(_seed_for(config.seed, 1))
+        self.eval_idx = np.sort(eval_rng.permutation(self.test_idx)[: config.eval_size])
+        self.partition = dirichlet_partition(labels[self.train_idx], config.clients, config.alpha, config.seed)
+        self.model, tokenizer = load_lora_classifier(
+            config.model, self.task.num_labels, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+            target_modules=config.target_modules, seed=config.seed,
+        )
+        texts = self.task.texts
+        self.train_data = tokenize(tokenizer, [texts[i] for i in self.train_idx], labels[self.train_idx],
+                                   config.max_length)
+        self.eval_data = tokenize(tokenizer, [texts[i] for i in self.eval_idx], labels[self.eval_idx],
+                                  config.max_length)
+        # The adapter as a client holds it: peft's state-dict names, mapped to the live parameters.
+        names = state_names(self.model)
+        parameters = dict(self.model.named_parameters())
+        self.params_by_state = {state: parameters[param] for param, state in names.items()}
+        initial = adapter_state(self.model)
+        self.schema = Schema({name: tuple(t.shape) for name, t in initial.items()})
+        self.initial_state = {name: t.float().numpy().copy() for name, t in initial.items()}
+        self.downlink_codec = make_method("fp32", self.schema, bits_per_param=config.budget_bpp)
+        self.link_model = LinkModel(config.median_uplink_mbps, config.median_downlink_mbps,
+                                    config.bandwidth_sigma, config.latency_s, seed=_seed_for(config.seed, 2))
+        self.links = self.link_model.draw(config.clients)
+        self.client_sizes = np.array([len(p) for p in self.partition], dtype=np.float64)
+        self.per_round = max(1, int(round(config.fraction * config.clients)))
+        self.accumulator = FisherAccumulator(self.model)
+        self.initial_accuracy: float | None = None
+
+    def load_global(self, state: dict[str, np.ndarray]) -> None:
+        with self.torch.no_grad():
+            for name in self.schema.names:
+                self.params_by_state[name].copy_(self.torch.from_numpy(state[name]))
+
+    def evaluate(self) -> float:
+        config, model = self.config, self.model
+        model.eval()
+        correct = 0
+        with self.torch.inference_mode():
+            for start in range(0, len(self.eval_data), config.eval_batch_size):
+                stop = min(start + config.eval_batch_size, len(self.eval_data))
+                batch = self.eval_data.batch(np.arange(start, stop))
+                labels = batch.pop("labels")
+                correct += int((model(**batch).logits.argmax(dim=-1) == labels).sum())
+        model.train()
+        return correct / len(self.eval_data)
+
+    def run_method(self, name: str, on_round: Callable[[str, float, int], None] | None = None) -> dict:
+        """FedAvg for ``config.rounds`` rounds with uplink method ``name``; returns its record."""
+        from fstqcodec.peft import adapter_fisher
+        from fstqcodec.sim.bandwidth import round_time
+        from fstqcodec.sim.methods import make_method
+
+        torch, config, schema, links = self.torch, self.config, self.schema, self.links
+        method = make_method(name, schema, bits_per_param=config.budget_bpp,
+                             fstq_options={"block_size": config.block_size})
+        if self.initial_accuracy is None:
+            self.load_global(self.initial_state)
+            self.initial_accuracy = self.evaluate()
+        method_started = time.perf_counter()
+        trainable = [self.params_by_state[n] for n in schema.names]
+        global_state = {n: a.copy() for n, a in self.initial_state.items()}
+        client_states = [method.new_client_state() for _ in range(config.clients)]
+        rounds = [{"round": 0, "accuracy": self.initial_accuracy, "uplink_bytes": 0,
+                   "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0}]
+        cumulative_uplink, sim_time = 0, 0.0
+        message_sizes: list[int] = []
+        dropped: list[dict] = []
+        for round_number in range(1, config.rounds + 1):
+            sampler = np.random.default_rng(_seed_for(config.seed, 3, round_number))
+            participants = np.sort(sampler.choice(config.clients, self.per_round, replace=False))
+            downlink_message = self.downlink_codec.encode(global_state, fisher=None, state=None, seed=0)
+            delta_sum = {n: np.zeros(schema.shapes[n], dtype=np.float64) for n in schema.names}
+            weight_sum, uplink_bytes = 0.0, 0
+            compute_s, download_s, upload_s = [], [], []
+            for client in (int(c) for c in participants):
+                client_seed = _seed_for(config.seed, 4, round_number, client)
+                client_started = time.perf_counter()
+                self.load_global(global_state)  # what the client decoded from the (lossless) downlink
+                optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+                self.accumulator.reset()
+                torch.manual_seed(client_seed)  # the same dropout masks for every method
+                batch_rng = np.random.default_rng(client_seed)
+                local = self.partition[client]
+                for _ in range(config.local_steps):
+                    # A batch without repeats; `local` indexes the tokenized train split.
+                    picked = local[batch_rng.choice(len(local), min(config.batch_size, len(local)), replace=False)]
+                    self.model(**self.train_data.batch(picked)).loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                update = {n: self.params_by_state[n].detach().numpy().astype(np.float32) - global_state[n]
+                          for n in schema.names}
+                fisher = adapter_fisher(self.accumulator, self.model) if method.uses_fisher else None
+                message = method.encode(update, fisher=fisher, state=client_states[client], seed=client_seed)
+                compute_s.append(time.perf_counter() - client_started)
+                down, up = links.transfer_time(client, len(message), len(downlink_message))
+                download_s.append(down)
+                upload_s.append(up)
+                uplink_bytes += len(message)
+                message_sizes.append(len(message))
+                # Server side: a message that fails to decode is dropped and recorded; the round goes on.
+                try:
+                    decoded = method.decode(message)
+                    schema.check(decoded)
+                except ValueError as error:  # fstqcodec.DecodeError is a ValueError too
+                    dropped.append({"round": round_number, "client": client, "error": repr(error)})
+                    continue
+                weight = float(self.client_sizes[client])  # FedAvg: weight by local examples
+                for n in schema.names:
+                    delta_sum[n] += weight * decoded[n]
+                weight_sum += weight
+            if weight_sum > 0:
+                for n in schema.names:
+                    global_state[n] = (global_state[n] + delta_sum[n] / weight_sum).astype(np.float32)
+            self.load_global(global_state)
+            accuracy = self.evaluate()
+            cumulative_uplink += uplink_bytes
+            sim_time += round_time(compute_s, download_s, upload_s)
+            rounds.append({
+                "round": round_number,
+                "accuracy": accuracy,
+                "uplink_bytes": uplink_bytes,
+                "cumulative_uplink_bytes": cumulative_uplink,
+                "downlink_bytes": len(downlink_message) * len(participants),
+                "sim_time_s": sim_time,
+            })
+            if on_round is not None:
+                on_round(name, accuracy, cumulative_uplink)
+        mean_bytes = float(np.mean(message_sizes)) if message_sizes else 0.0
+        return {
+            "config": method.config(),
+            "rounds": rounds,
+            "wall_time_s": time.perf_counter() - method_started,
+            "mean_message_bytes": mean_bytes,
+            "mean_bits_per_param": 8.0 * mean_bytes / schema.total,
+            "dropped_messages": dropped,
+        }
+
+    def describe(self) -> dict:
+        """Facts about the run's data, model and links for the results' ``config``."""
+        from fstqcodec.sim.partition import label_histogram
+
+        task, links = self.task, self.links
+        return {
+            "trainable_parameters": self.schema.total,
+            "trainable_tensors": len(self.schema.names),
+            "num_labels": task.num_labels,
+            "label_names": task.label_names,
+            "data_source": task.source,
+            "task_notes": task.notes,
+            "train_examples": int(self.train_idx.size),
+            "test_examples": int(self.test_idx.size),
+            "eval_examples": int(self.eval_idx.size),
+            "client_examples": [int(n) for n in self.client_sizes],
+            "client_label_histogram": label_histogram(task.labels[self.train_idx], self.partition, task.num_labels),
+            "clients_per_round": self.per_round,
+            "fedavg_weighting": "client example count",
+            "local_optimizer": "AdamW (fresh each round), weight_decay=0",
+            "downlink": "fp32 global adapter (lossless), same for every method",
+            "bandwidth_model": {
+                **self.link_model.config(),
+                "uplink_mbps": [round(float(b) / 1e6, 4) for b in links.uplink_bps],
+                "downlink_mbps": [round(float(b) / 1e6, 4) for b in links.downlink_bps],
+                "round_time": "max over participants of (download + measured compute + upload)",
+                "compute_time": "measured wall time of local training and encoding on this machine",
+            },
+            "platform": {"python": platform.python_version(), "torch": self.torch.__version__,
+                         "machine": platform.machine(), "cpu_count": os.cpu_count()},
+        }
+
+
+# Worker processes (spawned: torch and fork do not mix) each build their own _Federation once.
+_WORKER_FEDERATION: _Federation | None = None
+_WORKER_QUEUE = None
+
+
+def _worker_init(config: SimConfig, queue) -> None:
+    global _WORKER_FEDERATION, _WORKER_QUEUE
+    _WORKER_FEDERATION = _Federation(config)
+    _WORKER_QUEUE = queue
+
+
+def _worker_run(name: str) -> tuple[str, dict, dict]:
+    federation = _WORKER_FEDERATION
+    assert federation is not None
+
+    def report(method: str, accuracy: float, uplink: int) -> None:
+        _WORKER_QUEUE.put((method, accuracy, uplink))
+
+    return name, federation.run_method(name, report), federation.describe()
+
+
+def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | None = None) -> dict:
     """Run every method in ``config.methods`` and return the results record.
 
     Parameters
@@ -96,8 +308,10 @@ def run_simulation(config: SimConfig, *, progress: bool = True,
     config : SimConfig
     progress : bool
         Show a tqdm progress bar.
-    log : callable, optional
-        Receives one-line status messages (``print`` by default; pass ``lambda s: None`` to silence).
+    workers : int, optional
+        Methods run in this many processes at once, each with ``threads / workers`` torch threads
+        (small LoRA batches use one thread far better than two, so two processes on two cores finish
+        sooner than one). Default: ``min(len(methods), cpu_count)``; 1 runs in this process.
 
     Returns
     -------
@@ -112,206 +326,73 @@ def run_simulation(config: SimConfig, *, progress: bool = True,
     RuntimeError
         If a task or model package is missing.
     """
-    import torch
-
-    from fstqcodec.peft import adapter_fisher, adapter_state, state_names
-    from fstqcodec.sim.bandwidth import LinkModel, round_time
-    from fstqcodec.sim.data import load_task, train_test_split
-    from fstqcodec.sim.methods import Schema, make_method
-    from fstqcodec.sim.models import load_lora_classifier, tokenize
-    from fstqcodec.sim.partition import dirichlet_partition, label_histogram
-    from fstqcodec.torch import FisherAccumulator
-
     config.validate()
-    log = log or print
     started = time.perf_counter()
-    threads = config.threads or max(1, os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-
-    task = load_task(config.task, text_column=config.text_column, label_column=config.label_column)
-    train_idx, test_idx = train_test_split(task.labels, config.test_fraction, config.seed)
-    # Evaluate on a fixed, stratified-by-shuffle subset of the held-out split, to keep eval cheap.
-    eval_rng = np.random.default_rng(_seed_for(config.seed, 1))
-    eval_idx = np.sort(eval_rng.permutation(test_idx)[: config.eval_size])
-    partition = dirichlet_partition(task.labels[train_idx], config.clients, config.alpha, config.seed)
-
-    model, tokenizer = load_lora_classifier(
-        config.model, task.num_labels, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-        target_modules=config.target_modules, seed=config.seed,
-    )
-    train_data = tokenize(tokenizer, [task.texts[i] for i in train_idx], task.labels[train_idx], config.max_length)
-    eval_data = tokenize(tokenizer, [task.texts[i] for i in eval_idx], task.labels[eval_idx], config.max_length)
-
-    # The adapter as a client holds it: peft's state-dict names, mapped to the live parameters.
-    names = state_names(model)
-    params_by_state = {state: dict(model.named_parameters())[param] for param, state in names.items()}
-    initial_state = {name: t.float() for name, t in adapter_state(model).items()}
-    schema = Schema({name: tuple(t.shape) for name, t in initial_state.items()})
-    downlink_codec = make_method("fp32", schema, bits_per_param=config.budget_bpp)
-    links = LinkModel(config.median_uplink_mbps, config.median_downlink_mbps, config.bandwidth_sigma,
-                      config.latency_s, seed=_seed_for(config.seed, 2)).draw(config.clients)
-    client_sizes = np.array([len(p) for p in partition], dtype=np.float64)
-    per_round = max(1, int(round(config.fraction * config.clients)))
-    trainable = [params_by_state[name] for name in schema.names]
-    accumulator = FisherAccumulator(model)
-
-    def load_global(state: dict[str, np.ndarray]) -> None:
-        with torch.no_grad():
-            for name in schema.names:
-                params_by_state[name].copy_(torch.from_numpy(state[name]))
-
-    def evaluate() -> float:
-        model.eval()
-        correct = 0
-        with torch.inference_mode():
-            for start in range(0, len(eval_data), config.eval_batch_size):
-                batch = eval_data.batch(np.arange(start, min(start + config.eval_batch_size, len(eval_data))))
-                labels = batch.pop("labels")
-                logits = model(**batch).logits
-                correct += int((logits.argmax(dim=-1) == labels).sum())
-        model.train()
-        return correct / len(eval_data)
-
-    methods = [make_method(name, schema, bits_per_param=config.budget_bpp,
-                           fstq_options={"block_size": config.block_size}) for name in config.methods]
+    cpus = max(1, os.cpu_count() or 1)
+    threads = config.threads or cpus
+    workers = workers or min(len(config.methods), threads)
+    workers = max(1, min(workers, len(config.methods)))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(methods) * config.rounds, unit="round", dynamic_ncols=True)
+        bar = tqdm(total=len(config.methods) * config.rounds, unit="round", dynamic_ncols=True)
 
-    initial_numpy = {name: t.numpy().copy() for name, t in initial_state.items()}
-    load_global(initial_numpy)
-    initial_accuracy = evaluate()
-    results_methods: dict[str, Any] = {}
-    for method in methods:
-        method_started = time.perf_counter()
-        global_state = {name: a.copy() for name, a in initial_numpy.items()}
-        client_states = [method.new_client_state() for _ in range(config.clients)]
-        rounds = [{"round": 0, "accuracy": initial_accuracy, "uplink_bytes": 0, "cumulative_uplink_bytes": 0,
-                   "downlink_bytes": 0, "sim_time_s": 0.0}]
-        cumulative_uplink = 0
-        sim_time = 0.0
-        message_sizes: list[int] = []
-        dropped: list[dict] = []
+    def on_round(method: str, accuracy: float, uplink: int) -> None:
         if bar is not None:
-            bar.set_description(method.name)
-        for round_number in range(1, config.rounds + 1):
-            sampler = np.random.default_rng(_seed_for(config.seed, 3, round_number))
-            participants = np.sort(sampler.choice(config.clients, per_round, replace=False))
-            downlink_message = downlink_codec.encode(global_state, fisher=None, state=None, seed=0)
-            delta_sum = {name: np.zeros(schema.shapes[name], dtype=np.float64) for name in schema.names}
-            weight_sum = 0.0
-            uplink_bytes = 0
-            compute_s, download_s, upload_s = [], [], []
-            for client in participants:
-                client = int(client)
-                client_seed = _seed_for(config.seed, 4, round_number, client)
-                client_started = time.perf_counter()
-                load_global(global_state)  # what the client decoded from the (lossless) downlink
-                optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-                accumulator.reset()
-                torch.manual_seed(client_seed)  # same dropout masks for every method
-                batch_rng = np.random.default_rng(client_seed)
-                local = partition[client]
-                for _ in range(config.local_steps):
-                    # A batch without repeats; `local` indexes the tokenized train split.
-                    picked = local[batch_rng.choice(len(local), min(config.batch_size, len(local)), replace=False)]
-                    loss = model(**train_data.batch(picked)).loss
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                update = {name: params_by_state[name].detach().numpy().astype(np.float32) - global_state[name]
-                          for name in schema.names}
-                fisher = adapter_fisher(accumulator, model) if method.uses_fisher else None
-                message = method.encode(update, fisher=fisher, state=client_states[client], seed=client_seed)
-                compute_s.append(time.perf_counter() - client_started)
-                down, up = links.transfer_time(client, len(message), len(downlink_message))
-                download_s.append(down)
-                upload_s.append(up)
-                uplink_bytes += len(message)
-                message_sizes.append(len(message))
-                # Server side: a message that fails to decode is dropped and recorded, the round goes on.
-                try:
-                    decoded = method.decode(message)
-                    schema.check(decoded)
-                except ValueError as error:  # fstqcodec.DecodeError is a ValueError
-                    dropped.append({"round": round_number, "client": client, "error": repr(error)})
-                    continue
-                weight = float(client_sizes[client])
-                for name in schema.names:
-                    delta_sum[name] += weight * decoded[name]
-                weight_sum += weight
-            if weight_sum > 0:
-                for name in schema.names:
-                    global_state[name] = (global_state[name] + delta_sum[name] / weight_sum).astype(np.float32)
-            load_global(global_state)
-            accuracy = evaluate()
-            cumulative_uplink += uplink_bytes
-            sim_time += round_time(compute_s, download_s, upload_s)
-            rounds.append({
-                "round": round_number,
-                "accuracy": accuracy,
-                "uplink_bytes": uplink_bytes,
-                "cumulative_uplink_bytes": cumulative_uplink,
-                "downlink_bytes": len(downlink_message) * len(participants),
-                "sim_time_s": sim_time,
-            })
-            if bar is not None:
-                bar.set_postfix(acc=f"{accuracy:.3f}", up=f"{cumulative_uplink / 1e6:.2f}MB")
-                bar.update(1)
-        results_methods[method.name] = {
-            "config": method.config(),
-            "rounds": rounds,
-            "wall_time_s": time.perf_counter() - method_started,
-            "mean_message_bytes": float(np.mean(message_sizes)) if message_sizes else 0.0,
-            "mean_bits_per_param": (8.0 * float(np.mean(message_sizes)) / schema.total) if message_sizes else 0.0,
-            "dropped_messages": dropped,
-        }
+            bar.set_description(method)
+            bar.set_postfix(acc=f"{accuracy:.3f}", up=f"{uplink / 1e6:.2f}MB")
+            bar.update(1)
+
+    results_methods: dict[str, Any] = {}
+    if workers == 1:
+        federation = _Federation(dataclasses.replace(config, threads=threads))
+        for name in config.methods:
+            results_methods[name] = federation.run_method(name, on_round)
+        description = federation.describe()
+        federation.accumulator.remove()
+    else:
+        import multiprocessing
+        import queue as queue_module
+        from concurrent.futures import ProcessPoolExecutor, wait
+
+        context = multiprocessing.get_context("spawn")
+        manager = context.Manager()
+        updates = manager.Queue()
+        worker_config = dataclasses.replace(config, threads=max(1, threads // workers))
+        description = {}
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                 initargs=(worker_config, updates)) as pool:
+            pending = {pool.submit(_worker_run, name) for name in config.methods}
+            while pending:
+                done, pending = wait(pending, timeout=0.5)
+                while True:
+                    try:
+                        on_round(*updates.get_nowait())
+                    except queue_module.Empty:
+                        break
+                for future in done:
+                    name, record, description = future.result()
+                    results_methods[name] = record
+        manager.shutdown()
+        # Report methods in the order asked for, not the order they finished.
+        results_methods = {name: results_methods[name] for name in config.methods}
     if bar is not None:
         bar.close()
-    accumulator.remove()
 
     from fstqcodec.sim.report import summarize
 
     record_config = dataclasses.asdict(config)
     record_config["target_modules"] = list(config.target_modules)
     record_config["methods"] = list(config.methods)
-    record_config.update({
-        "threads": threads,
-        "trainable_parameters": schema.total,
-        "trainable_tensors": len(schema.names),
-        "num_labels": task.num_labels,
-        "label_names": task.label_names,
-        "data_source": task.source,
-        "task_notes": task.notes,
-        "train_examples": int(train_idx.size),
-        "test_examples": int(test_idx.size),
-        "eval_examples": int(eval_idx.size),
-        "client_examples": [int(n) for n in client_sizes],
-        "client_label_histogram": label_histogram(task.labels[train_idx], partition, task.num_labels),
-        "clients_per_round": per_round,
-        "fedavg_weighting": "client example count",
-        "local_optimizer": "AdamW (fresh each round), weight_decay=0",
-        "downlink": "fp32 global adapter (lossless), same for every method",
-        "bandwidth_model": {
-            **LinkModel(config.median_uplink_mbps, config.median_downlink_mbps, config.bandwidth_sigma,
-                        config.latency_s, seed=_seed_for(config.seed, 2)).config(),
-            "uplink_mbps": [round(float(b) / 1e6, 4) for b in links.uplink_bps],
-            "downlink_mbps": [round(float(b) / 1e6, 4) for b in links.downlink_bps],
-            "round_time": "max over participants of (download + measured compute + upload)",
-            "compute_time": "measured wall time of local training and encoding on this machine",
-        },
-        "platform": {"python": platform.python_version(), "torch": torch.__version__,
-                     "machine": platform.machine(), "cpu_count": os.cpu_count()},
-    })
+    record_config.update({"threads": threads, "workers": workers, **description})
     target = config.target_accuracy
     target_rule = "given"
     if target is None:
         target = TASK_TARGETS.get(config.task)
         target_rule = f"task default for {config.task!r}"
     if target is None:
-        # No preset: 95% of the best final accuracy among lossless-ish references, floored to 0.01.
+        # No preset: 95% of fp32's final accuracy (or the first method's), floored to 0.01.
         reference = results_methods.get("fp32") or next(iter(results_methods.values()))
         target = math.floor(95 * reference["rounds"][-1]["accuracy"]) / 100
         target_rule = "0.95 x final accuracy of fp32 (or the first method), floored to 0.01"
