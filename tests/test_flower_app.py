@@ -87,6 +87,10 @@ def test_flwr_run_trains_with_a_compressed_uplink_and_leaves_nothing_running(tmp
     assert not _superlink_processes(flwr_home), "the local SuperLink survived"
 
     record = json.loads((out_dir / "results.json").read_text())
+    from fstqcodec.sim.report import validate_results
+
+    validate_results(record)  # the layout `fstq simulate` writes, so the same tools read both
+    assert (out_dir / "fstq.csv").exists() and (out_dir / "summary.md").exists()
     rounds = record["methods"]["fstq"]["rounds"]
     assert [entry["round"] for entry in rounds] == [0, 1, 2]
     for entry in rounds[1:]:

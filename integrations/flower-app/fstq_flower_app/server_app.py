@@ -8,7 +8,7 @@ held-out subset as ``fstq simulate``, and the run is recorded in the same ``resu
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import pathlib
 import time
 from logging import INFO
@@ -71,13 +71,24 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def write_results(out_dir, config, settings, strategy, accuracy, finished_at) -> None:
-    """``results.json`` with the rounds in the schema of ``fstq simulate`` (one method)."""
+    """Write ``results.json`` (and the CSV and summary table) as ``fstq simulate`` does.
+
+    One method, ``fstq``, in the layout of :mod:`fstqcodec.sim.report`, so the same tools read
+    both engines' records. Two definitions differ and are recorded in ``config``: ``uplink_bytes``
+    is Flower's ``ArrayRecord.count_bytes()`` of the replies (the message plus its 4-byte array
+    name), and ``sim_time_s`` is the wall-clock measured on the Flower engine, not a link model.
+    """
+    from fstqcodec.sim.loop import TASK_TARGETS
+    from fstqcodec.sim.report import summarize, validate_results, write_outputs
+
     rounds = [{"round": 0, "accuracy": accuracy[0], "uplink_bytes": 0, "cumulative_uplink_bytes": 0,
                "downlink_bytes": 0, "sim_time_s": 0.0}]
     cumulative = 0
+    replies = 0
     for server_round in sorted(r for r in accuracy if r > 0):
         traffic = strategy.traffic[server_round]
         cumulative += traffic.uplink_bytes
+        replies += traffic.replies_accepted + len(traffic.dropped)
         rounds.append({
             "round": server_round,
             "accuracy": accuracy[server_round],
@@ -88,12 +99,26 @@ def write_results(out_dir, config, settings, strategy, accuracy, finished_at) ->
             "replies_accepted": traffic.replies_accepted,
             "dropped_replies": [drop.reason for drop in traffic.dropped],
         })
+    parameters = sum(value.size for value in workbench(settings).adapter().values())
+    mean_message = cumulative / replies if replies else 0.0
     record = {
         "engine": "flower",
-        "config": {**{key: config[key] for key in config}, "settings": settings.__dict__,
-                   "uplink_bytes": "Flower's ArrayRecord.count_bytes() of every reply",
-                   "sim_time_s": "measured wall-clock on the Flower engine, not a bandwidth model"},
-        "methods": {"fstq": {"rounds": rounds}},
+        "config": {
+            **{key.replace("-", "_"): config[key] for key in config},
+            **dataclasses.asdict(settings),
+            "clients": settings.num_partitions,
+            "rounds": int(config["num-server-rounds"]),
+            "trainable_parameters": parameters,
+            "uplink_bytes_rule": "Flower's ArrayRecord.count_bytes() of every train reply",
+            "sim_time_rule": "measured wall-clock on the Flower engine, not a bandwidth model",
+        },
+        "target_accuracy": TASK_TARGETS.get(settings.task, 0.0),
+        "methods": {"fstq": {
+            "rounds": rounds,
+            "mean_message_bytes": mean_message,
+            "mean_bits_per_param": 8.0 * mean_message / parameters if parameters else 0.0,
+        }},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(record, indent=2))
+    summarize(record)
+    validate_results(record)
+    write_outputs(record, out_dir, plots=False)
