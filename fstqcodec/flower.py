@@ -310,7 +310,11 @@ class FstqMod:
 
     Place it first (outermost) in ``ClientApp(mods=[...])``, outside clipping or local-DP mods,
     so that those see plain arrays. It cannot be combined with secure aggregation (SecAgg+), which
-    needs the plain arrays on the wire.
+    needs the plain arrays on the wire. Flower's ``message_size_mod`` placed before it logs the
+    compressed sizes that travel; placed after it, the plain sizes the app handles.
+
+    Only floating-point arrays can be sent this way (an integer buffer in the model makes the mod
+    answer with an error reply naming it).
 
     Parameters
     ----------
