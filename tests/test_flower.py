@@ -236,6 +236,9 @@ def test_mod_decodes_a_compressed_model_before_the_app_sees_it():
     reply = FstqMod()(msg, new_context(), app)
 
     assert not reply.has_error()
+    # The runtime's message is handed back as it came: compressed model and request still there.
+    assert next(iter(msg.content["arrays"].values())).stype == STYPE_MODEL
+    assert CONFIG_RECORD in msg.content
     seen = tensors_of(app.seen[0]["arrays"])
     for name in SHAPES:
         np.testing.assert_array_equal(seen[name], received[name])
