@@ -220,3 +220,16 @@ def test_validate_results_catches_inconsistent_records():
         validate_results(results)
     with pytest.raises(ValueError):
         validate_results({"config": {}, "methods": {}})
+
+
+def test_fstq_per_client_byte_budget_overrides_bits_per_param(schema):
+    pytest.importorskip("fstqcodec.codec")
+    method = make_method("fstq", schema, bits_per_param=2.0)
+    update = _update()
+    small = method.encode(update, fisher=None, state=method.new_client_state(), seed=0)
+    large = method.encode(update, fisher=None, state=method.new_client_state(), seed=0, budget_bytes=1500)
+    assert len(small) <= 2.0 * schema.total / 8 < len(large) <= 1500
+    # fixed-rate baselines ignore a byte budget
+    nf4 = make_method("nf4", schema, bits_per_param=0.5)
+    assert nf4.encode(update, fisher=None, state=None, seed=0, budget_bytes=10) == nf4.encode(
+        update, fisher=None, state=None, seed=0)

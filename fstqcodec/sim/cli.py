@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help=f"seed for everything (default: {d['seed']})")
     parser.add_argument("--budget-bpp", type=float, default=None,
                         help=f"bits per parameter for fstq, fstq-nofisher and topk (default: {d['budget_bpp']})")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="per-client fstq budgets: each client's uplink bandwidth x this round deadline "
+                             "(floored at 2048 bytes) instead of --budget-bpp")
     parser.add_argument("--block-size", type=int, default=None, help=f"fstq block size (default: {d['block_size']})")
     parser.add_argument("--target", type=float, default=None,
                         help="target accuracy for 'to target' figures (default: 0.85 for bbc, else 95%% of fp32's final)")
@@ -136,6 +139,7 @@ def config_from_args(args: argparse.Namespace):
         budget_bpp=pick("budget_bpp"),
         block_size=pick("block_size"),
         target_accuracy=args.target,
+        deadline_s=args.deadline_s,
         test_fraction=pick("test_fraction"),
         eval_size=pick("eval_size"),
         lora_rank=pick("lora_rank"),

@@ -42,6 +42,9 @@ class SimConfig:
     alpha: float = 0.5  # Dirichlet concentration over labels
     seed: int = 0
     budget_bpp: float = 0.5  # bits per parameter for fstq / fstq-nofisher / topk
+    # Per-client fstq budgets from each client's uplink x this deadline (None: budget_bpp for all).
+    deadline_s: float | None = None
+    min_budget_bytes: int = 2048  # floor of a per-client budget (a message needs its header)
     block_size: int = 64
     target_accuracy: float | None = None
     test_fraction: float = 0.2
@@ -74,6 +77,7 @@ class SimConfig:
             (self.alpha > 0, "alpha must be > 0"),
             (self.budget_bpp > 0, "budget_bpp must be > 0"),
             (self.eval_size >= 10, "eval_size must be >= 10"),
+            (self.deadline_s is None or self.deadline_s > self.latency_s, "deadline must exceed the latency"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target must be in (0, 1]"),
         ]
         for ok, message in checks:
@@ -201,7 +205,11 @@ class _Federation:
                 update = {n: self.params_by_state[n].detach().numpy().astype(np.float32) - global_state[n]
                           for n in schema.names}
                 fisher = adapter_fisher(self.accumulator, self.model) if method.uses_fisher else None
-                message = method.encode(update, fisher=fisher, state=client_states[client], seed=client_seed)
+                budget_bytes = None
+                if config.deadline_s is not None:
+                    budget_bytes = max(config.min_budget_bytes, links.budget_bytes(client, config.deadline_s))
+                message = method.encode(update, fisher=fisher, state=client_states[client], seed=client_seed,
+                                        budget_bytes=budget_bytes)
                 compute_s.append(time.perf_counter() - client_started)
                 down, up = links.transfer_time(client, len(message), len(downlink_message))
                 download_s.append(down)

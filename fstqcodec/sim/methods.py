@@ -120,7 +120,9 @@ class Method:
         return None
 
     def encode(self, update: Mapping[str, np.ndarray], *, fisher: Mapping[str, np.ndarray] | None,
-               state: Any, seed: int) -> bytes:
+               state: Any, seed: int, budget_bytes: int | None = None) -> bytes:
+        """Encode one client's update. ``budget_bytes`` (per-client link budget) is honoured only
+        by methods with a byte budget (fstq); fixed-rate baselines ignore it."""
         raise NotImplementedError
 
     def decode(self, data: bytes) -> dict[str, np.ndarray]:
@@ -171,7 +173,7 @@ class RawFloat(Method):
         self.name = {"<f4": "fp32", "<f2": "fp16"}[dtype]
         self.dtype = dtype
 
-    def encode(self, update, *, fisher, state, seed):
+    def encode(self, update, *, fisher, state, seed, budget_bytes=None):
         self.schema.check(update)
         return self._header() + self.schema.flatten(update).astype(self.dtype).tobytes()
 
@@ -202,7 +204,7 @@ class NF4(Method):
     name = "nf4"
     block_size = 64
 
-    def encode(self, update, *, fisher, state, seed):
+    def encode(self, update, *, fisher, state, seed, budget_bytes=None):
         self.schema.check(update)
         parts = [self._header()]
         for name in self.schema.names:
@@ -246,7 +248,7 @@ class QSGD(Method):
     def config(self):
         return {"name": self.name, "bits": self.bits, "levels_per_sign": self.levels, "norm": "max"}
 
-    def encode(self, update, *, fisher, state, seed):
+    def encode(self, update, *, fisher, state, seed, budget_bytes=None):
         self.schema.check(update)
         rng = np.random.default_rng(seed)
         parts = [self._header()]
@@ -298,7 +300,7 @@ class TopK(Method):
     def new_client_state(self):
         return {"residual": np.zeros(self.schema.total, dtype=np.float32)}
 
-    def encode(self, update, *, fisher, state, seed):
+    def encode(self, update, *, fisher, state, seed, budget_bytes=None):
         self.schema.check(update)
         corrected = self.schema.flatten(update) + state["residual"]
         # argpartition then sort: the indices go out ascending, which a receiver can check cheaply.
@@ -345,9 +347,12 @@ class Fstq(Method):
     def new_client_state(self):
         return self._fstqcodec.ErrorFeedback()
 
-    def encode(self, update, *, fisher, state, seed):
+    def encode(self, update, *, fisher, state, seed, budget_bytes=None):
         self.schema.check(update)
-        budget = self._fstqcodec.Budget(bits_per_param=self.bits_per_param)
+        if budget_bytes is not None:
+            budget = self._fstqcodec.Budget(max_bytes=int(budget_bytes))
+        else:
+            budget = self._fstqcodec.Budget(bits_per_param=self.bits_per_param)
         return state.encode(
             {name: np.asarray(update[name], dtype=np.float32) for name in self.schema.names},
             fisher=fisher if self.uses_fisher else None,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import pathlib
 from collections.abc import Mapping
 from typing import Any
