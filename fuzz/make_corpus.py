@@ -23,6 +23,11 @@ import fstqcodec  # noqa: E402
 from fuzzlib import to_mode2  # noqa: E402
 
 
+#: Inputs above this are left out (the fuzzers run with -max_len=8192; a header bomb's mode-2 form,
+#: with its header decompressed, can be a megabyte).
+MAX_INPUT = 16384
+
+
 def valid_messages() -> list[bytes]:
     """A small, varied set of valid messages: every context kind, dtype and header form."""
     rng = np.random.default_rng(20261121)
@@ -45,12 +50,13 @@ def valid_messages() -> list[bytes]:
         fstqcodec.encode(update, budget=fstqcodec.Budget(bits_per_param=2.5)),
         fstqcodec.encode(update, budget=fstqcodec.Budget(bits_per_param=2)),
         fstqcodec.encode(update, budget=fstqcodec.Budget(bits_per_param=4), rounding="stochastic"),
-        fstqcodec.encode({"big": rng.standard_normal(1 << 14).astype(np.float32)}, budget=fstqcodec.Budget(bits_per_param=1)),
+        fstqcodec.encode({"big": rng.standard_normal(1 << 14).astype(np.float32)}, budget=fstqcodec.Budget(bits_per_param=0.5)),
         fstqcodec.encode({f"t{i}": rng.standard_normal(5).astype(np.float16) for i in range(12)}, block_size=2),
     ]
     vectors = HERE.parent / "spec" / "vectors"
     if vectors.is_dir():
-        messages.extend(path.read_bytes() for path in sorted(vectors.rglob("*.fstq")))
+        # Large vectors add little a small one does not: the fuzzers cap inputs at 8 KiB.
+        messages.extend(p.read_bytes() for p in sorted(vectors.rglob("*.fstq")) if p.stat().st_size <= 8192)
     return messages
 
 
@@ -71,6 +77,8 @@ def write(target: str, inputs: list[bytes]) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     written = 0
     for data in inputs:
+        if len(data) > MAX_INPUT:
+            continue
         path = directory / hashlib.sha1(data).hexdigest()
         if not path.exists():
             path.write_bytes(data)
@@ -82,7 +90,11 @@ def main() -> None:
     messages = valid_messages()
     decode_inputs = []
     for message in messages:
-        decode_inputs += [b"\x00" + message, b"\x01" + message, to_mode2(message)]
+        decode_inputs += [b"\x00" + message, b"\x01" + message]
+        try:
+            decode_inputs.append(to_mode2(message))
+        except Exception:  # an invalid test vector whose framing cannot be split: modes 0 and 1 only
+            pass
     for target in ("fuzz_decode", "fuzz_inspect"):
         print(target, write(target, decode_inputs), "new files")
     print("fuzz_roundtrip", write("fuzz_roundtrip", roundtrip_seeds()), "new files")
