@@ -18,12 +18,14 @@ from .errors import (
     TrailingDataError,
     TruncatedError,
     UnsupportedFeatureError,
+    UnknownSchemaError,
     UnsupportedVersionError,
 )
 from .feedback import ErrorFeedback
 from .limits import DEFAULT_LIMITS, MINIMUM_LIMITS, Limits
 from .policy.budget import Budget
 from .wire.container import VERSION_MAJOR, VERSION_MINOR
+from .wire.header import Schema
 
 __version__ = "0.1.0"
 FORMAT_VERSION = (VERSION_MAJOR, VERSION_MINOR)
@@ -35,6 +37,7 @@ __all__ = [
     "Budget",
     "ErrorFeedback",
     "Limits",
+    "Schema",
     "DEFAULT_LIMITS",
     "MINIMUM_LIMITS",
     "FORMAT_VERSION",
@@ -49,4 +52,5 @@ __all__ = [
     "ChecksumError",
     "TrailingDataError",
     "LimitExceededError",
+    "UnknownSchemaError",
 ]

@@ -6,7 +6,7 @@
  * stream layout: `lanes` initial decoder states (uint32 LE), then 16-bit words (LE) in the order
  * the decoder consumes them. Symbol i is coded in lane i % lanes. State range [2**16, 2**32).
  *
- * Errors are raised as ValueError(code, message) with code "format" or "trailing"; the Python
+ * Errors are raised as ValueError(code, message, extra_bytes) with code "format" or "trailing"; the Python
  * wrapper turns them into the library's DecodeError subclasses.
  */
 #define PY_SSIZE_T_CLEAN
@@ -16,14 +16,16 @@
 
 #define RANS_L (1u << 16)
 
-static PyObject *fail(const char *code, const char *message) {
-    PyObject *args = Py_BuildValue("(ss)", code, message);
+static PyObject *fail_extra(const char *code, const char *message, Py_ssize_t extra) {
+    PyObject *args = Py_BuildValue("(ssn)", code, message, extra);
     if (args) {
         PyErr_SetObject(PyExc_ValueError, args);
         Py_DECREF(args);
     }
     return NULL;
 }
+
+static PyObject *fail(const char *code, const char *message) { return fail_extra(code, message, 0); }
 
 /* Reads `alphabet` uint32 little-endian frequencies; fills cumulative starts; checks the sum. */
 static int load_table(const Py_buffer *freq_buffer, int prob_bits, uint32_t *freq, uint32_t *cum, Py_ssize_t *alphabet) {
@@ -177,7 +179,7 @@ static PyObject *rans_decode(PyObject *self, PyObject *args) {
         }
         if (position != total_words) {
             Py_CLEAR(result);
-            fail("trailing", "rANS stream holds words after its last symbol");
+            fail_extra("trailing", "rANS stream holds words after its last symbol", 2 * (total_words - position));
             goto done;
         }
         for (lane = 0; lane < lanes; lane++) {

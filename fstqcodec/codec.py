@@ -7,7 +7,9 @@ import numpy as np
 from . import decoder, encoder
 from .limits import Limits
 from .policy.budget import Budget
+from .errors import EncodeError
 from .policy.fisher import normalize_fisher
+from .wire.header import Schema
 
 __all__ = ["encode", "decode", "inspect"]
 
@@ -27,6 +29,7 @@ def encode(
     nonfinite: str = "error",
     meta: dict | None = None,
     compress_header: bool = True,
+    schema: Schema | None = None,
 ) -> bytes:
     """Encode named tensors into one fstq message.
 
@@ -59,6 +62,10 @@ def encode(
         Small scalar metadata carried in the header (``str`` keys).
     compress_header : bool
         zstd-compress the header when that makes it smaller.
+    schema : Schema, optional
+        Name the tensors by this schema's digest instead of listing them: the header shrinks to
+        a few dozen bytes, and the decoder must be given the same schema. The tensors must
+        match it exactly (names, order, dtypes, shapes, block size).
 
     Returns
     -------
@@ -89,10 +96,23 @@ def encode(
         raise TypeError("give at most one of budget, bits, codebook")
     if meta is not None and not isinstance(meta, dict):
         raise TypeError("meta must be a dict")
+    # Non-finite intermediate values are handled explicitly; a caller's np.seterr must not turn
+    # them into FloatingPointError.
+    with np.errstate(all="ignore"):
+        return _encode(tensors, fisher, budget, block_size, bits, codebook, rounding, seed, nonfinite, meta, compress_header, schema)
+
+
+def _encode(tensors, fisher, budget, block_size, bits, codebook, rounding, seed, nonfinite, meta, compress_header, schema) -> bytes:
     source = encoder.Input(tensors, block_size, nonfinite)
     weights = normalize_fisher(fisher, source.names, {s.name: s.shape for s in source.specs})
-    options = {"meta": meta, "compress_header": compress_header}
+    if schema is not None:
+        if not isinstance(schema, Schema):
+            raise TypeError(f"schema must be a fstqcodec.Schema, got {type(schema).__name__}")
+        if Schema([(t.name, t.dtype, t.shape, t.block_size) for t in source.specs]) != schema:
+            raise EncodeError(_schema_difference(source.specs, schema.tensors))
+    options = {"meta": meta, "compress_header": compress_header, "schema": schema}
     if bits is not None or codebook is not None:
+        source.check_quantizable()
         plan = encoder.fixed_plan(source, bits=bits, codebook=codebook, rounding=rounding, rng=np.random.default_rng(seed))
         return encoder.assemble(source, plan, **options)
     if budget is None:
@@ -105,7 +125,14 @@ def encode(
     return encoder.encode_to_budget(source, weights, limit, rounding=rounding, seed=seed, **options)
 
 
-def decode(data, *, limits: Limits | None = None) -> dict:
+def _schema_difference(specs, expected) -> str:
+    for index, (have, want) in enumerate(zip(specs, expected)):
+        if have != want:
+            return f"tensor #{index} is {have}, the schema says {want}"
+    return f"{len(specs)} tensors, the schema has {len(expected)}"
+
+
+def decode(data, *, limits: Limits | None = None, schemas=None) -> dict:
     """Decode a message into ``name -> numpy array`` with the original names, shapes and dtypes.
 
     bfloat16 tensors come back as float32 arrays holding bfloat16 values (numpy has no bfloat16).
@@ -116,6 +143,8 @@ def decode(data, *, limits: Limits | None = None) -> dict:
         A message, possibly hostile.
     limits : Limits, optional
         Bounds on what the message may declare; None means :data:`fstqcodec.DEFAULT_LIMITS`.
+    schemas : Schema or iterable of Schema, optional
+        Resolve messages encoded with ``schema=`` (they carry a digest, not the tensor list).
 
     Returns
     -------
@@ -125,15 +154,15 @@ def decode(data, *, limits: Limits | None = None) -> dict:
     ------
     DecodeError
         A subclass naming what is wrong: TruncatedError, BadFormatError, UnsupportedVersionError,
-        UnsupportedFeatureError, ChecksumError, TrailingDataError, LimitExceededError. Nothing
-        else, for any input bytes.
+        UnsupportedFeatureError, ChecksumError, TrailingDataError, LimitExceededError,
+        UnknownSchemaError. Nothing else, for any input bytes.
     TypeError
         If ``data`` is not bytes-like or ``limits`` is not a Limits.
     """
-    return decoder.decode_message(data, limits)
+    return decoder.decode_message(data, limits, schemas)
 
 
-def inspect(data, *, limits: Limits | None = None) -> dict:
+def inspect(data, *, limits: Limits | None = None, schemas=None) -> dict:
     """Describe a message without decoding its codes.
 
     Returns
@@ -150,4 +179,4 @@ def inspect(data, *, limits: Limits | None = None) -> dict:
     DecodeError
         As :func:`decode` does for the parts it reads (framing, checksum, header, block table).
     """
-    return decoder.inspect_message(data, limits)
+    return decoder.inspect_message(data, limits, schemas)

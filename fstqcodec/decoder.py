@@ -28,29 +28,44 @@ def resolve_limits(limits) -> Limits:
     return limits
 
 
-def _open(data, limits):
+def _check_schemas(schemas):
+    from .wire.header import Schema
+
+    if schemas is None or isinstance(schemas, Schema):
+        return schemas
+    if isinstance(schemas, (str, bytes)):
+        raise TypeError("schemas must be a fstqcodec.Schema or an iterable of them")
+    schemas = list(schemas)
+    for schema in schemas:
+        if not isinstance(schema, Schema):
+            raise TypeError(f"schemas must be fstqcodec.Schema objects, got {type(schema).__name__}")
+    return schemas
+
+
+def _open(data, limits, schemas=None):
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
+    schemas = _check_schemas(schemas)
     container = read_container(data, limits)
-    layout = parse_header(container.header, limits, body_offset=container.body_offset, body_length=container.body_length)
+    layout = parse_header(container.header, limits, body_offset=container.body_offset, body_length=container.body_length, schemas=schemas)
     return container, layout
 
 
 def _block_table(layout: Layout):
-    """Per block: element count and start offset in the concatenated output."""
+    """Per block: element count (int32) and start offset (int64) in the concatenated output."""
     counts, starts = [], []
     offset = 0
     for spec in layout.tensors:
         nb = spec.num_blocks
         if nb:
             start = offset + np.arange(nb, dtype=np.int64) * spec.block_size
-            count = np.full(nb, spec.block_size, dtype=np.int64)
+            count = np.full(nb, spec.block_size, dtype=np.int32)
             count[-1] = spec.size - (nb - 1) * spec.block_size
             starts.append(start)
             counts.append(count)
         offset += spec.size
     if not counts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
     return np.concatenate(counts), np.concatenate(starts)
 
 
@@ -66,10 +81,36 @@ def _read_block_contexts(container, layout: Layout) -> np.ndarray:
     return ids
 
 
-def decode_message(data, limits: Limits | None = None) -> dict:
+def decode_message(data, limits: Limits | None = None, schemas=None) -> dict:
     """Decode a message into ``name -> array`` (see :func:`fstqcodec.decode`)."""
     limits = resolve_limits(limits)
-    container, layout = _open(data, limits)
+    container, layout = _open(data, limits, schemas)
+    # Overflow and invalid operations are checked for explicitly (non-finite results are a
+    # BadFormatError); a caller's np.seterr must not turn them into FloatingPointError.
+    with np.errstate(all="ignore"):
+        return _decode_body(container, layout)
+
+
+def _expected_section_length(context, element_count: int, declared: int, what: str):
+    """The exact decoded length a context's section must have (None for rANS: bounded only)."""
+    if context.kind == "zero":
+        return 0
+    if context.kind == "raw":
+        return element_count * RAW_FORMATS[context.raw_format]
+    if context.kind == "packed":
+        return bitpack.packed_size(element_count, context.width)
+    if context.lanes < rans.min_lanes(element_count):
+        raise BadFormatError(
+            f"{what}: {context.lanes} lanes for {element_count} symbols; at most {rans.MAX_STEPS} symbols per lane"
+        )
+    # A stream holds the lane states and at most one 16-bit word per symbol.
+    bound = 4 * context.lanes + 2 * element_count
+    if declared > bound:
+        raise BadFormatError(f"{what} declares {declared} bytes, at most {bound} possible")
+    return None
+
+
+def _decode_body(container, layout: Layout) -> dict:
     block_contexts = _read_block_contexts(container, layout)
     counts, starts = _block_table(layout)
     contexts = layout.contexts
@@ -84,6 +125,7 @@ def decode_message(data, limits: Limits | None = None) -> dict:
     scale_bits = np.frombuffer(decode_section(container, scale_section, "scales section"), dtype="<u2")
     scales_all = np.zeros(len(block_contexts), dtype=np.float32)
     scales_all[quantized_block] = from_bf16_bits(scale_bits)
+    del quantized_block, scale_bits
     wide = any(c.kind == "raw" and c.raw_format == "f64" for c in contexts)
     output = np.zeros(layout.total_elements, dtype=np.float64 if wide else np.float32)
     order = np.argsort(block_contexts, kind="stable")
@@ -91,41 +133,33 @@ def decode_message(data, limits: Limits | None = None) -> dict:
     for index, context in enumerate(contexts):
         rows = order[boundaries[index] : boundaries[index + 1]]
         section = layout.sections[2 + index]
-        element_count = int(counts[rows].sum())
+        row_counts = counts[rows]
+        element_count = int(row_counts.sum(dtype=np.int64))
         what = f"codes section of context #{index}"
-        if context.kind == "zero":
-            expected = 0
-        elif context.kind == "raw":
-            expected = element_count * RAW_FORMATS[context.raw_format]
-        elif context.kind == "packed":
-            expected = bitpack.packed_size(element_count, context.width)
-        else:
-            expected = None
-            # A stream holds the lane states and at most one 16-bit word per symbol.
-            bound = 4 * context.lanes + 2 * element_count
-            if section.decoded_length > bound:
-                raise BadFormatError(f"{what} declares {section.decoded_length} bytes, at most {bound} possible")
+        expected = _expected_section_length(context, element_count, section.decoded_length, what)
         if expected is not None and section.decoded_length != expected:
             raise BadFormatError(f"{what} declares {section.decoded_length} bytes, its {len(rows)} blocks need {expected}")
+        # Every section is read, the zero context's (which must be empty) included, so that
+        # nothing in the message goes unchecked.
+        payload = decode_section(container, section, what)
         if context.kind == "zero":
             continue
-        payload = decode_section(container, section, what)
         if context.kind == "raw":
             values = np.frombuffer(payload, dtype=_RAW_NUMPY[context.raw_format])
             if context.raw_format == "bf16":
                 values = (values.astype(np.uint32) << np.uint32(16)).view(np.float32)
+            _scatter(output, values, starts[rows], row_counts)
+            continue
+        if context.kind == "packed":
+            symbols = bitpack.unpack(payload, context.width, element_count)
         else:
-            if context.kind == "packed":
-                symbols = bitpack.unpack(payload, context.width, element_count)
-            else:
-                symbols = rans.decode(payload, element_count, context.full_frequencies(), context.prob_bits, context.lanes)
-            if context.codebook is None:
-                levels = np.arange(1 << context.width, dtype=np.float32) - np.float32(1 << (context.width - 1))
-            else:
-                levels = layout.codebooks[context.codebook]
-            row_counts = counts[rows]
-            values = levels[symbols] * np.repeat(scales_all[rows], row_counts)
-        _scatter(output, values, starts[rows], counts[rows])
+            symbols = rans.decode(payload, element_count, context.full_frequencies(), context.prob_bits, context.lanes)
+        del payload
+        if context.codebook is None:
+            levels = np.arange(1 << context.width, dtype=np.float32) - np.float32(1 << (context.width - 1))
+        else:
+            levels = layout.codebooks[context.codebook]
+        _dequantize_into(output, symbols, levels, scales_all[rows], starts[rows], row_counts)
     result = {}
     offset = 0
     for spec in layout.tensors:
@@ -134,12 +168,37 @@ def decode_message(data, limits: Limits | None = None) -> dict:
         if spec.dtype == "bfloat16":
             array = round_bf16(flat.astype(np.float32))
         else:
-            with np.errstate(over="ignore"):
-                array = flat.astype(DTYPES[spec.dtype])
-        if not np.all(np.isfinite(array)):
+            array = flat.astype(DTYPES[spec.dtype], copy=False)
+        if not np.isfinite(array).all():
             raise BadFormatError(f"tensor {spec.name!r} decodes to non-finite values")
         result[spec.name] = array.reshape(spec.shape)
     return result
+
+
+#: Elements dequantized per step: bounds the temporaries (values, positions) to a few MiB.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _dequantize_into(output, symbols, levels, scales, starts, counts):
+    """output[block elements] = levels[symbol] * scale (binary32, one rounding), in chunks."""
+    if not len(counts):
+        return
+    if int(counts.min()) == int(counts.max()):
+        block = int(counts[0])
+        rows_per_chunk = max(1, _CHUNK_ELEMENTS // block)
+        grid = symbols.reshape(-1, block)
+        for lo in range(0, len(counts), rows_per_chunk):
+            hi = min(len(counts), lo + rows_per_chunk)
+            values = levels[grid[lo:hi]] * scales[lo:hi, None]
+            _scatter(output, values.reshape(-1), starts[lo:hi], counts[lo:hi])
+        return
+    element_starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, int(counts.max())))
+    for lo in range(0, len(counts), rows_per_chunk):
+        hi = min(len(counts), lo + rows_per_chunk)
+        chunk_symbols = symbols[element_starts[lo] : element_starts[hi]]
+        values = levels[chunk_symbols] * np.repeat(scales[lo:hi], counts[lo:hi])
+        _scatter(output, values, starts[lo:hi], counts[lo:hi])
 
 
 def _scatter(output: np.ndarray, values: np.ndarray, starts: np.ndarray, counts: np.ndarray):
@@ -147,22 +206,28 @@ def _scatter(output: np.ndarray, values: np.ndarray, starts: np.ndarray, counts:
     if not len(starts):
         return
     block = int(counts.max())
-    if np.all(counts == block):
-        if np.all(np.diff(starts) == block):
+    if int(counts.min()) == block:
+        if np.all(np.diff(starts) == block):  # consecutive blocks: one slice
             output[int(starts[0]) : int(starts[0]) + len(values)] = values
             return
-        positions = starts[:, None] + np.arange(block)[None, :]
-        output[positions.reshape(-1)] = values
-        return
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    positions = np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
-    output[positions] = values
+        view = output[: (len(output) // block) * block].reshape(-1, block) if np.all(starts % block == 0) else None
+        if view is not None and int(starts[-1]) + block <= len(output):
+            view[starts // block] = values.reshape(-1, block)
+            return
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // block)
+    element_starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    for lo in range(0, len(starts), rows_per_chunk):
+        hi = min(len(starts), lo + rows_per_chunk)
+        chunk_counts = counts[lo:hi].astype(np.int64)
+        offsets = element_starts[lo:hi] - element_starts[lo]
+        positions = np.repeat(starts[lo:hi] - offsets, chunk_counts) + np.arange(int(chunk_counts.sum()))
+        output[positions] = values[element_starts[lo] : element_starts[hi]]
 
 
-def inspect_message(data, limits: Limits | None = None) -> dict:
+def inspect_message(data, limits: Limits | None = None, schemas=None) -> dict:
     """Describe a message without decoding its codes (see :func:`fstqcodec.inspect`)."""
     limits = resolve_limits(limits)
-    container, layout = _open(data, limits)
+    container, layout = _open(data, limits, schemas)
     block_contexts = _read_block_contexts(container, layout)
     per_context = np.bincount(block_contexts, minlength=len(layout.contexts)) if len(block_contexts) else np.zeros(len(layout.contexts), np.int64)
     histogram: dict[int, int] = {}

@@ -20,7 +20,7 @@ from .stages import bitpack, rans
 from .stages.codebooks import resolve_codebook
 from .stages.scales import from_bf16_bits, round_bf16, to_bf16_bits
 from .wire.container import ENCODING_NONE, ENCODING_ZSTD, write_container, zstd_compress
-from .wire.header import DTYPES, RAW_FORMATS, Context, Layout, TensorSpec, build_header
+from .wire.header import DTYPES, RAW_FORMATS, Context, Layout, Schema, TensorSpec, build_header
 
 __all__ = ["Input", "lossless_plan", "fixed_plan", "encode_to_budget", "assemble"]
 
@@ -133,6 +133,22 @@ class Input:
         else:
             flat = np.concatenate(flats)
         self.matrix = flat.reshape(-1, block_size)
+
+    def check_quantizable(self) -> None:
+        """Lossy coding works in float32: refuse float64 values beyond its range.
+
+        Raises
+        ------
+        EncodeError
+            Naming the first tensor with such values.
+        """
+        for spec, array in zip(self.specs, self.arrays):
+            if spec.dtype == "float64" and array.size and float(np.max(np.abs(array))) > float(np.finfo(np.float32).max):
+                raise EncodeError(
+                    f"tensor {spec.name!r} holds values beyond the float32 range, which lossy coding cannot "
+                    "represent; encode it losslessly (budget=None)",
+                    tensor=spec.name,
+                )
 
     def flatten_rows(self, matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Row-wise ``matrix`` (one row per block in ``rows``) as a flat array, padding removed."""
@@ -502,7 +518,7 @@ def _maybe_zstd(payload: bytes, kind: str) -> tuple[list, bytes]:
     return [kind, len(payload), ENCODING_NONE, len(payload)], payload
 
 
-def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: bool) -> bytes:
+def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: bool, schema: Schema | None = None) -> bytes:
     """Turn a plan into a message."""
     contexts: list[Context] = []
     context_of_block = np.zeros(len(plan.mode), dtype=np.uint8)
@@ -580,14 +596,15 @@ def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: b
         section_table.append(entry)
         body_parts.append(stored)
     layout = Layout(tensors=source.specs, contexts=contexts, codebooks=codebooks, meta=meta or {})
-    return write_container(build_header(layout, section_table), b"".join(body_parts), compress_header=compress_header)
+    header = build_header(layout, section_table, schema=schema)
+    return write_container(header, b"".join(body_parts), compress_header=compress_header)
 
 
 # ---------------------------------------------------------------------------------------------
 # Budget
 
 
-def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str, seed: int, meta, compress_header: bool) -> bytes:
+def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str, seed: int, **options) -> bytes:
     """The best message the allocation finds within ``limit`` bytes.
 
     Raises
@@ -595,7 +612,7 @@ def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str,
     BudgetError
         If even the smallest message (every block dropped) exceeds ``limit``.
     """
-    smallest = assemble(source, Plan(len(source.counts)), meta=meta, compress_header=compress_header)
+    smallest = assemble(source, Plan(len(source.counts)), **options)
     if len(smallest) > limit:
         raise BudgetError(
             f"budget of {limit} bytes is below the smallest message for these tensors ({len(smallest)} bytes: "
@@ -604,9 +621,10 @@ def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str,
             minimum=len(smallest),
         )
     if limit >= source.raw_bytes // 2:
-        lossless = assemble(source, lossless_plan(source), meta=meta, compress_header=compress_header)
+        lossless = assemble(source, lossless_plan(source), **options)
         if len(lossless) <= limit:
             return lossless
+    source.check_quantizable()
     stats = block_stats(source, weights)
     fixed_bits = 8.0 * len(smallest)
     target = max(8.0 * limit * _AIM - fixed_bits, 0.0)
@@ -614,7 +632,7 @@ def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str,
     fits, overshoots = 0.0, math.inf  # bracket on the model target
     for _ in range(_MAX_SIZE_ITERATIONS):
         plan = rd_plan(source, stats, target, rounding=rounding, rng=np.random.default_rng(seed))
-        message = assemble(source, plan, meta=meta, compress_header=compress_header)
+        message = assemble(source, plan, **options)
         size = len(message)
         if size <= limit:
             if size > best_size:

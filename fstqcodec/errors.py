@@ -19,6 +19,7 @@ __all__ = [
     "ChecksumError",
     "TrailingDataError",
     "LimitExceededError",
+    "UnknownSchemaError",
 ]
 
 
@@ -155,3 +156,17 @@ class LimitExceededError(DecodeError):
         self.limit_name = limit_name
         self.limit = limit
         self.actual = actual
+
+
+class UnknownSchemaError(DecodeError):
+    """The message names its tensors by a schema digest the caller did not supply.
+
+    Attributes
+    ----------
+    digest : bytes
+        The schema digest the message carries.
+    """
+
+    def __init__(self, message: str, *, digest: bytes):
+        super().__init__(message)
+        self.digest = digest

@@ -28,8 +28,11 @@ class Limits:
     max_name_length : int
         Longest tensor name, in UTF-8 bytes.
     max_output_size : int
-        Largest total size of the decoded arrays, in bytes (at their output dtypes), and so the
-        largest total element count times the element size. Also bounds every section's decoded size.
+        Largest total size of the decoded arrays, in bytes (at their output dtypes). Section sizes
+        follow exactly from the tensors and contexts, and are checked against those.
+    max_blocks : int
+        Most blocks in one message. The decoder keeps a few tens of bytes of bookkeeping per block
+        (about 45 measured), so this bounds its memory when blocks are small.
     max_contexts : int
         Most contexts (per-block coding choices) in one message. The format caps this at 256.
     max_codebook_entries : int
@@ -44,6 +47,7 @@ class Limits:
     max_ndim: int = 32
     max_name_length: int = 1024
     max_output_size: int = 1 << 31
+    max_blocks: int = 1 << 24
     max_contexts: int = 256
     max_codebook_entries: int = 65_536
     max_rans_lanes: int = 65_536
@@ -69,6 +73,7 @@ MINIMUM_LIMITS = Limits(
     max_ndim=8,
     max_name_length=256,
     max_output_size=256 << 20,
+    max_blocks=1 << 22,
     max_contexts=256,
     max_codebook_entries=4096,
     max_rans_lanes=65_536,

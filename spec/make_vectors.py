@@ -12,8 +12,12 @@ fstqcodec, numpy and libzstd give the same bytes (the manifest records the versi
 Valid vectors come from two sources: the reference encoder (``fstqcodec.encode``), and messages
 built here by hand from the spec, to cover features the encoder does not emit (bfloat16 and
 float64 tensors, every packed width, rANS corner cases, unknown header keys, a newer minor
-version). Their expected tensors are computed by :func:`spec_decode`, a small decoder written
-from the spec alone, and the script checks that ``fstqcodec.decode`` agrees bit for bit.
+version, a ``schema`` not listed in ``critical``, a rANS lane at its 65536-step bound). Their
+expected tensors are computed by :func:`spec_decode`, a small decoder written from the spec alone,
+and the script checks that ``fstqcodec.decode`` agrees bit for bit.
+
+Vectors whose header names its tensors by ``schema`` (FORMAT.md 5.8) list the schema's tensor list in
+the manifest (``schemas``), so that a decoder can be given it.
 
 Invalid vectors are mostly built by hand with :func:`frame`, which writes a correct preamble and
 CRC-32, so that each one fails for the intended reason and not with a checksum error. The script
@@ -49,17 +53,12 @@ PREAMBLE = struct.Struct("<8sBBBBIIQ")  # 28 bytes
 RANS_L = 1 << 16
 RAW_SIZES = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8}
 TENSOR_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8"}
+SCHEMA_DIGEST_SIZE = 16
+RANS_MAX_STEPS = 1 << 16  # symbols per lane of one rANS context
 
 #: Invalid vectors the reference decoder does not reject as the spec requires (see the report in
 #: FORMAT.md, Appendix B). The test suite marks them as expected failures.
-REFERENCE_DECODER_GAPS = {
-    "invalid/tensor_dtype_not_a_string.fstq": "fstqcodec leaks TypeError (unhashable dtype)",
-    "invalid/raw_format_not_a_string.fstq": "fstqcodec leaks TypeError (unhashable raw format)",
-    "invalid/zero_context_section_not_zstd.fstq": "fstqcodec skips the section of a zero context",
-    "invalid/section_skippable_zstd_frame.fstq": "fstqcodec accepts a skippable frame as an empty section",
-    "invalid/header_duplicate_key.fstq": "fstqcodec lets the last duplicate key win",
-    "invalid/header_nested_binary_key.fstq": "fstqcodec accepts bin keys in nested maps (msgpack strict_map_key allows them)",
-}
+REFERENCE_DECODER_GAPS: dict = {}
 
 
 def zstd_frame(payload: bytes, *, checksum: bool = False) -> bytes:
@@ -69,6 +68,11 @@ def zstd_frame(payload: bytes, *, checksum: bool = False) -> bytes:
 
 def packb(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
+
+
+def schema_digest(tensors) -> bytes:
+    """FORMAT.md 5.8: the first 16 bytes of SHA-256 over the shortest-form msgpack of the tensor list."""
+    return hashlib.sha256(packb([[n, d, list(s), b] for n, d, s, b in tensors])).digest()[:SCHEMA_DIGEST_SIZE]
 
 
 def frame(
@@ -176,11 +180,12 @@ def f32_to_bf16_bits(values) -> np.ndarray:
     return rounded.astype(np.uint16)
 
 
-def spec_decode(data: bytes) -> list:
+def spec_decode(data: bytes, schemas=()) -> list:
     """Decode a *valid* message following FORMAT.md step by step; returns (name, dtype, shape, LE bytes).
 
-    This is deliberately naive (no limits, asserts instead of errors): it is the executable
-    reading of the spec that the expected values of the valid vectors come from.
+    ``schemas`` holds tensor lists (``[[name, dtype, shape, block_size], ...]``) that a header's
+    ``schema`` digest may name. This is deliberately naive (no limits, asserts instead of errors):
+    it is the executable reading of the spec that the expected values of the valid vectors come from.
     """
     magic, major, minor, enc, reserved, stored_len, header_len, body_len = PREAMBLE.unpack_from(data, 0)
     assert magic == MAGIC and major == 1 and reserved == 0
@@ -190,6 +195,11 @@ def spec_decode(data: bytes) -> list:
     header_bytes = zstandard.ZstdDecompressor().decompress(stored) if enc == 1 else stored
     assert len(header_bytes) == header_len
     header = msgpack.unpackb(header_bytes, raw=False)
+    assert ("tensors" in header) != ("schema" in header)
+    if "schema" in header:
+        matches = [t for t in schemas if schema_digest(t) == header["schema"]]
+        assert isinstance(header["schema"], bytes) and len(header["schema"]) == SCHEMA_DIGEST_SIZE and matches
+        header["tensors"] = matches[0]
     offset = PREAMBLE.size + stored_len
     sections = []
     for kind, slen, sencoding, dlen in header["sections"]:
@@ -247,6 +257,7 @@ def spec_decode(data: bytes) -> list:
                 _, _, _, lanes, prob_bits, first, stored_freqs = context
                 freqs = [0] * (1 << width)
                 freqs[first : first + len(stored_freqs)] = stored_freqs
+                assert n <= RANS_MAX_STEPS * lanes, "at most 65536 steps per rANS context"
                 symbols = rans_decode(payload, n, freqs, prob_bits, lanes)
             if codebook is None:
                 levels = [np.float32(u - (1 << (width - 1))) for u in range(1 << width)]
@@ -525,6 +536,42 @@ def valid_vectors():
         frame(header, body, minor=7),
     )
 
+    # ---- schema: the tensor list named by its digest (FORMAT.md 5.8) ----------------------
+    tensors, fisher = lora_source()
+    lora_schema = [["lora_A", "float32", [48, 80], 64], ["lora_B", "float32", [80, 48], 64]]
+    yield (
+        "schema_budget_1bpp",
+        "The reference encoder with schema=: the header carries the 16-byte digest of the LoRA tensor list (key 'schema', "
+        "listed in 'critical') instead of 'tensors'; Fisher-weighted RD allocation at 1 bit/param. Decoding needs the "
+        "manifest's schema.",
+        fstqcodec.encode(tensors, fisher=fisher, budget=fstqcodec.Budget(bits_per_param=1), schema=fstqcodec.Schema(lora_schema)),
+        lora_schema,
+    )
+    header, body, _ = base_message()
+    base_schema = header.pop("tensors")
+    yield (
+        "schema_not_critical",
+        "Hand-built: the base message with 'schema' (the digest of its tensor list) instead of 'tensors', and no "
+        "'critical' key. Encoders list 'schema' in 'critical', but decoders must not require it.",
+        frame({"schema": schema_digest(base_schema), **header}, body),
+        base_schema,
+    )
+
+    # ---- rANS: the most steps a context may take (FORMAT.md 6, 10) ------------------------
+    _, _, message = build(
+        [["s", "float16", [RANS_MAX_STEPS], RANS_MAX_STEPS // 2]],
+        [["rans", 2, None, 1, 16, 3, [65536]]],
+        [0, 0],
+        [int(b) for b in f32_to_bf16_bits([0.5, 0.25])],
+        [struct.pack("<I", RANS_L)],
+    )
+    yield (
+        "rans_65536_steps",
+        "Hand-built: one rANS context of 1 lane coding 65536 symbols (two blocks of 32768), the most one lane may "
+        "code; a one-symbol table at prob_bits 16, so the stream is the 4-byte final state.",
+        message,
+    )
+
 
 # ---------------------------------------------------------------------------------------------
 # Invalid vectors.
@@ -699,10 +746,77 @@ def invalid_vectors():
     )
 
     # --- header fields -------------------------------------------------------------------
-    for key in ("tensors", "contexts", "sections"):
+    for key in ("contexts", "sections"):
         header = dict(base_header)
         del header[key]
         yield f"missing_{key}", f"Header without the required key '{key}'.", "BadFormatError", "Required field missing (step 10).", frame(header, base_body)
+    header = dict(base_header)
+    del header["tensors"]
+    yield (
+        "missing_tensors",
+        "Header with neither 'tensors' nor 'schema'.",
+        "BadFormatError",
+        "Exactly one of 'tensors' and 'schema' is required (step 10).",
+        frame(header, base_body),
+    )
+
+    # schema (FORMAT.md 5.8); the decoder is given the base message's tensor list as a schema
+    base_schema = [list(t) for t in base_header["tensors"]]
+    base_digest = schema_digest(base_schema)
+    no_tensors = {k: v for k, v in base_header.items() if k != "tensors"}
+
+    def with_schema(value, **changes):
+        return frame({"schema": value, **no_tensors, "critical": ["schema"], **changes}, base_body)
+
+    assert spec_decode(with_schema(base_digest), [base_schema])
+    yield (
+        "schema_unknown_digest",
+        "'schema' is the digest of the base tensor list with its last bit flipped; the decoder knows only the base list.",
+        "UnknownSchemaError",
+        "No schema given to the decoder has this digest (step 11).",
+        with_schema(base_digest[:-1] + bytes([base_digest[-1] ^ 1])),
+        [base_schema],
+    )
+    yield (
+        "schema_digest_15_bytes",
+        "'schema' is the first 15 bytes of the right digest.",
+        "BadFormatError",
+        "A schema digest is a bin of exactly 16 bytes (step 11).",
+        with_schema(base_digest[:15]),
+        [base_schema],
+    )
+    yield (
+        "schema_digest_32_bytes",
+        "'schema' is the whole SHA-256 (32 bytes) of the base tensor list, not its first 16 bytes.",
+        "BadFormatError",
+        "A schema digest is a bin of exactly 16 bytes (step 11).",
+        with_schema(hashlib.sha256(packb(base_schema)).digest()),
+        [base_schema],
+    )
+    yield (
+        "schema_digest_str",
+        "'schema' is the right digest written as a 32-character hex str.",
+        "BadFormatError",
+        "A schema digest is a bin, not a str (step 11).",
+        with_schema(base_digest.hex()),
+        [base_schema],
+    )
+    yield (
+        "schema_nil",
+        "'schema' is nil and 'tensors' is absent.",
+        "BadFormatError",
+        "A present 'schema' key must hold a 16-byte bin; nil does not mean absent here (step 11).",
+        with_schema(None),
+        [base_schema],
+    )
+    yield (
+        "tensors_and_schema",
+        "The base header (with 'tensors') plus 'schema', the digest of the same tensor list.",
+        "BadFormatError",
+        "Exactly one of 'tensors' and 'schema' (step 10).",
+        frame({**base_header, "schema": base_digest, "critical": ["schema"]}, base_body),
+        [base_schema],
+    )
     yield (
         "critical_unknown",
         "'critical' lists 'x-sparse-v2', a field this version does not define.",
@@ -751,6 +865,20 @@ def invalid_vectors():
     )
     yield "block_size_0", "block_size 0.", "BadFormatError", "block_size is in [1, 65536] (step 11).", with_tensor(3, 0)
     yield "block_size_65537", "block_size 65537.", "BadFormatError", "block_size is in [1, 65536] (step 11).", with_tensor(3, 65537)
+    yield (
+        "blocks_over_limit",
+        "One float16 tensor of 2**24 + 1 elements in blocks of 1 (32 MiB of output, within max_output_size).",
+        "LimitExceededError",
+        "2**24 + 1 blocks exceed max_blocks (2**24), checked from the shape before any allocation (step 11).",
+        variant(tensors=[["w", "float16", [2**24 + 1], 1]]),
+    )
+    yield (
+        "blocks_over_limit_in_total",
+        "Two float16 tensors of 2**23 + 1 and 2**23 elements in blocks of 1: neither alone exceeds max_blocks.",
+        "LimitExceededError",
+        "The running block count over all tensors, 2**24 + 1, exceeds max_blocks (2**24) (step 11).",
+        variant(tensors=[["a", "float16", [2**23 + 1], 1], ["b", "float16", [2**23], 1]]),
+    )
     yield "tensor_entry_short", "A tensor entry of three fields.", "BadFormatError", "A tensor is [name, dtype, shape, block_size] (step 11).", variant(tensors=[["w", "float32", [3, 5]]])
 
     # codebooks
@@ -881,6 +1009,22 @@ def invalid_vectors():
         "BadFormatError",
         "Every lane must end in state 2**16 (step 19).",
         single,
+    )
+    too_many = build(
+        [["s", "float16", [RANS_MAX_STEPS + 1], RANS_MAX_STEPS // 2]],
+        [["rans", 2, None, 1, 16, 3, [65536]]],
+        [0, 0, 0],
+        [0x3F00, 0x3E80, 0x3F80],
+        [struct.pack("<I", RANS_L)],
+    )[2]
+    yield (
+        "rans_too_few_lanes",
+        "One rANS context of 1 lane coding 65537 symbols (blocks of 32768, 32768 and 1); the stream itself (a one-symbol "
+        "table, the 4-byte final state) would be valid.",
+        "BadFormatError",
+        "lanes >= ceil(n_k / 65536): at most 65536 steps per context, checked with the section lengths, before decoding "
+        "the stream (step 19).",
+        too_many,
     )
     yield (
         "rans_stream_too_long_for_count",
@@ -1013,14 +1157,48 @@ FEATURES = {
     "fixed_bits4": (None, {"packed"}, False),
     "fixed_nf4": (None, {"packed"}, True),
     "zstd_header": ("zstd", set(), False),
+    "schema_budget_1bpp": (None, {"rans", "zero"}, True),
 }
 
 
-def check_features(name: str, message: bytes):
+def schemas_entry(schemas) -> dict:
+    """The manifest's "schemas": the tensor lists a decoder must be given, with their digests."""
+    if not schemas:
+        return {}
+    return {"schemas": [{"digest": schema_digest(t).hex(), "tensors": t} for t in schemas]}
+
+
+def read_header(message: bytes) -> dict:
+    """The header map of a well-framed message."""
+    _, _, _, encoding, _, stored_length, _, _ = PREAMBLE.unpack_from(message, 0)
+    stored = message[PREAMBLE.size : PREAMBLE.size + stored_length]
+    return msgpack.unpackb(zstandard.ZstdDecompressor().decompress(stored) if encoding == 1 else stored, raw=False)
+
+
+def check_schema_use(name: str, message: bytes, schemas):
+    """A vector given a schema names its tensors by it (and the encoder marks it critical)."""
+    header = read_header(message)
+    if not schemas:
+        assert "schema" not in header, name
+        return
+    assert "tensors" not in header and header["schema"] == schema_digest(schemas[0]), name
+    if not name.startswith("schema_not_critical"):
+        assert header.get("critical") == ["schema"], (name, header.get("critical"))
+    else:
+        assert "critical" not in header, name
+    try:
+        fstqcodec.decode(message)
+    except fstqcodec.UnknownSchemaError as exc:
+        assert exc.digest == header["schema"], name
+    else:
+        raise AssertionError(f"{name}: decoded without its schema")
+
+
+def check_features(name: str, message: bytes, schemas=()):
     if name not in FEATURES:
         return
     header_encoding, kinds, needs_codebook = FEATURES[name]
-    facts = fstqcodec.inspect(message)
+    facts = fstqcodec.inspect(message, schemas=[fstqcodec.Schema(t) for t in schemas])
     if header_encoding is not None:
         assert facts["header_encoding"] == header_encoding, name
     assert kinds <= {c[0] for c in facts["contexts"]}, (name, facts["contexts"])
@@ -1028,9 +1206,9 @@ def check_features(name: str, message: bytes):
         assert any(c[0] in ("packed", "rans") and c[2] is not None for c in facts["contexts"]), name
 
 
-def check_matches_reference(expected: list, message: bytes, name: str):
+def check_matches_reference(expected: list, message: bytes, name: str, schemas=()):
     """fstqcodec.decode must give exactly the spec decoder's tensors."""
-    decoded = fstqcodec.decode(message)
+    decoded = fstqcodec.decode(message, schemas=[fstqcodec.Schema(t) for t in schemas])
     assert list(decoded) == [e[0] for e in expected], name
     for tensor_name, dtype, shape, raw in expected:
         array = decoded[tensor_name]
@@ -1066,19 +1244,23 @@ def generate(out: Path) -> dict:
             "Valid vectors: decoding 'file' must give exactly 'tensors' (in this order): dtype, shape, and the "
             "little-endian bytes of the values (bfloat16 as 16-bit patterns) given as 'hex' (when short) and "
             "always as the array 'npz_key' of the file 'values' and by their sha256. Invalid vectors: decoding "
-            "must raise 'error' (a DecodeError subclass, FORMAT.md section 10) and nothing else. Every file's "
-            "sha256 is listed."
+            "must raise 'error' (a DecodeError subclass, FORMAT.md section 13.1) and nothing else. An entry with "
+            "'schemas' (valid or invalid) is decoded with those schemas known to the decoder (FORMAT.md section 5.8): "
+            "each is a tensor list [[name, dtype, shape, block_size], ...] with its 16-byte 'digest' in hex. Every "
+            "file's sha256 is listed."
         ),
         "valid": [],
         "invalid": [],
     }
     seen = set()
-    for name, description, message in valid_vectors():
+    for name, description, message, *schema in valid_vectors():
         assert name not in seen
         seen.add(name)
-        check_features(name, message)
-        expected = spec_decode(message)
-        check_matches_reference(expected, message, name)
+        schemas = schema  # zero or one tensor list
+        check_features(name, message, schemas)
+        check_schema_use(name, message, schemas)
+        expected = spec_decode(message, schemas)
+        check_matches_reference(expected, message, name, schemas)
         file = f"valid/{name}.fstq"
         (out / file).write_bytes(message)
         arrays = {}
@@ -1099,9 +1281,11 @@ def generate(out: Path) -> dict:
                 "values": values_file,
                 "values_sha256": sha256(values),
                 "tensors": tensors,
+                **schemas_entry(schemas),
             }
         )
-    for name, description, error, why, message in invalid_vectors():
+    for name, description, error, why, message, *schemas in invalid_vectors():
+        schemas = schemas[0] if schemas else []
         assert name not in seen, name
         seen.add(name)
         file = f"invalid/{name}.fstq"
@@ -1109,14 +1293,22 @@ def generate(out: Path) -> dict:
         assert issubclass(error_class, fstqcodec.DecodeError)
         if file not in REFERENCE_DECODER_GAPS:
             try:
-                fstqcodec.decode(message)
+                fstqcodec.decode(message, schemas=[fstqcodec.Schema(t) for t in schemas])
             except fstqcodec.DecodeError as exc:
                 assert type(exc) is error_class, f"{name}: expected {error}, fstqcodec raised {type(exc).__name__}: {exc}"
             else:
                 raise AssertionError(f"{name}: fstqcodec decoded an invalid vector")
         (out / file).write_bytes(message)
         manifest["invalid"].append(
-            {"file": file, "sha256": sha256(message), "size": len(message), "description": description, "error": error, "why": why}
+            {
+                "file": file,
+                "sha256": sha256(message),
+                "size": len(message),
+                "description": description,
+                "error": error,
+                "why": why,
+                **schemas_entry(schemas),
+            }
         )
     text = json.dumps(manifest, indent=1, ensure_ascii=True) + "\n"
     (out / "manifest.json").write_text(text, encoding="utf-8", newline="\n")

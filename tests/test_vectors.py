@@ -30,14 +30,7 @@ MANIFEST_PATH = VECTORS / "manifest.json"
 #: Invalid vectors the reference decoder does not reject as FORMAT.md requires (Appendix B of the
 #: spec lists them). Strict xfail: once the decoder is fixed, the test turns red until the entry
 #: is removed from here and from REFERENCE_DECODER_GAPS in make_vectors.py.
-KNOWN_DECODER_GAPS = {
-    "invalid/tensor_dtype_not_a_string.fstq": "decoder leaks TypeError on an unhashable dtype",
-    "invalid/raw_format_not_a_string.fstq": "decoder leaks TypeError on an unhashable raw format",
-    "invalid/zero_context_section_not_zstd.fstq": "decoder never reads the section of a zero context",
-    "invalid/section_skippable_zstd_frame.fstq": "decoder accepts a skippable zstd frame as an empty section",
-    "invalid/header_duplicate_key.fstq": "decoder lets the last duplicate header key win",
-    "invalid/header_nested_binary_key.fstq": "decoder accepts bin map keys inside unknown header keys",
-}
+KNOWN_DECODER_GAPS: dict = {}
 
 _NUMPY_DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "<u2"}
 
@@ -69,6 +62,16 @@ def rans_backend(request, monkeypatch):
             pytest.skip("no rANS accelerator: the default run already uses the numpy decoder")
         monkeypatch.setattr(rans, "_speedups", None)
     return request.param
+
+
+def _schemas(entry) -> list:
+    """The schemas (FORMAT.md 5.8) the decoder is given for this vector, checked against their digests."""
+    schemas = []
+    for listed in entry.get("schemas", []):
+        schema = fstqcodec.Schema(listed["tensors"])
+        assert schema.digest.hex() == listed["digest"], f"{entry['file']}: Schema digest differs from the manifest's"
+        schemas.append(schema)
+    return schemas
 
 
 def _as_le_bytes(array: np.ndarray, dtype: str) -> bytes:
@@ -127,7 +130,7 @@ def test_no_unlisted_files_in_vectors():
 @pytest.mark.parametrize("entry", VALID, ids=[e["file"] for e in VALID])
 def test_valid_vector_decodes_bit_exactly(entry, rans_backend):
     data = _read(entry["file"])
-    decoded = fstqcodec.decode(data)
+    decoded = fstqcodec.decode(data, schemas=_schemas(entry))
     expected_names = [t["name"] for t in entry["tensors"]]
     assert list(decoded) == expected_names
     with np.load(VECTORS / entry["values"], allow_pickle=False) as values:
@@ -147,14 +150,14 @@ def test_valid_vector_decodes_bit_exactly(entry, rans_backend):
 def test_valid_vector_decodes_within_minimum_limits(entry):
     """The vectors are small: every conforming decoder, even one at MINIMUM_LIMITS, must read them."""
     data = _read(entry["file"])
-    decoded = fstqcodec.decode(data, limits=fstqcodec.MINIMUM_LIMITS)
+    decoded = fstqcodec.decode(data, limits=fstqcodec.MINIMUM_LIMITS, schemas=_schemas(entry))
     for tensor in entry["tensors"]:
         assert _sha256(_as_le_bytes(decoded[tensor["name"]], tensor["dtype"])) == tensor["sha256"]
 
 
 @pytest.mark.parametrize("entry", VALID, ids=[e["file"] for e in VALID])
 def test_valid_vector_inspect_agrees_with_manifest(entry):
-    facts = fstqcodec.inspect(_read(entry["file"]))
+    facts = fstqcodec.inspect(_read(entry["file"]), schemas=_schemas(entry))
     assert facts["version"].startswith("1.")
     assert facts["size"] == entry["size"]
     assert [(t["name"], t["dtype"], t["shape"]) for t in facts["tensors"]] == [
@@ -181,8 +184,32 @@ def test_invalid_vector_raises_its_error(entry, rans_backend):
     data = _read(entry["file"])
     expected = getattr(fstqcodec, entry["error"])
     with pytest.raises(fstqcodec.DecodeError) as caught:
-        fstqcodec.decode(data)
+        fstqcodec.decode(data, schemas=_schemas(entry))
     assert type(caught.value) is expected, f"{entry['file']}: raised {type(caught.value).__name__}: {caught.value}"
+
+
+SCHEMA_VALID = [e for e in VALID if e.get("schemas")]
+
+
+def test_manifest_has_schema_vectors():
+    assert len(SCHEMA_VALID) >= 2
+    assert any(e.get("schemas") and e["error"] == "UnknownSchemaError" for e in INVALID)
+    for entry in [e for e in VALID + INVALID if "schemas" in e]:
+        for listed in entry["schemas"]:
+            assert len(bytes.fromhex(listed["digest"])) == 16
+            assert all(len(t) == 4 for t in listed["tensors"])
+
+
+@pytest.mark.parametrize("entry", SCHEMA_VALID, ids=[e["file"] for e in SCHEMA_VALID])
+def test_schema_vector_needs_its_schema(entry):
+    """Without its schema a decoder cannot know the tensors: UnknownSchemaError carrying the digest."""
+    data = _read(entry["file"])
+    digest = bytes.fromhex(entry["schemas"][0]["digest"])
+    other = fstqcodec.Schema([("other", "float32", [1], 1)])
+    for schemas in (None, [other]):
+        with pytest.raises(fstqcodec.UnknownSchemaError) as caught:
+            fstqcodec.decode(data, schemas=schemas)
+        assert caught.value.digest == digest
 
 
 def test_known_gaps_are_in_the_manifest():

@@ -24,7 +24,7 @@ import os
 
 from ..errors import BadFormatError, TrailingDataError
 
-__all__ = ["RANS_L", "normalize_frequencies", "encode", "decode", "estimate_bits", "choose_lanes", "ACCELERATED"]
+__all__ = ["RANS_L", "MAX_STEPS", "normalize_frequencies", "encode", "decode", "estimate_bits", "choose_lanes", "min_lanes", "ACCELERATED"]
 
 # The C accelerator (fstqcodec/_speedups.c) produces the same bytes as the numpy code below, which
 # stays the reference and the fallback. FSTQ_PURE_PYTHON=1 forces the fallback.
@@ -42,10 +42,20 @@ RANS_L = 1 << 16
 _WORD_MASK = np.uint64(0xFFFF)
 
 
+#: A stream may take at most this many steps (symbols per lane): ``lanes >= ceil(count / MAX_STEPS)``.
+#: It bounds the work of decoders that loop over steps, such as the numpy fallback here.
+MAX_STEPS = 65536
+
+
+def min_lanes(count: int) -> int:
+    """The fewest lanes a stream of ``count`` symbols may use."""
+    return max(1, -(-count // MAX_STEPS))
+
+
 def choose_lanes(count: int) -> int:
     """Lanes the encoder uses for ``count`` symbols: enough for speed, few enough that the
-    4 bytes of state per lane stay a small fraction of the stream."""
-    return int(min(4096, max(1, count // 2048)))
+    4 bytes of state per lane stay a small fraction of the stream (about 1 per 2048 symbols)."""
+    return int(min(65536, max(min_lanes(count), min(4096, count // 2048))))
 
 
 def normalize_frequencies(counts: np.ndarray, prob_bits: int) -> np.ndarray:
@@ -147,9 +157,9 @@ def decode(data, count: int, freqs: np.ndarray, prob_bits: int, lanes: int) -> n
         try:
             out = _speedups.rans_decode(data, count, table, prob_bits, lanes)
         except ValueError as exc:
-            code, message = exc.args if len(exc.args) == 2 else ("format", str(exc))
+            code, message, extra = exc.args if len(exc.args) == 3 else ("format", str(exc), 0)
             if code == "trailing":
-                raise TrailingDataError(message, extra=0) from None
+                raise TrailingDataError(message, extra=extra) from None
             raise BadFormatError(message) from None
         return np.frombuffer(out, dtype=np.uint8)
     return decode_numpy(data, count, freqs, prob_bits, lanes)

@@ -56,6 +56,8 @@ ENCODING_NONE = "none"
 ENCODING_ZSTD = "zstd"
 SECTION_ENCODINGS = (ENCODING_NONE, ENCODING_ZSTD)
 
+_ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
+
 # A fixed zstd level keeps the bytes deterministic for a given zstandard library version.
 _ZSTD_LEVEL = 3
 
@@ -138,6 +140,9 @@ def _zstd_decompress_exact(stored, decoded_length: int, what: str, offset: int) 
     claims gigabytes (or lies about its size) never gets to allocate them.
     """
     stored = bytes(stored)
+    if stored[:4] != _ZSTD_FRAME_MAGIC:
+        # Also refuses skippable frames, whose "content size" reads as 0.
+        raise BadFormatError(f"{what}: not a zstd frame (bad frame magic)", offset=offset)
     try:
         declared = zstandard.frame_content_size(stored)
     except zstandard.ZstdError:
@@ -256,6 +261,18 @@ def read_container(data, limits: Limits) -> Container:
     )
 
 
+def _map_from_pairs(pairs):
+    """Build a header map, refusing what a plain dict would silently accept."""
+    result = {}
+    for key, value in pairs:
+        if not isinstance(key, str):
+            raise BadFormatError(f"header map key {key!r} is not a string")
+        if key in result:
+            raise BadFormatError(f"header map repeats the key {key!r}")
+        result[key] = value
+    return result
+
+
 def _refuse_ext(code, payload):
     raise BadFormatError(f"header uses msgpack extension type {code}, which the format forbids")
 
@@ -275,6 +292,7 @@ def unpack_header(header_bytes: bytes, offset: int) -> dict:
             max_map_len=n // 2,
             max_ext_len=0,
             ext_hook=_refuse_ext,
+            object_pairs_hook=_map_from_pairs,
         )
     except BadFormatError:
         raise

@@ -12,7 +12,11 @@ import math
 
 import numpy as np
 
-from ..errors import BadFormatError, LimitExceededError, UnsupportedFeatureError
+import hashlib
+
+import msgpack
+
+from ..errors import BadFormatError, LimitExceededError, UnknownSchemaError, UnsupportedFeatureError
 from ..limits import Limits
 from .container import ENCODING_NONE, SECTION_ENCODINGS, Section
 
@@ -25,6 +29,7 @@ __all__ = [
     "Layout",
     "build_header",
     "parse_header",
+    "Schema",
 ]
 
 #: Tensor dtypes a message may declare, with the numpy dtype ``decode`` returns for each.
@@ -44,7 +49,8 @@ QUANTIZED_WIDTHS = range(1, 9)
 
 MAX_BLOCK_SIZE = 65536
 MAX_CONTEXTS = 256
-KNOWN_FIELDS = frozenset({"tensors", "contexts", "codebooks", "sections", "meta", "critical"})
+KNOWN_FIELDS = frozenset({"tensors", "schema", "contexts", "codebooks", "sections", "meta", "critical"})
+SCHEMA_DIGEST_SIZE = 16
 SECTION_KINDS_FIXED = ("blocks", "scales")
 
 
@@ -127,17 +133,72 @@ class Layout:
         return sum(t.size for t in self.tensors)
 
 
-def build_header(layout: Layout, section_table: list) -> dict:
-    """The header map for ``layout``; ``section_table`` is ``[[kind, stored, encoding, decoded], ...]``."""
-    header = {
-        "tensors": [[t.name, t.dtype, list(t.shape), t.block_size] for t in layout.tensors],
-        "contexts": [c.to_wire() for c in layout.contexts],
-    }
+def _tensor_entries(tensors) -> list:
+    return [[t.name, t.dtype, list(t.shape), t.block_size] for t in tensors]
+
+
+class Schema:
+    """The tensor list of a model (names, dtypes, shapes, block sizes), shared by both ends.
+
+    A message encoded with ``schema=`` carries the schema's 16-byte digest instead of its tensor
+    list, which saves the names (often most of a sub-bit message's header); the decoder must be
+    given the same schema. Build it once per model on each side, e.g. ``Schema.of(update)``.
+
+    Parameters
+    ----------
+    tensors : list of (name, dtype, shape, block_size)
+        dtype is ``"float32"``, ``"float16"``, ``"bfloat16"`` or ``"float64"``.
+    """
+
+    def __init__(self, tensors):
+        self.tensors = [TensorSpec(str(n), str(d), tuple(int(x) for x in s), int(b)) for n, d, s, b in tensors]
+        seen = set()
+        for spec in self.tensors:
+            if not spec.name or spec.name in seen:
+                raise ValueError(f"schema tensor names must be non-empty and unique: {spec.name!r}")
+            seen.add(spec.name)
+            if spec.dtype not in DTYPES:
+                raise ValueError(f"schema tensor {spec.name!r}: dtype {spec.dtype!r} is not one of {sorted(DTYPES)}")
+            if any(d < 0 for d in spec.shape) or not 1 <= spec.block_size <= MAX_BLOCK_SIZE:
+                raise ValueError(f"schema tensor {spec.name!r}: bad shape {spec.shape} or block size {spec.block_size}")
+        canonical = msgpack.packb(_tensor_entries(self.tensors), use_bin_type=True)
+        self.digest = hashlib.sha256(canonical).digest()[:SCHEMA_DIGEST_SIZE]
+
+    @classmethod
+    def of(cls, tensors, *, block_size: int = 64) -> "Schema":
+        """The schema of a mapping of names to arrays (numpy or torch), in its order."""
+        entries = []
+        for name, value in tensors.items():
+            dtype = str(value.dtype).replace("torch.", "")
+            entries.append((name, dtype, tuple(value.shape), block_size))
+        return cls(entries)
+
+    def __eq__(self, other):
+        return isinstance(other, Schema) and self.digest == other.digest
+
+    def __hash__(self):
+        return hash(self.digest)
+
+    def __repr__(self):
+        return f"Schema({len(self.tensors)} tensors, digest={self.digest.hex()})"
+
+
+def build_header(layout: Layout, section_table: list, *, schema: "Schema | None" = None) -> dict:
+    """The header map for ``layout``; ``section_table`` is ``[[kind, stored, encoding, decoded], ...]``.
+
+    With ``schema``, the tensor list is replaced by the schema's digest (marked must-understand).
+    """
+    if schema is not None:
+        header = {"schema": schema.digest, "contexts": [c.to_wire() for c in layout.contexts]}
+    else:
+        header = {"tensors": _tensor_entries(layout.tensors), "contexts": [c.to_wire() for c in layout.contexts]}
     if layout.codebooks:
         header["codebooks"] = [np.asarray(levels, dtype="<f4").tobytes() for levels in layout.codebooks]
     header["sections"] = section_table
     if layout.meta:
         header["meta"] = layout.meta
+    if schema is not None:
+        header["critical"] = ["schema"]
     return header
 
 
@@ -176,6 +237,7 @@ def _parse_tensors(raw, limits: Limits) -> list:
     tensors = []
     seen = set()
     output_bytes = 0
+    blocks = 0
     for index, entry in enumerate(entries):
         what = f"tensor #{index}"
         if not isinstance(entry, list) or len(entry) != 4:
@@ -187,7 +249,7 @@ def _parse_tensors(raw, limits: Limits) -> list:
         if name in seen:
             _fail(f"duplicate tensor name {name!r}")
         seen.add(name)
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             _fail(f"{what} ({name!r}): unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
         shape = _list(shape, f"{what} shape")
         _check_limit("max_ndim", limits.max_ndim, len(shape), f"{what} ({name!r}) rank")
@@ -199,6 +261,8 @@ def _parse_tensors(raw, limits: Limits) -> list:
         # Python ints: a 10**12-element shape is caught here, not by an overflowing allocation.
         output_bytes += spec.size * DTYPES[dtype].itemsize
         _check_limit("max_output_size", limits.max_output_size, output_bytes, "decoded size of the tensors")
+        blocks += spec.num_blocks
+        _check_limit("max_blocks", limits.max_blocks, blocks, "block count")
         tensors.append(spec)
     return tensors
 
@@ -236,7 +300,7 @@ def _parse_context(entry, index: int, codebooks: list, limits: Limits) -> Contex
             _fail(f"{what}: a zero context has no parameters")
         return Context("zero")
     if kind == "raw":
-        if len(entry) != 2 or entry[1] not in RAW_FORMATS:
+        if len(entry) != 2 or not isinstance(entry[1], str) or entry[1] not in RAW_FORMATS:
             _fail(f"{what}: a raw context is ['raw', format] with format in {sorted(RAW_FORMATS)}")
         return Context("raw", width=8 * RAW_FORMATS[entry[1]], raw_format=entry[1])
     if kind not in ("packed", "rans"):
@@ -289,7 +353,7 @@ def _parse_sections(raw, context_count: int, body_offset: int, body_length: int)
         stored, encoding, decoded = entry[1], entry[2], entry[3]
         if not _is_int(stored) or stored < 0 or not _is_int(decoded) or decoded < 0:
             _fail(f"{what}: lengths must be non-negative integers")
-        if encoding not in SECTION_ENCODINGS:
+        if not isinstance(encoding, str) or encoding not in SECTION_ENCODINGS:
             _fail(f"{what}: unknown encoding {encoding!r}")
         if encoding == ENCODING_NONE and stored != decoded:
             _fail(f"{what}: unencoded section with stored length {stored} != decoded length {decoded}")
@@ -314,12 +378,29 @@ def _parse_meta(raw) -> dict:
     return raw
 
 
-def parse_header(header: dict, limits: Limits, *, body_offset: int, body_length: int) -> Layout:
+def _resolve_schema(digest, schemas) -> list:
+    if not isinstance(digest, bytes) or len(digest) != SCHEMA_DIGEST_SIZE:
+        _fail(f"schema must be a {SCHEMA_DIGEST_SIZE}-byte binary digest")
+    candidates = [] if schemas is None else [schemas] if isinstance(schemas, Schema) else list(schemas)
+    for schema in candidates:
+        if not isinstance(schema, Schema):
+            raise TypeError(f"schemas must be fstqcodec.Schema objects, got {type(schema).__name__}")
+        if schema.digest == digest:
+            return _tensor_entries(schema.tensors)
+    raise UnknownSchemaError(
+        f"message names its tensors by schema {digest.hex()}; pass the matching fstqcodec.Schema as schemas=",
+        digest=digest,
+    )
+
+
+def parse_header(header: dict, limits: Limits, *, body_offset: int, body_length: int, schemas=None) -> Layout:
     """Validate an untrusted header map (spec 5, steps 10-14).
+
+    ``schemas`` (a :class:`Schema` or several) resolves a header that names its tensors by digest.
 
     Raises
     ------
-    BadFormatError, LimitExceededError, UnsupportedFeatureError
+    BadFormatError, LimitExceededError, UnsupportedFeatureError, UnknownSchemaError
     """
     for key in header:
         if not isinstance(key, str):
@@ -334,10 +415,13 @@ def parse_header(header: dict, limits: Limits, *, body_offset: int, body_length:
                     f"header field {name!r} is marked must-understand and this decoder does not know it",
                     feature=name,
                 )
-    for key in ("tensors", "contexts", "sections"):
+    for key in ("contexts", "sections"):
         if key not in header:
             _fail(f"missing required field {key!r}")
-    tensors = _parse_tensors(header["tensors"], limits)
+    if ("tensors" in header) == ("schema" in header):
+        _fail("exactly one of 'tensors' and 'schema' must be present")
+    raw_tensors = header["tensors"] if "tensors" in header else _resolve_schema(header["schema"], schemas)
+    tensors = _parse_tensors(raw_tensors, limits)
     codebooks = _parse_codebooks(header.get("codebooks"), limits)
     raw_contexts = _list(header["contexts"], "contexts")
     _check_limit("max_contexts", min(limits.max_contexts, MAX_CONTEXTS), len(raw_contexts), "context count")
