@@ -64,6 +64,8 @@ def _as_array(name: str, value):
             return "bfloat16", tensor.float().numpy()
         value = tensor.numpy()
     array = np.asarray(value)
+    if array.dtype.kind == "f" and not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
     dtype_name = _NUMPY_DTYPES.get(array.dtype)
     if dtype_name is None:
         raise EncodeError(
@@ -256,7 +258,7 @@ def fixed_plan(source: Input, *, bits: int | None, codebook, rounding: str, rng)
     if codebook is not None:
         levels = resolve_codebook(codebook)
         top = float(np.max(np.abs(levels)))
-        scale_bits = to_bf16_bits(absmax[rows] / top, mode="up")
+        scale_bits = _scales_within_range(absmax[rows], top, _dtype_max_rows(source, rows))
         normalized = block / from_bf16_bits(scale_bits)[:, None]
         midpoints = (levels[1:] + levels[:-1]) / 2
         codes = np.searchsorted(midpoints, normalized).astype(np.int8)
@@ -266,7 +268,7 @@ def fixed_plan(source: Input, *, bits: int | None, codebook, rounding: str, rng)
         hist_codes = codes.astype(np.int64)  # level indices, histogram without the +128 offset
     else:
         top = (1 << (bits - 1)) - 1
-        scale_bits = to_bf16_bits(absmax[rows] / top, mode="up")
+        scale_bits = _scales_within_range(absmax[rows], top, _dtype_max_rows(source, rows))
         codes = np.clip(_round(block / from_bf16_bits(scale_bits)[:, None], rounding, rng), -top, top).astype(np.int8)
         width = bits
         zero_symbol = 128
@@ -278,6 +280,31 @@ def fixed_plan(source: Input, *, bits: int | None, codebook, rounding: str, rng)
     plan.class_hist = np.bincount(hist_codes.reshape(-1), minlength=256)[None, :].astype(np.int64)
     _finish_histograms(plan, source, zero_symbol)
     return plan
+
+
+#: Largest finite magnitude per tensor dtype. A reconstructed value above it would decode to inf
+#: (which decoders reject), so the encoder never writes a code whose value exceeds it.
+_DTYPE_MAX = {
+    "float16": 65504.0,
+    "bfloat16": float(np.array(0x7F7F0000, np.uint32).view(np.float32)),
+    "float32": float(np.finfo(np.float32).max),
+    "float64": float(np.finfo(np.float32).max),  # lossy coding works in float32
+}
+
+
+def _dtype_max_rows(source: "Input", rows: np.ndarray) -> np.ndarray:
+    per_tensor = np.array([_DTYPE_MAX[s.dtype] for s in source.specs], dtype=np.float64)
+    return per_tensor[source.block_tensor[rows]] if len(per_tensor) else np.zeros(0)
+
+
+def _scales_within_range(values: np.ndarray, top_level: float, dtype_max: np.ndarray) -> np.ndarray:
+    """bfloat16 absmax scales (``values / top_level`` rounded up, so nothing clips), rounded down
+    instead where the top level times the rounded-up scale would exceed the dtype's range."""
+    bits = to_bf16_bits(values / top_level, mode="up")
+    over = top_level * from_bf16_bits(bits).astype(np.float64) > dtype_max
+    if over.any():
+        bits[over] = to_bf16_bits((values[over] / top_level).astype(np.float32), mode="down")
+    return bits
 
 
 def _absmax_rows(matrix: np.ndarray) -> np.ndarray:
@@ -350,11 +377,18 @@ def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: s
     if rounding == "nearest":
         largest = np.minimum(np.floor(top + offset), 127).astype(np.int64)
     else:
-        largest = np.minimum(np.floor(top) + 1, 127).astype(np.int64)
+        # floor(v + U) reaches floor(|v|) + 1 at most; on the negative side that can be -128.
+        largest = np.minimum(np.floor(top) + 1, 128).astype(np.int64)
+    # Grid values beyond the dtype's range would decode to inf: cap the codes of such rows.
+    cap = np.minimum(np.floor(_dtype_max_rows(source, rows) / scales.astype(np.float64)), 128).astype(np.int64)
+    capped = largest > cap
+    largest = np.minimum(largest, cap)
     # A block whose codes are all zero is cheaper as a dropped block, and decodes the same.
     keep = largest > 0
     plan.mode[rows[~keep]] = DROP
-    rows, scale_bits, scales, keys, offset, largest = rows[keep], scale_bits[keep], scales[keep], keys[keep], offset[keep], largest[keep]
+    rows, scale_bits, scales, keys, offset, largest, capped = (
+        rows[keep], scale_bits[keep], scales[keep], keys[keep], offset[keep], largest[keep], capped[keep]
+    )
     if not len(rows):
         return plan
     class_keys, row_class = np.unique(keys, return_inverse=True)
@@ -372,12 +406,15 @@ def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: s
         else:
             # Dead-zone rounding: values just above a half step go to the smaller, cheaper code.
             codes[lo:hi] = np.copysign(np.floor(np.abs(normalized) + offset[lo:hi, None]), normalized)
+    if capped.any():
+        limit = largest[capped][:, None]
+        codes[capped] = np.clip(codes[capped], -limit, limit)
     plan.quantized_rows = rows
     plan.codes = codes
     plan.scale_bits = scale_bits
     plan.row_class = row_class
     plan.class_width = np.full(class_count, 2, dtype=np.int64)
-    np.maximum.at(plan.class_width, row_class, _signed_width(-largest, largest))
+    np.maximum.at(plan.class_width, row_class, _signed_width(-largest, np.minimum(largest, 127)))
     _class_statistics(plan, source, scales, largest, with_centroids=rounding == "nearest")
     return plan
 

@@ -695,6 +695,20 @@ def invalid_vectors():
         frame(b"\x91" * 10000 + b"\xc0", base_body),
     )
     yield (
+        "header_container_bomb",
+        "Header map whose unknown key holds 200000 empty arrays (about 200 KB, 0.3 KB once zstd-encoded).",
+        "LimitExceededError",
+        "More arrays and maps than 2*max_tensors + 3*max_contexts + 4096 at the default limits (Section 5.1 rule 8, step 8).",
+        frame(
+            b"\x84" + msgpack.packb({"tensors": base_header["tensors"]})[1:]
+            + msgpack.packb("contexts") + msgpack.packb(base_header["contexts"])
+            + msgpack.packb("sections") + msgpack.packb(base_header["sections"])
+            + msgpack.packb("x") + b"\xdd" + (200_000).to_bytes(4, "big") + b"\x90" * 200_000,
+            base_body,
+            header_encoding=1,
+        ),
+    )
+    yield (
         "header_ext_type",
         "Header map with a msgpack extension value (type 5) under an unknown key.",
         "BadFormatError",

@@ -32,6 +32,7 @@ SMALL_LIMITS = fstqcodec.Limits(
     max_ndim=8,
     max_name_length=256,
     max_output_size=4 << 20,
+    max_blocks=1 << 16,
     max_contexts=256,
     max_codebook_entries=4096,
     max_rans_lanes=4096,

@@ -19,9 +19,7 @@ FUZZ = pathlib.Path(__file__).resolve().parent.parent / "fuzz"
 TARGETS = ("fuzz_decode", "fuzz_inspect", "fuzz_roundtrip")
 
 #: crash file (target/name) -> the open bug it reproduces. Remove an entry once the bug is fixed.
-OPEN_BUGS = {
-    "fuzz_roundtrip/fixed-rate-overflow-3884c02afd39": "BUG: fixed-rate codes near a dtype's maximum decode to inf",
-}
+OPEN_BUGS: dict = {}
 
 
 def _load(target: str):

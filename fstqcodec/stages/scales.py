@@ -19,13 +19,16 @@ def to_bf16_bits(values: np.ndarray, *, mode: str = "nearest") -> np.ndarray:
     """Round positive finite float32 ``values`` to bfloat16 bit patterns (``uint16``).
 
     ``mode="nearest"`` rounds to nearest, ties to even; ``mode="up"`` rounds toward +inf, for
-    scales that must not shrink (an absmax scale that shrank would clip the block's maximum).
+    scales that must not shrink (an absmax scale that shrank would clip the block's maximum);
+    ``mode="down"`` toward zero, for scales that must not grow.
     """
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     if mode == "nearest":
         rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
     elif mode == "up":
         rounded = bits + np.uint32(0xFFFF)
+    elif mode == "down":
+        rounded = bits
     else:
         raise ValueError(f"unknown rounding mode {mode!r}")
     out = (rounded >> np.uint32(16)).astype(np.uint16)

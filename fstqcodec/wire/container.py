@@ -246,7 +246,7 @@ def read_container(data, limits: Limits) -> Container:
     else:
         header_bytes = bytes(stored)
     # 8. msgpack with every container length capped by the bytes present, no extension types.
-    header = unpack_header(header_bytes, header_offset)
+    header = unpack_header(header_bytes, header_offset, limits)
     return Container(
         major=major,
         minor=minor,
@@ -261,25 +261,56 @@ def read_container(data, limits: Limits) -> Container:
     )
 
 
-def _map_from_pairs(pairs):
-    """Build a header map, refusing what a plain dict would silently accept."""
-    result = {}
-    for key, value in pairs:
-        if not isinstance(key, str):
-            raise BadFormatError(f"header map key {key!r} is not a string")
-        if key in result:
-            raise BadFormatError(f"header map repeats the key {key!r}")
-        result[key] = value
-    return result
+def container_budget(limits: Limits) -> int:
+    """Most arrays and maps a header may hold (spec 13, step 8): two per tensor, three per
+    context, and room for the rest. Counting them while unpacking bounds the Python objects a
+    header of many tiny containers would otherwise create (64 bytes or more per header byte)."""
+    return 2 * limits.max_tensors + 3 * limits.max_contexts + 4096
+
+
+class _HeaderBuilder:
+    """msgpack hooks: build maps strictly (string keys, no repeats) and count containers."""
+
+    def __init__(self, budget: int, max_tensors: int):
+        self.budget = budget
+        self.max_tensors = max_tensors
+        self.count = 0
+
+    def _counted(self):
+        self.count += 1
+        if self.count > self.budget:
+            raise LimitExceededError(
+                f"header holds more than {self.budget} arrays and maps, more than max_tensors={self.max_tensors} "
+                "and max_contexts allow",
+                limit_name="max_tensors",
+                limit=self.max_tensors,
+                actual=self.count,
+            )
+
+    def list_hook(self, items):
+        self._counted()
+        return items
+
+    def pairs_hook(self, pairs):
+        self._counted()
+        result = {}
+        for key, value in pairs:
+            if not isinstance(key, str):
+                raise BadFormatError(f"header map key {key!r} is not a string")
+            if key in result:
+                raise BadFormatError(f"header map repeats the key {key!r}")
+            result[key] = value
+        return result
 
 
 def _refuse_ext(code, payload):
     raise BadFormatError(f"header uses msgpack extension type {code}, which the format forbids")
 
 
-def unpack_header(header_bytes: bytes, offset: int) -> dict:
-    """Unpack the header map with bounded msgpack (spec 4.1)."""
+def unpack_header(header_bytes: bytes, offset: int, limits: Limits) -> dict:
+    """Unpack the header map with bounded msgpack (spec 13, step 8)."""
     n = len(header_bytes)
+    builder = _HeaderBuilder(container_budget(limits), limits.max_tensors)
     try:
         header = msgpack.unpackb(
             header_bytes,
@@ -292,9 +323,10 @@ def unpack_header(header_bytes: bytes, offset: int) -> dict:
             max_map_len=n // 2,
             max_ext_len=0,
             ext_hook=_refuse_ext,
-            object_pairs_hook=_map_from_pairs,
+            object_pairs_hook=builder.pairs_hook,
+            list_hook=builder.list_hook,
         )
-    except BadFormatError:
+    except (BadFormatError, LimitExceededError):
         raise
     except msgpack.ExtraData as exc:
         raise TrailingDataError(
