@@ -241,7 +241,8 @@ def test_compressed_federation_matches_budget_and_fedavg():
             assert reply["stype"] == STYPE_UPDATE
             assert "fisher" not in reply["record_names"]  # Fisher never leaves the client
             shrink = plain_bytes / reply["wire_bytes"]
-            assert UPLINK_RATIO * 0.9 <= shrink <= UPLINK_RATIO * 1.5, shrink
+            # The budget caps every byte of the message; it is close to what Flower counts.
+            assert UPLINK_RATIO * 0.98 <= shrink <= UPLINK_RATIO * 1.15, shrink
 
         # Every client got the same compressed model, and it is smaller than the plain one.
         sent = strategy.sent[server_round]
