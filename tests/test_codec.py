@@ -296,6 +296,58 @@ def test_budget_stochastic_zero_frequency_symbol():
     assert weighted_error({"x": x}, {"x": decoded}) < weighted_error({"x": x}, {"x": np.zeros_like(x)})
 
 
+def _relative_error(x, decoded, weight=1.0) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.sum(weight * (x - decoded.astype(np.float64)) ** 2) / np.sum(weight * x**2))
+
+
+_SCALE_BUG = "BUG: the budget encoder drops every block when values or Fisher weights are far from 1"
+
+
+@pytest.mark.parametrize(
+    "exponent",
+    [pytest.param(-30, marks=pytest.mark.xfail(strict=True, reason=_SCALE_BUG)), -20, -10, 0, 10,
+     pytest.param(20, marks=pytest.mark.xfail(strict=True, reason=_SCALE_BUG)),
+     pytest.param(30, marks=pytest.mark.xfail(strict=True, reason=_SCALE_BUG))],
+)
+def test_budget_value_scale_invariance(exponent):
+    """Scaling the update scales the error and changes nothing else: the allocation is the same."""
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((64, 64)) * np.exp(rng.standard_normal((64, 1)))
+    budget = fstqcodec.Budget(bits_per_param=1)
+    reference = _relative_error(x.astype(np.float32), fstqcodec.decode(fstqcodec.encode({"x": x.astype(np.float32)}, budget=budget))["x"])
+    scaled = (x * 10.0**exponent).astype(np.float32)
+    message = fstqcodec.encode({"x": scaled}, budget=budget)
+    assert len(message) >= 0.95 * budget_bytes({"x": scaled}, budget)
+    assert _relative_error(scaled, fstqcodec.decode(message)["x"]) < 1.25 * reference
+
+
+@pytest.mark.parametrize(
+    "exponent",
+    [pytest.param(-300, marks=pytest.mark.xfail(strict=True, reason=_SCALE_BUG)),
+     pytest.param(-100, marks=pytest.mark.xfail(strict=True, reason=_SCALE_BUG)), -20, 0, 20,
+     pytest.param(100, marks=pytest.mark.xfail(strict=True, reason=_SCALE_BUG)),
+     pytest.param(300, marks=pytest.mark.xfail(strict=True, reason=_SCALE_BUG))],
+)
+def test_budget_fisher_scale_invariance(exponent):
+    """Only the ratios of Fisher weights matter: multiplying them all by a constant is a no-op."""
+    rng = np.random.default_rng(23)
+    x = (rng.standard_normal((64, 64)) * np.exp(rng.standard_normal((64, 1)))).astype(np.float32)
+    weight = np.exp(rng.standard_normal((64, 64)))
+    budget = fstqcodec.Budget(bits_per_param=1)
+    reference = fstqcodec.decode(fstqcodec.encode({"x": x}, budget=budget, fisher={"x": weight}))["x"]
+    decoded = fstqcodec.decode(fstqcodec.encode({"x": x}, budget=budget, fisher={"x": weight * 10.0**exponent}))["x"]
+    assert _relative_error(x, decoded, weight) < 1.25 * _relative_error(x, reference, weight)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: subnormal Fisher weights crash the allocator with ValueError('math domain error')")
+@pytest.mark.parametrize("weight", [5e-324, 1e-320], ids=["min-subnormal", "subnormal"])
+def test_budget_subnormal_fisher_weights(weight):
+    x = np.random.default_rng(24).standard_normal(4096).astype(np.float32)
+    message = fstqcodec.encode({"x": x}, budget=fstqcodec.Budget(bits_per_param=1), fisher={"x": weight})
+    assert len(message) <= 512
+
+
 # ------------------------------------------------------------------------------------------
 # Determinism and stochastic rounding
 
@@ -700,6 +752,22 @@ def test_inspect_does_not_decode_codes():
     with pytest.raises(fstqcodec.BadFormatError):
         fstqcodec.decode(message)
     assert fstqcodec.inspect(message)["tensors"][0]["name"] == "x"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: encode writes meta the decoder refuses (nested values, non-str keys)")
+@pytest.mark.parametrize("meta", [{"a": {"b": 1}}, {"a": [1, 2]}, {1: 2}], ids=["nested-map", "array", "int-key"])
+def test_meta_encode_refuses_what_decode_refuses(meta):
+    try:
+        message = fstqcodec.encode({"x": np.ones(4, np.float32)}, meta=meta)
+    except (TypeError, ValueError):
+        return  # refused at encode time: fine
+    assert fstqcodec.inspect(message)["meta"] == meta  # else it must decode
+
+
+def test_meta_scalars_round_trip():
+    meta = {"round": 3, "client": "c-7", "lr": 0.5, "ok": True, "none": None, "raw": b"\x00\xff", "big": 2**63}
+    message = fstqcodec.encode({"x": np.ones(4, np.float32)}, meta=meta)
+    assert fstqcodec.inspect(message)["meta"] == meta
 
 
 def test_limits_arguments():
