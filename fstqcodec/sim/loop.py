@@ -292,8 +292,19 @@ _WORKER_FEDERATION: _Federation | None = None
 _WORKER_QUEUE = None
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Stop this worker when the parent dies (killed runs must not leave workers burning CPU)."""
+    while True:
+        time.sleep(2.0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
 def _worker_init(config: SimConfig, queue) -> None:
     global _WORKER_FEDERATION, _WORKER_QUEUE
+    import threading
+
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _WORKER_FEDERATION = _Federation(config)
     _WORKER_QUEUE = queue
 
@@ -365,8 +376,8 @@ def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | N
         from concurrent.futures import ProcessPoolExecutor, wait
 
         context = multiprocessing.get_context("spawn")
-        manager = context.Manager()
-        updates = manager.Queue()
+        # A plain queue handed to the workers at start-up (no manager process to outlive the run).
+        updates = context.Queue()
         worker_config = dataclasses.replace(config, threads=max(1, threads // workers))
         description = {}
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
@@ -382,7 +393,6 @@ def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | N
                 for future in done:
                     name, record, description = future.result()
                     results_methods[name] = record
-        manager.shutdown()
         # Report methods in the order asked for, not the order they finished.
         results_methods = {name: results_methods[name] for name in config.methods}
     if bar is not None:
