@@ -549,3 +549,54 @@ def test_link_budget_gives_each_node_what_its_link_carries_before_the_deadline()
     assert LinkBudget(lambda node: 16_000.0, deadline_s=0.5)(7, 1).max_bytes == 1000
     with pytest.raises(ValueError):
         LinkBudget({}, deadline_s=0.0)
+
+
+class FakeGrid:
+    """Just enough of a Grid for Flower's own configure_train: the connected node ids."""
+
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+def runtime_free(strategy_class):
+    """A Flower strategy whose messages are built with make_message (Message() needs a runtime)."""
+
+    class RuntimeFree(strategy_class):
+        def _construct_messages(self, record, node_ids, message_type):
+            return [make_message(metadata(message_type, dst=node), record) for node in node_ids]
+
+    return RuntimeFree
+
+
+@pytest.mark.parametrize("strategy_name", ["FedAvg", "FedMedian", "FedAdam"])
+def test_a_wrapped_strategy_aggregates_exactly_as_it_would_the_decoded_models(strategy_name):
+    import flwr.serverapp.strategy as strategies
+
+    nodes = [11, 22, 33]
+    cls = runtime_free(getattr(strategies, strategy_name))
+    wrapped, plain = cls(min_available_nodes=3), cls(min_available_nodes=3)
+    fstq = FstqStrategy(wrapped, budget=fstqcodec.Budget(ratio=8))
+    global_arrays = record(model(0))
+    steps = [model(seed, scale=0.001) for seed in (1, 2, 3)]
+
+    messages = list(fstq.configure_train(1, global_arrays, ConfigRecord(), FakeGrid(nodes)))
+    replies = client_round(messages, [steps[nodes.index(m.metadata.dst_node_id)] for m in messages])
+    # What the clients' models are, as the server decodes them: the same strategy gets them plain.
+    decoded_models = [
+        {name: model(0)[name] + update for name, update in fstqcodec.decode(the_message(r)).items()}
+        for r in replies
+    ]
+    plain_replies = [
+        make_message(metadata(src=r.metadata.src_node_id, dst=0),
+                     RecordDict({"arrays": record(m), "metrics": MetricRecord({"num-examples": 5})}))
+        for r, m in zip(replies, decoded_models)
+    ]
+    list(plain.configure_train(1, global_arrays, ConfigRecord(), FakeGrid(nodes)))
+
+    compressed_result, _ = fstq.aggregate_train(1, replies)
+    plain_result, _ = plain.aggregate_train(1, plain_replies)
+    for name, value in tensors_of(plain_result).items():
+        np.testing.assert_allclose(tensors_of(compressed_result)[name], value, atol=1e-7)
