@@ -38,7 +38,14 @@ Fisher information from the application
 An app that estimates a diagonal Fisher (for instance with the PEFT adapter's accumulator) puts it
 in its reply as a second ``ArrayRecord`` named ``"fisher"`` (configurable), with the same names and
 shapes as the model's arrays. The mod hands it to the encoder and strips it from the reply, so it
-never leaves the client. Without it the encoder weighs every parameter alike.
+never leaves the client. Without it the encoder weighs every parameter alike. With a PEFT model::
+
+    accumulator = fstqcodec.torch.FisherAccumulator(model)     # before local training
+    ...                                                        # train as usual
+    fisher = fstqcodec.peft.adapter_fisher(accumulator, model)  # keyed like the adapter state
+    content["fisher"] = ArrayRecord({k: Array(v) for k, v in fisher.items()})
+
+``integrations/flower-app`` is a complete app built this way.
 
 FlowerTune's communication tracker
 ----------------------------------
@@ -47,7 +54,22 @@ FlowerTune's ``CommunicationTracker`` sums ``len(array.data)`` of the messages r
 that actually travel, subclass :class:`FstqStrategy` (instead of ``FedAvg``) and call the tracker
 *after* ``super().configure_train(...)`` and *before* ``super().aggregate_train(...)``; pass the
 ``FedAvg`` as the wrapped strategy. Wrapping a tracking ``FedAvg`` subclass inside
-``FstqStrategy`` instead would make it count decoded, uncompressed arrays.
+``FstqStrategy`` instead would make it count decoded, uncompressed arrays::
+
+    class FlowerTuneLlm(FstqStrategy):
+        def __init__(self, budget, **fedavg_kwargs):
+            super().__init__(FedAvg(**fedavg_kwargs), budget=budget)
+            self.comm_tracker = CommunicationTracker()
+
+        def configure_train(self, server_round, arrays, config, grid):
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+            self.comm_tracker.track(messages)  # compressed downlink (or plain, if not compressed)
+            return messages
+
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            self.comm_tracker.track(replies)  # compressed uplink, as received
+            return super().aggregate_train(server_round, replies)
 """
 
 from __future__ import annotations
