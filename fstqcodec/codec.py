@@ -94,8 +94,8 @@ def encode(
         raise ValueError(f"bits must be an int from 2 to 8, got {bits!r}")
     if sum(x is not None for x in (budget, bits, codebook)) > 1:
         raise TypeError("give at most one of budget, bits, codebook")
-    if meta is not None and not isinstance(meta, dict):
-        raise TypeError("meta must be a dict")
+    if meta is not None:
+        _check_meta(meta)
     # Non-finite intermediate values are handled explicitly; a caller's np.seterr must not turn
     # them into FloatingPointError.
     with np.errstate(all="ignore"):
@@ -123,6 +123,17 @@ def _encode(tensors, fisher, budget, block_size, bits, codebook, rounding, seed,
         raise TypeError(f"budget must be a Budget or an int number of bytes, got {type(budget).__name__}")
     limit = budget.resolve(elements=source.elements, raw_bytes=source.raw_bytes)
     return encoder.encode_to_budget(source, weights, limit, rounding=rounding, seed=seed, **options)
+
+
+def _check_meta(meta) -> None:
+    """Refuse at encode time what the decoder refuses (FORMAT.md 5.2: str keys, scalar values)."""
+    if not isinstance(meta, dict):
+        raise TypeError("meta must be a dict")
+    for key, value in meta.items():
+        if not isinstance(key, str):
+            raise TypeError(f"meta keys must be strings, got {key!r}")
+        if value is not None and not isinstance(value, (str, int, float, bool, bytes)):
+            raise TypeError(f"meta value for {key!r} must be a str, int, float, bool, bytes or None, got {type(value).__name__}")
 
 
 def _schema_difference(specs, expected) -> str:

@@ -322,11 +322,26 @@ def _signed_width(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return np.maximum(2, np.ceil(np.log2(need)).astype(np.int64) + 1)
 
 
+def _value_scale(absmax: np.ndarray) -> float:
+    """A power of two that brings the largest |x| near 1, where squares cannot overflow or
+    underflow in float32 (they do beyond about 1e19 and below about 1e-19). Multiplying by a
+    power of two is exact, and only ratios matter to the allocation."""
+    top = float(absmax.max()) if len(absmax) else 0.0
+    if top == 0.0 or 2.0**-40 < top < 2.0**40:
+        return 1.0
+    return 2.0 ** -math.frexp(top)[1]
+
+
 def block_stats(source: Input, weights: dict) -> BlockStats:
-    """Per-block statistics for the allocation."""
+    """Per-block statistics for the allocation (in float64; the sums in float32 on values
+    rescaled by a power of two when their magnitude is extreme)."""
     matrix = source.matrix
     n = source.counts
-    sum_squares = np.einsum("ij,ij->i", matrix, matrix).astype(np.float64) if len(n) else np.zeros(0)
+    absmax = _absmax_rows(matrix).astype(np.float64)
+    scale = _value_scale(absmax)
+    work = matrix if scale == 1.0 else matrix * np.float32(scale)
+    unscale = 1.0 / (scale * scale)
+    sum_squares = np.einsum("ij,ij->i", work, work).astype(np.float64) * unscale if len(n) else np.zeros(0)
     mean_square = sum_squares / np.maximum(n, 1)
     if all(np.ndim(weights[name]) == 0 for name in source.names):
         weight = np.array([weights[s.name] for s in source.specs], dtype=np.float64)[source.block_tensor]
@@ -341,11 +356,11 @@ def block_stats(source: Input, weights: dict) -> BlockStats:
                 weight[lo:hi] = w
                 energy[lo:hi] = w * sum_squares[lo:hi]
                 continue
+            # Weights arrive normalised to a maximum of 1 (policy.fisher), so float32 holds them.
             w = np.pad(np.asarray(w, dtype=np.float32).reshape(-1), (0, (-spec.size) % source.block_size))
             w = w.reshape(-1, source.block_size)
             weight[lo:hi] = w.sum(axis=1, dtype=np.float64) / np.maximum(n[lo:hi], 1)
-            energy[lo:hi] = np.einsum("ij,ij,ij->i", w, matrix[lo:hi], matrix[lo:hi])
-    absmax = _absmax_rows(matrix).astype(np.float64)
+            energy[lo:hi] = np.einsum("ij,ij,ij->i", w, work[lo:hi], work[lo:hi]).astype(np.float64) * unscale
     raw_bits = np.array([16 if s.dtype == "bfloat16" else 8 * DTYPES[s.dtype].itemsize for s in source.specs], dtype=np.int64)
     return BlockStats(count=n, weight=weight, mean_square=mean_square, weighted_energy=energy, absmax=absmax, raw_bits=raw_bits[source.block_tensor])
 
