@@ -8,6 +8,8 @@ budget is spent. Exec counts are summed over restarts.
 Usage (from the repository root)::
 
     python fuzz/run_fuzzers.py --seconds 600 [--runs 1000000] [--targets fuzz_decode ...]
+
+Exits with status 1 if any target crashed (or exited abnormally), else 0.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def main() -> None:
     log = open(args.log, "a") if args.log else sys.stderr
     print("| target | execs | seconds | crashes (restarts) | peak RSS MB |")
     print("| --- | ---: | ---: | ---: | ---: |")
+    crashed = False
     for target in args.targets:
         start = time.monotonic()
         summary = run_target(target, args.seconds, args.runs, workdir, log, args.rss_limit_mb)
@@ -92,6 +95,10 @@ def main() -> None:
         print(f"| {target} | {summary['execs']:,} | {elapsed:.0f} | {summary['crash_restarts']} | {summary['peak_rss_mb']} |", flush=True)
         for path in summary["artifacts"]:
             print(f"    crash: {path}", flush=True)
+        crashed = crashed or bool(summary["artifacts"]) or summary["crash_restarts"] > 0
+    # Non-zero when anything crashed, so a short run can gate CI (for example
+    # `python fuzz/run_fuzzers.py --seconds 20` in .ci/run).
+    sys.exit(1 if crashed else 0)
 
 
 if __name__ == "__main__":
