@@ -339,10 +339,30 @@ class Fstq(Method):
         self.uses_fisher = use_fisher
         self.bits_per_param = float(bits_per_param)
         self.options = dict(options or {})
+        # Both ends know the model, as the baselines assume: name the tensors by the schema's digest
+        # instead of listing them, which frees a few hundred header bytes for codes in a ~4 kB message.
+        self.wire_schema, self.schema_note = self._shared_schema()
+
+    def _shared_schema(self):
+        fstqcodec = self._fstqcodec
+        if not hasattr(fstqcodec, "Schema"):
+            return None, "this fstqcodec has no Schema: tensor names sent in every header"
+        block_size = int(self.options.get("block_size", 64))
+        wire_schema = fstqcodec.Schema(
+            [(name, "float32", self.schema.shapes[name], block_size) for name in self.schema.names]
+        )
+        # ErrorFeedback decodes its own message to keep the residual; older versions cannot resolve a
+        # schema digest there. Probe once and fall back to full headers rather than fail mid-run.
+        probe = {name: np.zeros(self.schema.shapes[name], np.float32) for name in self.schema.names}
+        try:
+            fstqcodec.ErrorFeedback().encode(probe, schema=wire_schema, **self.options)
+        except fstqcodec.DecodeError:
+            return None, "ErrorFeedback cannot decode schema-named messages: tensor names sent in every header"
+        return wire_schema, "tensors named by schema digest (both ends know the model)"
 
     def config(self):
         return {"name": self.name, "bits_per_param": self.bits_per_param, "fisher": self.uses_fisher,
-                "error_feedback": True, **self.options}
+                "error_feedback": True, "header": self.schema_note, **self.options}
 
     def new_client_state(self):
         return self._fstqcodec.ErrorFeedback()
@@ -358,10 +378,13 @@ class Fstq(Method):
             fisher=fisher if self.uses_fisher else None,
             budget=budget,
             seed=seed,
+            **({"schema": self.wire_schema} if self.wire_schema is not None else {}),
             **self.options,
         )
 
     def decode(self, data):
+        if self.wire_schema is not None:
+            return self._fstqcodec.decode(data, schemas=self.wire_schema)
         return self._fstqcodec.decode(data)
 
 
