@@ -14,7 +14,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fstqcodec  # noqa: E402
-from fuzzlib import FUZZ_LIMITS, message_from_input  # noqa: E402
+from fuzzlib import FUZZ_LIMITS, FUZZ_SCHEMAS, message_from_input  # noqa: E402
 
 _OUTPUT_DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
 
@@ -35,7 +35,7 @@ def check_decoded(decoded) -> None:
 def test_one_input(data: bytes) -> None:
     message = message_from_input(data)
     try:
-        decoded = fstqcodec.decode(message, limits=FUZZ_LIMITS)
+        decoded = fstqcodec.decode(message, limits=FUZZ_LIMITS, schemas=FUZZ_SCHEMAS)
     except fstqcodec.DecodeError:
         return
     check_decoded(decoded)

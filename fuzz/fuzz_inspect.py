@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fstqcodec  # noqa: E402
-from fuzzlib import FUZZ_LIMITS, message_from_input  # noqa: E402
+from fuzzlib import FUZZ_LIMITS, FUZZ_SCHEMAS, message_from_input  # noqa: E402
 
 
 def check_report(report: dict, message: bytes) -> None:
@@ -30,14 +30,14 @@ def check_report(report: dict, message: bytes) -> None:
 def test_one_input(data: bytes) -> None:
     message = message_from_input(data)
     try:
-        report = fstqcodec.inspect(message, limits=FUZZ_LIMITS)
+        report = fstqcodec.inspect(message, limits=FUZZ_LIMITS, schemas=FUZZ_SCHEMAS)
     except fstqcodec.DecodeError:
         report = None
     if report is not None:
         check_report(report, message)
     # inspect reads less than decode: whatever decode accepts, inspect must accept too.
     try:
-        decoded = fstqcodec.decode(message, limits=FUZZ_LIMITS)
+        decoded = fstqcodec.decode(message, limits=FUZZ_LIMITS, schemas=FUZZ_SCHEMAS)
     except fstqcodec.DecodeError:
         return
     assert report is not None, "decode accepted a message inspect refused"

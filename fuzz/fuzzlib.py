@@ -38,6 +38,14 @@ FUZZ_LIMITS = fstqcodec.Limits(
 )
 
 
+#: Schemas the decode and inspect targets pass to the decoder, so that messages naming their
+#: tensors by schema digest (``encode(..., schema=...)``) decode; make_corpus.py seeds with them.
+FUZZ_SCHEMAS = [
+    fstqcodec.Schema([("layer.lora_A", "float32", (8, 48), 64), ("layer.lora_B", "float32", (48, 8), 64)]),
+    fstqcodec.Schema([("w", "float16", (3, 5), 4)]),
+]
+
+
 def with_crc(message: bytes) -> bytes:
     """``message`` with its last 4 bytes replaced by the CRC-32 of everything before them."""
     if len(message) < 4:

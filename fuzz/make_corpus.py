@@ -20,7 +20,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fstqcodec  # noqa: E402
-from fuzzlib import to_mode2  # noqa: E402
+from fuzzlib import FUZZ_SCHEMAS, to_mode2  # noqa: E402
 
 
 #: Inputs above this are left out (the fuzzers run with -max_len=8192; a header bomb's mode-2 form,
@@ -52,6 +52,10 @@ def valid_messages() -> list[bytes]:
         fstqcodec.encode(update, budget=fstqcodec.Budget(bits_per_param=4), rounding="stochastic"),
         fstqcodec.encode({"big": rng.standard_normal(1 << 14).astype(np.float32)}, budget=fstqcodec.Budget(bits_per_param=0.5)),
         fstqcodec.encode({f"t{i}": rng.standard_normal(5).astype(np.float16) for i in range(12)}, block_size=2),
+        # Tensors named by schema digest (the decode and inspect targets pass FUZZ_SCHEMAS).
+        fstqcodec.encode(update, schema=FUZZ_SCHEMAS[0]),
+        fstqcodec.encode(update, schema=FUZZ_SCHEMAS[0], budget=fstqcodec.Budget(bits_per_param=3), compress_header=False),
+        fstqcodec.encode({"w": rng.standard_normal((3, 5)).astype(np.float16)}, schema=FUZZ_SCHEMAS[1], block_size=4, bits=4),
     ]
     vectors = HERE.parent / "spec" / "vectors"
     if vectors.is_dir():

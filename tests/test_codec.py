@@ -441,6 +441,15 @@ def test_fisher_invalid_raises_encode_error(fisher, tensor):
     assert info.value.tensor == tensor
 
 
+@pytest.mark.xfail(strict=True, reason="BUG (d7036c5): per-element Fisher for zero-size tensors raises ValueError from max()")
+@pytest.mark.parametrize("options", [{}, {"bits": 4}, {"budget": 1000}], ids=["lossless", "bits", "budget"])
+def test_fisher_zero_size_tensors(options):
+    # Found by replaying the fuzz_roundtrip corpus.
+    tensors = {"empty": np.zeros((0, 3), np.float32)}
+    message = fstqcodec.encode(tensors, fisher={"empty": np.zeros((0, 3))}, **options)
+    assert fstqcodec.decode(message)["empty"].shape == (0, 3)
+
+
 def test_fisher_unknown_name_and_wrong_type():
     tensors = {"a": np.ones(8, np.float32)}
     with pytest.raises(fstqcodec.EncodeError):

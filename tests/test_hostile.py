@@ -569,3 +569,64 @@ def test_inspect_raises_only_decode_errors_on_truncated_header(name):
         for function in (fstqcodec.inspect, fstqcodec.decode):
             with pytest.raises(fstqcodec.DecodeError):
                 function(message)
+
+
+# ------------------------------------------------------------------------------------------
+# Messages that name their tensors by schema digest
+
+
+SCHEMA_TENSORS = {"a": np.ones((4, 64), np.float32), "b": np.ones(3, np.float16)}
+SCHEMA = fstqcodec.Schema.of(SCHEMA_TENSORS)
+
+
+def _schema_message() -> tuple[dict, bytes]:
+    return split(fstqcodec.encode(SCHEMA_TENSORS, schema=SCHEMA, compress_header=False))
+
+
+def test_schema_message_needs_its_schema():
+    header, body = _schema_message()
+    message = reframe(header, body)
+    assert set(fstqcodec.decode(message, schemas=SCHEMA)) == {"a", "b"}
+    for function in (fstqcodec.decode, fstqcodec.inspect):
+        with pytest.raises(fstqcodec.UnknownSchemaError) as info:
+            function(message)
+        assert info.value.digest == SCHEMA.digest
+        assert isinstance(info.value, fstqcodec.DecodeError)
+    other = fstqcodec.Schema.of({"a": np.ones((4, 64), np.float32)})
+    with pytest.raises(fstqcodec.UnknownSchemaError):
+        fstqcodec.decode(message, schemas=[other])
+
+
+@pytest.mark.parametrize("digest", [b"", b"\0" * 15, b"\0" * 17, "0" * 16, 16, None, [1]], ids=repr)
+def test_schema_digest_malformed(digest):
+    header, body = _schema_message()
+    header["schema"] = digest
+    check_within_memory(reframe(header, body), expected=fstqcodec.BadFormatError)
+
+
+def test_schema_and_tensor_list_together():
+    header, body = _schema_message()
+    header["tensors"] = [["a", "float32", [4, 64], 64], ["b", "float16", [3], 64]]
+    outcome, _ = peak_allocation(fstqcodec.decode, reframe(header, body), schemas=SCHEMA)
+    assert isinstance(outcome, fstqcodec.BadFormatError)
+
+
+@pytest.mark.parametrize(
+    "entries, limit_name",
+    [
+        ([("x", "float32", (10**12,), 64)], "max_output_size"),
+        ([("x", "float32", (1 << 20,), 1)], "max_blocks"),
+        ([(f"t{i}", "float32", (1,), 1) for i in range(SMALL_LIMITS.max_tensors + 1)], "max_tensors"),
+        ([("n" * 300, "float32", (1,), 1)], "max_name_length"),
+    ],
+    ids=["1e12-elements", "1M-blocks", "too-many-tensors", "long-name"],
+)
+def test_schema_from_caller_still_bounded_by_limits(entries, limit_name):
+    """The schema is the caller's, but a message that names it must still fit the limits."""
+    schema = fstqcodec.Schema(entries)
+    header, body = _schema_message()
+    header["schema"] = schema.digest
+    outcome, peak = peak_allocation(fstqcodec.decode, reframe(header, body), limits=SMALL_LIMITS, schemas=schema)
+    assert isinstance(outcome, fstqcodec.LimitExceededError), outcome
+    assert outcome.limit_name == limit_name
+    assert peak < 4 * MiB
