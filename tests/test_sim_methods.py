@@ -233,3 +233,20 @@ def test_fstq_per_client_byte_budget_overrides_bits_per_param(schema):
     nf4 = make_method("nf4", schema, bits_per_param=0.5)
     assert nf4.encode(update, fisher=None, state=None, seed=0, budget_bytes=10) == nf4.encode(
         update, fisher=None, state=None, seed=0)
+
+
+def test_merge_results_combines_methods_of_identical_setups():
+    from fstqcodec.sim.report import merge_results
+
+    whole = _fake_results()
+    first = {**whole, "methods": {"fp32": whole["methods"]["fp32"]}}
+    second = {**whole, "methods": {k: v for k, v in whole["methods"].items() if k != "fp32"}}
+    merged = merge_results([first, second])
+    validate_results(merged)
+    assert list(merged["methods"]) == ["fp32", "fstq", "bad"]
+    assert merged["methods"]["fstq"]["summary"]["uplink_ratio_vs_fp32"] == pytest.approx(2000 / 30)
+    other = {**second, "config": {**second["config"], "alpha": 0.1}}
+    with pytest.raises(ValueError, match="alpha"):
+        merge_results([first, other])
+    with pytest.raises(ValueError, match="more than one"):
+        merge_results([first, first])

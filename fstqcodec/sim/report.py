@@ -31,7 +31,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ROUND_FIELDS", "summarize", "write_outputs", "format_table", "validate_results"]
+__all__ = ["ROUND_FIELDS", "summarize", "write_outputs", "format_table", "validate_results", "merge_results"]
 
 ROUND_FIELDS = ("round", "accuracy", "uplink_bytes", "cumulative_uplink_bytes", "downlink_bytes", "sim_time_s")
 
@@ -223,3 +223,43 @@ def write_outputs(results: dict, out_dir: str | pathlib.Path, *, plots: bool = T
     return written
 
 
+
+
+# Settings that may differ between runs whose methods are merged into one comparison.
+_MERGE_IGNORED = {"methods", "workers", "threads", "quick", "platform", "extra"}
+
+
+def merge_results(runs: list[Mapping[str, Any]]) -> dict:
+    """Combine runs of different methods under the same settings into one results record.
+
+    Used when methods were run separately (e.g. a new codec version against stored baselines).
+    Per-round accuracies and bytes do not depend on the other methods of a run, so the merge is
+    exact; summaries are recomputed against the merged fp32.
+
+    Raises
+    ------
+    ValueError
+        If the runs' settings differ (other than which methods ran), or a method appears twice.
+    """
+    if not runs:
+        raise ValueError("nothing to merge")
+    first = runs[0]
+    base = {k: v for k, v in first["config"].items() if k not in _MERGE_IGNORED}
+    merged_methods: dict[str, Any] = {}
+    for run in runs:
+        config = {k: v for k, v in run["config"].items() if k not in _MERGE_IGNORED}
+        differing = sorted(k for k in set(base) | set(config) if base.get(k) != config.get(k))
+        if differing:
+            raise ValueError(f"runs differ in settings {differing}; only runs of the same setup merge")
+        if run["target_accuracy"] != first["target_accuracy"]:
+            raise ValueError("runs have different target accuracies")
+        for name, data in run["methods"].items():
+            if name in merged_methods:
+                raise ValueError(f"method {name!r} appears in more than one run")
+            merged_methods[name] = {k: v for k, v in data.items() if k != "summary"}
+    config = dict(first["config"])
+    config["methods"] = list(merged_methods)
+    config["merged_from"] = len(runs)
+    merged = {"config": config, "target_accuracy": first["target_accuracy"],
+              "target_rule": first.get("target_rule"), "methods": merged_methods}
+    return summarize(merged)
