@@ -1,96 +1,59 @@
 """The Flower App in ``integrations/flower-app`` runs with ``flwr run`` offline, as its README says.
 
-Slow (it loads the real model in every Ray actor, about two minutes on two cores), so it runs only
-when ``FSTQ_SLOW_TESTS=1``. It follows the README: a private ``FLWR_HOME`` with a local SuperLink,
-no telemetry, no runtime dependency installation; and it stops the SuperLink that ``flwr run``
-leaves behind, by PID, checking that nothing of it survives.
+The end-to-end run is slow (it loads the real model in every Ray actor, one to two minutes on two
+cores), so it runs only when ``FSTQ_SLOW_TESTS=1``. It goes through
+``fstq_flower_app.engine.run_with_flwr``, which does what the README says: a private
+``FLWR_HOME`` with a local SuperLink, no telemetry, no runtime dependency installation; and it
+stops the SuperLink that ``flwr run`` leaves behind, by PID. The test checks that none survives.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
-import shutil
-import subprocess
 import sys
 import time
 
 import pytest
 
-if os.environ.get("FSTQ_SLOW_TESTS") != "1":
-    pytest.skip("slow: set FSTQ_SLOW_TESTS=1 to run flwr run end to end", allow_module_level=True)
-
-pytest.importorskip("flwr", minversion="1.22")
-pytest.importorskip("ray")
-pytest.importorskip("peft")
-psutil = pytest.importorskip("psutil")
-
-pytestmark = pytest.mark.slow
-
 APP_DIR = pathlib.Path(__file__).resolve().parents[1] / "integrations" / "flower-app"
+sys.path.insert(0, str(APP_DIR))  # the app's package, as `flwr run` loads it
+
+from fstq_flower_app import engine  # noqa: E402  (standard library only)
+
+slow_run = pytest.mark.skipif(
+    os.environ.get("FSTQ_SLOW_TESTS") != "1"
+    or any(importlib.util.find_spec(name) is None for name in ("flwr", "ray", "peft")),
+    reason="slow: set FSTQ_SLOW_TESTS=1 (with flwr[simulation] and the sim extra) to run flwr run",
+)
+
 NUM_SUPERNODES = 2
 
 
-def _superlink_processes(flwr_home: pathlib.Path) -> list[psutil.Process]:
-    """The local SuperLink of this FLWR_HOME (its command line names the home's database)."""
-    marker = str(flwr_home / "local-superlink")
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "flower-superlink" in cmdline and marker in cmdline:
-            found.append(process)
-    return found
-
-
-def _stop_superlink(flwr_home: pathlib.Path) -> None:
-    for process in _superlink_processes(flwr_home):
-        children = process.children(recursive=True)
-        process.terminate()
-        gone, alive = psutil.wait_procs([process, *children], timeout=20)
-        for leftover in alive:
-            leftover.kill()
-
-
+@pytest.mark.slow
+@slow_run
 def test_flwr_run_trains_with_a_compressed_uplink_and_leaves_nothing_running(tmp_path):
-    flwr = shutil.which("flwr") or str(pathlib.Path(sys.executable).with_name("flwr"))
     flwr_home = tmp_path / "flwr-home"
-    flwr_home.mkdir()
-    (flwr_home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-    )
     out_dir = tmp_path / "out"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    run_config = (
-        f'num-server-rounds=2 clients={NUM_SUPERNODES} local-steps=1 batch-size=4 '
-        f'eval-size=32 out-dir="{out_dir}"'
-    )
+    settings = {"clients": NUM_SUPERNODES, "rounds": 2, "local_steps": 1, "batch_size": 4,
+                "eval_size": 32, "methods": ("fstq",)}
+    log_path = tmp_path / "flwr.log"
     started = time.perf_counter()
-    try:
-        completed = subprocess.run(
-            [flwr, "run", str(APP_DIR), "--stream", "-c", run_config,
-             "--federation-config", f"num-supernodes={NUM_SUPERNODES}"],
-            env=env, capture_output=True, text=True, timeout=540,
-        )
-    finally:
-        _stop_superlink(flwr_home)
+    with log_path.open("w") as log:
+        record = engine.run_with_flwr(settings, out_dir, flwr_home=flwr_home, timeout_s=540,
+                                      stream_to=log)
     elapsed = time.perf_counter() - started
-    log = completed.stdout + completed.stderr
-    assert completed.returncode == 0, log[-4000:]
-    assert not _superlink_processes(flwr_home), "the local SuperLink survived"
 
-    record = json.loads((out_dir / "results.json").read_text())
+    assert not engine._processes_naming(str(flwr_home / "local-superlink")), "SuperLink survived"
+    assert "fstq.uplink-bytes" in log_path.read_text()  # Flower's own log shows the counts
+
     from fstqcodec.sim.report import validate_results
 
     validate_results(record)  # the layout `fstq simulate` writes, so the same tools read both
     assert (out_dir / "fstq.csv").exists() and (out_dir / "summary.md").exists()
+    assert json.loads((out_dir / "results.json").read_text()) == record
     rounds = record["methods"]["fstq"]["rounds"]
     assert [entry["round"] for entry in rounds] == [0, 1, 2]
     for entry in rounds[1:]:
@@ -99,3 +62,8 @@ def test_flwr_run_trains_with_a_compressed_uplink_and_leaves_nothing_running(tmp
         # 0.5 bit per parameter against 32-bit floats: Flower counted > 30x fewer uplink bytes.
         assert entry["uplink_bytes"] * 30 < entry["downlink_bytes"], entry
     print(f"flwr run finished in {elapsed:.0f} s")
+
+
+def test_run_config_refuses_methods_the_app_does_not_run():
+    with pytest.raises(ValueError, match="fstq"):
+        engine.run_config_for({"methods": ("fp32", "fstq")}, "/tmp/out")
