@@ -705,6 +705,30 @@ def test_error_feedback_encode_error_leaves_residual():
     ef.encode({"w": np.ones(10, np.float32)})
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: a tensor absent from one round's update loses its residual for good")
+def test_error_feedback_keeps_residual_of_absent_tensor():
+    ef = fstqcodec.ErrorFeedback()
+    budget = fstqcodec.Budget(bits_per_param=2)
+    a = np.random.default_rng(25).standard_normal(4096).astype(np.float32)
+    ef.encode({"a": a, "b": a.copy()}, budget=budget)
+    held = ef.residual["b"].copy()
+    assert np.any(held != 0)
+    ef.encode({"a": a}, budget=budget)  # this round's update does not touch "b"
+    assert "b" in ef.residual, "the error owed on 'b' was thrown away"
+    np.testing.assert_array_equal(ef.residual["b"], held)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: with nonfinite='zero' the residual keeps the NaN/inf, poisoning every later round")
+def test_error_feedback_nonfinite_zero_keeps_residual_finite():
+    ef = fstqcodec.ErrorFeedback()
+    x = np.random.default_rng(26).standard_normal(4096).astype(np.float32)
+    x[[0, 5]] = [np.nan, np.inf]
+    ef.encode({"a": x}, bits=4, nonfinite="zero")
+    assert np.all(np.isfinite(ef.residual["a"]))
+    # The next, clean update must encode under the default nonfinite='error'.
+    ef.encode({"a": np.ones(4096, np.float32)}, bits=4)
+
+
 # ------------------------------------------------------------------------------------------
 # inspect
 
