@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in all (default: all cores)")
     parser.add_argument("--workers", type=int, default=None,
                         help="methods run in parallel processes, threads shared among them "
-                             "(default: min(methods, threads); 1 = in this process)")
+                             "(default: min(methods, 2 x threads); 1 = in this process)")
     parser.add_argument("--text-column", default="text", help="text column of an hf: dataset")
     parser.add_argument("--label-column", default="label", help="label column of an hf: dataset")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -328,9 +328,9 @@ def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | N
     progress : bool
         Show a tqdm progress bar.
     workers : int, optional
-        Methods run in this many processes at once, each with ``threads / workers`` torch threads
-        (small LoRA batches use one thread far better than two, so two processes on two cores finish
-        sooner than one). Default: ``min(len(methods), cpu_count)``; 1 runs in this process.
+        Methods run in this many processes at once, each with ``max(1, threads // workers)`` torch
+        threads (small LoRA batches use one thread far better than two, so parallel single-threaded
+        processes finish sooner). Default: ``min(len(methods), 2 * threads)``; 1 runs in this process.
 
     Returns
     -------
@@ -349,7 +349,9 @@ def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | N
     started = time.perf_counter()
     cpus = max(1, os.cpu_count() or 1)
     threads = config.threads or cpus
-    workers = workers or min(len(config.methods), threads)
+    # One single-threaded process per method, up to twice the threads: small LoRA batches scale
+    # poorly across threads, and a method left alone on one thread would leave the other core idle.
+    workers = workers or min(len(config.methods), 2 * threads)
     workers = max(1, min(workers, len(config.methods)))
     bar = None
     if progress:
