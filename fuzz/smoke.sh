@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# A short fuzz run of every target for CI (about a minute in all): fails if any target crashes.
+# The long runs are by hand (fuzz/README.md records their exec counts).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! python -c "import atheris" 2>/dev/null; then
+  echo "fuzz/smoke.sh: atheris is not installed (pip install atheris); skipping the fuzz run" >&2
+  exit 0
+fi
+seconds="${FSTQ_FUZZ_SMOKE_SECONDS:-20}"
+workdir="$(mktemp -d)"
+trap 'rm -rf "$workdir"' EXIT
+python fuzz/run_fuzzers.py --seconds "$seconds" --workdir "$workdir" --log "$workdir/libfuzzer.log" || {
+  status=$?
+  echo "fuzz/smoke.sh: a target crashed; inputs are in fuzz/crashes-new/. libFuzzer's output:" >&2
+  tail -n 60 "$workdir/libfuzzer.log" >&2
+  exit "$status"
+}
