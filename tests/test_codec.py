@@ -793,6 +793,20 @@ def test_meta_scalars_round_trip():
     assert fstqcodec.inspect(message)["meta"] == meta
 
 
+@pytest.mark.parametrize("options", [{}, {"bits": 4}, {"budget": 300}], ids=["lossless", "bits", "budget"])
+def test_decoded_arrays_are_independent_and_writeable(options):
+    tensors = {"a": np.arange(256, dtype=np.float32), "b": np.linspace(-1, 1, 64, dtype=np.float16)}
+    message = fstqcodec.encode(tensors, **options)
+    first = fstqcodec.decode(message)
+    expected_b = first["b"].copy()
+    for array in first.values():
+        assert array.flags.writeable
+        array[...] = 7
+    second = fstqcodec.decode(message)
+    assert not np.any(second["a"] == 7) or options  # lossy codes may land on 7; lossless cannot
+    assert bits_of(second["b"]) == bits_of(expected_b), "decoding twice must not share buffers"
+
+
 def test_limits_arguments():
     with pytest.raises(ValueError):
         fstqcodec.Limits(max_tensors=0)
