@@ -63,17 +63,26 @@ class ErrorFeedback:
                         f"tensor {name!r} has shape {array.shape}, its residual {previous.shape}; call reset() after a model change"
                     )
                 array += previous
+            if options.get("nonfinite") == "zero":
+                # The encoder replaces NaN/inf with 0; so does the memory, or they would come
+                # back in every later round.
+                array[~np.isfinite(array)] = 0
             corrected[name] = array
         message = encode(corrected, fisher=fisher, budget=budget, **options)
-        decoded = decode(message)
-        self.residual = {name: corrected[name] - decoded[name].astype(corrected[name].dtype) for name in corrected}
-        self._last_corrected = corrected
+        decoded = decode(message, schemas=options.get("schema"))
+        # Tensors absent from this update keep their residual for a later one.
+        residual = dict(self.residual)
+        residual.update({name: corrected[name] - decoded[name].astype(corrected[name].dtype) for name in corrected})
+        self._last_corrected = (corrected, dict(self.residual))
+        self.residual = residual
         return message
 
     def message_lost(self) -> None:
         """The last message was not delivered: keep all of it in the residual for the next round."""
         if self._last_corrected is not None:
-            self.residual = self._last_corrected
+            corrected, previous = self._last_corrected
+            previous.update(corrected)
+            self.residual = previous
             self._last_corrected = None
 
     def reset(self) -> None:

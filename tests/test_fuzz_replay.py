@@ -19,9 +19,7 @@ FUZZ = pathlib.Path(__file__).resolve().parent.parent / "fuzz"
 TARGETS = ("fuzz_decode", "fuzz_inspect", "fuzz_roundtrip")
 
 #: crash file (target/name) -> the open bug it reproduces. Remove an entry once the bug is fixed.
-OPEN_BUGS: dict = {
-    "fuzz_roundtrip/fisher-zero-size-96ad01b2f06c": "BUG: per-element Fisher for zero-size tensors raises ValueError (max of nothing)",
-}
+OPEN_BUGS: dict = {}
 
 
 def _load(target: str):

@@ -63,7 +63,7 @@ def normalize_fisher(fisher, names: list, shapes: dict) -> dict:
 def _normalized(weights: dict) -> dict:
     """Divide every weight by the largest: only ratios matter to the allocation, and weights
     near 1 stay representable through float32 arithmetic whatever their original scale."""
-    top = max((float(np.max(w)) if np.ndim(w) else float(w)) for w in weights.values() if np.size(w)) if weights else 0.0
+    top = max(((float(np.max(w)) if np.ndim(w) else float(w)) for w in weights.values() if np.size(w)), default=0.0)
     if not top > 0:
         return weights  # all zero: nothing matters more than anything else
     return {name: (w / top if np.ndim(w) else float(w) / top) for name, w in weights.items()}
