@@ -94,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"median client downlink, Mbit/s (log-normal) (default: {d['downlink_mbps']})")
     parser.add_argument("--bandwidth-sigma", type=float, default=None,
                         help=f"log-normal sigma of client bandwidths (default: {d['bandwidth_sigma']})")
+    parser.add_argument("--step-time-s", type=float, default=None,
+                        help="model each local step as this many seconds on the simulated clock instead of "
+                             "measuring (repeatable timings on a busy machine; 0.3 is a quiet 2-core CPU)")
     parser.add_argument("--engine", choices=["in-process"], default="in-process",
                         help="simulation engine (only in-process for now)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in all (default: all cores)")
@@ -140,6 +143,7 @@ def config_from_args(args: argparse.Namespace):
         block_size=pick("block_size"),
         target_accuracy=args.target,
         deadline_s=args.deadline_s,
+        step_time_s=args.step_time_s,
         test_fraction=pick("test_fraction"),
         eval_size=pick("eval_size"),
         lora_rank=pick("lora_rank"),

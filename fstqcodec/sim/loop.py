@@ -45,6 +45,8 @@ class SimConfig:
     # Per-client fstq budgets from each client's uplink x this deadline (None: budget_bpp for all).
     deadline_s: float | None = None
     min_budget_bytes: int = 2048  # floor of a per-client budget (a message needs its header)
+    # Seconds per local step for the simulated clock (None: measure training time on this machine).
+    step_time_s: float | None = None
     block_size: int = 64
     target_accuracy: float | None = None
     test_fraction: float = 0.2
@@ -77,6 +79,7 @@ class SimConfig:
             (self.alpha > 0, "alpha must be > 0"),
             (self.budget_bpp > 0, "budget_bpp must be > 0"),
             (self.eval_size >= 10, "eval_size must be >= 10"),
+            (self.step_time_s is None or self.step_time_s >= 0, "step_time_s must be >= 0"),
             (self.deadline_s is None or self.deadline_s > self.latency_s, "deadline must exceed the latency"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target must be in (0, 1]"),
         ]
@@ -202,6 +205,7 @@ class _Federation:
                     self.model(**self.train_data.batch(picked)).loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                trained_at = time.perf_counter()
                 update = {n: self.params_by_state[n].detach().numpy().astype(np.float32) - global_state[n]
                           for n in schema.names}
                 fisher = adapter_fisher(self.accumulator, self.model) if method.uses_fisher else None
@@ -210,7 +214,11 @@ class _Federation:
                     budget_bytes = max(config.min_budget_bytes, links.budget_bytes(client, config.deadline_s))
                 message = method.encode(update, fisher=fisher, state=client_states[client], seed=client_seed,
                                         budget_bytes=budget_bytes)
-                compute_s.append(time.perf_counter() - client_started)
+                encode_s = time.perf_counter() - trained_at
+                if config.step_time_s is None:
+                    compute_s.append(time.perf_counter() - client_started)
+                else:  # modelled training time (repeatable on a busy machine) + measured encoding
+                    compute_s.append(config.local_steps * config.step_time_s + encode_s)
                 down, up = links.transfer_time(client, len(message), len(downlink_message))
                 download_s.append(down)
                 upload_s.append(up)
@@ -233,7 +241,8 @@ class _Federation:
             self.load_global(global_state)
             accuracy = self.evaluate()
             cumulative_uplink += uplink_bytes
-            sim_time += round_time(compute_s, download_s, upload_s)
+            this_round_s = round_time(compute_s, download_s, upload_s)
+            sim_time += this_round_s
             rounds.append({
                 "round": round_number,
                 "accuracy": accuracy,
@@ -241,6 +250,10 @@ class _Federation:
                 "cumulative_uplink_bytes": cumulative_uplink,
                 "downlink_bytes": len(downlink_message) * len(participants),
                 "sim_time_s": sim_time,
+                # Where the round's time went (the slowest client's parts are not broken out).
+                "round_time_s": this_round_s,
+                "max_compute_s": max(compute_s, default=0.0),
+                "max_upload_s": max(upload_s, default=0.0),
             })
             if on_round is not None:
                 on_round(name, accuracy, cumulative_uplink)
@@ -280,7 +293,9 @@ class _Federation:
                 "uplink_mbps": [round(float(b) / 1e6, 4) for b in links.uplink_bps],
                 "downlink_mbps": [round(float(b) / 1e6, 4) for b in links.downlink_bps],
                 "round_time": "max over participants of (download + measured compute + upload)",
-                "compute_time": "measured wall time of local training and encoding on this machine",
+                "compute_time": ("measured wall time of local training and encoding on this machine"
+                                 if self.config.step_time_s is None else
+                                 f"local_steps x {self.config.step_time_s} s (modelled) + measured encoding"),
             },
             "platform": {"python": platform.python_version(), "torch": self.torch.__version__,
                          "machine": platform.machine(), "cpu_count": os.cpu_count()},

@@ -210,10 +210,11 @@ def write_outputs(results: dict, out_dir: str | pathlib.Path, *, plots: bool = T
     for name, data in results["methods"].items():
         csv_path = out / f"{name}.csv"
         with csv_path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(ROUND_FIELDS))
+            extras = [k for k in dict.fromkeys(k for r in data["rounds"] for k in r) if k not in ROUND_FIELDS]
+            writer = csv.DictWriter(fh, fieldnames=[*ROUND_FIELDS, *extras], restval="")
             writer.writeheader()
             for entry in data["rounds"]:
-                writer.writerow({k: entry[k] for k in ROUND_FIELDS})
+                writer.writerow(entry)
         written.append(csv_path)
     summary_path = out / "summary.md"
     summary_path.write_text(format_table(results) + "\n")
