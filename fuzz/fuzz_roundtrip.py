@@ -34,19 +34,13 @@ _MAX_ELEMENTS = 1200
 #: a predicate in _hits_known_bug. Each has a failing reproducer in tests/ and, once the fuzzer
 #: finds it, a file under fuzz/crashes/. None are open now; the last one (fixed-rate codes near a
 #: dtype's maximum decoding to inf, fixed in 48be088) is fuzz/crashes/fuzz_roundtrip/fixed-rate-overflow-*.
-KNOWN_BUGS = {
-    "fisher-zero-size": "per-element Fisher weights for tensors that are all zero-size raise ValueError "
-    "(max() of an empty sequence, fstqcodec/policy/fisher.py, since d7036c5)",
-}
+KNOWN_BUGS: dict = {}
 SKIP_KNOWN = os.environ.get("FSTQ_FUZZ_SKIP_KNOWN") == "1"
 
 
 def _hits_known_bug(tensors: dict, fisher) -> bool:
-    """True for inputs that would hit an open bug in KNOWN_BUGS."""
-    if isinstance(fisher, dict) and tensors:
-        sizes = [np.size(w) for w in fisher.values()]
-        if all(size == 0 for size in sizes):
-            return True
+    """True for inputs that would hit an open bug in KNOWN_BUGS (none at present; the last, per-element
+    Fisher weights for zero-size tensors, was fixed in e3a2708)."""
     return False
 
 
