@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import fstqcodec
 from common import (
     PREAMBLE,
+    bits_of,
     SMALL_LIMITS,
     check_decode_error,
     decode_outcome,
@@ -143,6 +144,32 @@ def test_checksum_error_carries_values():
     error = check_decode_error(bytes(message), fstqcodec.ChecksumError)
     stored = struct.unpack("<I", bytes(message[-4:]))[0]
     assert error.expected == stored and error.actual != stored
+
+
+_LIMIT_FIELDS = [field for field in fstqcodec.Limits.__dataclass_fields__]
+
+
+@given(name=st.sampled_from(BASE_NAMES), data=st.data())
+def test_limits_only_choose_between_output_and_error(name, data):
+    """Spec 16: the limits decide between the one output and LimitExceededError, nothing else."""
+    message = BASE[name]
+    reference = fstqcodec.decode(message)
+    values = {}
+    for field in data.draw(st.lists(st.sampled_from(_LIMIT_FIELDS), unique=True, max_size=4), label="fields"):
+        default = getattr(fstqcodec.DEFAULT_LIMITS, field)
+        values[field] = data.draw(st.one_of(st.integers(1, 64), st.integers(1, 2 * len(message)), st.just(default)), label=field)
+    try:
+        limits = fstqcodec.Limits(**values)
+    except ValueError:
+        assume(False)  # a combination the Limits class refuses (e.g. above the format's cap)
+    try:
+        decoded = fstqcodec.decode(message, limits=limits)
+    except fstqcodec.LimitExceededError as exc:
+        assert exc.limit_name in values and exc.actual > exc.limit
+        return
+    assert list(decoded) == list(reference)
+    for key in reference:
+        assert bits_of(decoded[key]) == bits_of(reference[key])
 
 
 # ------------------------------------------------------------------------------------------
