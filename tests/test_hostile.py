@@ -236,6 +236,12 @@ def _paths(value, prefix=()):
             yield from _paths(item, prefix + (index,))
 
 
+def _get(value, path):
+    for key in path:
+        value = value[key]
+    return value
+
+
 def _replace(value, path, new):
     if not path:
         return new
@@ -276,6 +282,18 @@ def test_header_value_replaced(name, data):
     if kind == "ok":
         for array in result.values():
             assert np.all(np.isfinite(array))
+
+
+@given(name=st.sampled_from(BASE_NAMES), data=st.data())
+def test_header_integer_replaced_within_memory(name, data):
+    """Any integer of the header (a length, a dimension, a width, a lane count) set to an extreme
+    value: a DecodeError or a decode, within the limits' memory."""
+    header, body = split(BASE[name])
+    paths = [path for path in _paths(header) if path and isinstance(_get(header, path), int) and not isinstance(_get(header, path), bool)]
+    assume(paths)
+    path = data.draw(st.sampled_from(paths), label="path")
+    new = data.draw(st.sampled_from([0, 1, 255, 256, 65535, 65536, 2**24, 2**31 - 1, 2**32, 2**40, 2**63 - 1, 2**64 - 1, -1, -(2**63)]), label="value")
+    check_within_memory(reframe(_replace(header, path, new), body))
 
 
 @given(name=st.sampled_from(BASE_NAMES), data=st.data())
