@@ -569,6 +569,33 @@ def test_named_header_defects(mutate, expected):
         assert outcome.feature == "future"
 
 
+@pytest.mark.parametrize(
+    "change",
+    ["section-runs-past-end", "hole-at-end", "overlap", "hole-between", "body-grows"],
+)
+def test_sections_must_tile_the_body(change):
+    header, body = split(BASE["bits3"])
+    sections = header["sections"]
+    codes = sections[-1]
+    assert codes[2] == "none" and codes[1] > 2
+    if change == "section-runs-past-end":
+        codes[1] += 1
+        codes[3] += 1
+    elif change == "hole-at-end":
+        body += b"\0"
+    elif change == "overlap":  # the scales section claims a byte the next section also starts with
+        sections[1][1] += 1
+        sections[1][3] += 1
+    elif change == "hole-between":  # a byte between the scales and the codes belongs to no section
+        scale_end = sections[0][1] + sections[1][1]
+        body = body[:scale_end] + b"\0" + body[scale_end:]
+    elif change == "body-grows":
+        codes[1] += 4
+        codes[3] += 4
+        body += b"\0" * 4
+    check_within_memory(reframe(header, body), expected=fstqcodec.BadFormatError)
+
+
 def test_unknown_keys_ignored_unless_critical():
     header, body = split(BASE["bits3"])
     header["future"] = {"anything": [1, 2, 3]}
