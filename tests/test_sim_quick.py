@@ -46,7 +46,8 @@ def test_bad_options_exit_with_status_2(capsys):
 def test_quick_run_writes_valid_results(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "sim"
-    status = sim_cli.run(_parse(["--quick", "--out", str(out), "--no-progress", "--methods", "fp32,nf4,topk,fstq"]))
+    status = sim_cli.run(_parse(["--quick", "--out", str(out), "--no-progress", "--methods", "fp32,nf4,topk,fstq",
+                                    "--workers", "2"]))
     assert status == 0
     results = json.loads((out / "results.json").read_text())
     validate_results(results)
