@@ -52,7 +52,7 @@ def test_quick_run_writes_valid_results(tmp_path, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     validate_results(results)
     config = results["config"]
-    assert config["quick"] is True and config["task"] == "bbc"
+    assert config["quick"] is True and config["task"] == "bbc" and config["workers"] == 2
     assert config["trainable_parameters"] > 0 and len(config["client_examples"]) == config["clients"]
     assert results["target_accuracy"] == 0.85
     assert list(results["methods"]) == ["fp32", "nf4", "topk", "fstq"]
