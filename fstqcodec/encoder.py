@@ -14,7 +14,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+import operator
+
 from .errors import BudgetError, EncodeError
+from .limits import DEFAULT_LIMITS
 from .policy.allocation import DROP, QUANTIZE, RAW16, RAW_EXACT, BlockStats, allocate
 from .stages import bitpack, rans
 from .stages.codebooks import resolve_codebook
@@ -55,6 +58,21 @@ _CHUNK_ELEMENTS = 1 << 19
 # Input
 
 
+def _check_name(name) -> None:
+    """Names a default decoder accepts: non-empty str, valid UTF-8, at most max_name_length bytes."""
+    if not isinstance(name, str) or not name:
+        raise EncodeError(f"tensor names must be non-empty strings, got {name!r}")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EncodeError(f"tensor name {name!r} is not valid UTF-8 (it holds a surrogate)", tensor=name) from None
+    if len(encoded) > DEFAULT_LIMITS.max_name_length:
+        raise EncodeError(
+            f"tensor name of {len(encoded)} UTF-8 bytes; decoders refuse more than {DEFAULT_LIMITS.max_name_length} by default",
+            tensor=name,
+        )
+
+
 def _as_array(name: str, value):
     """(dtype name, numpy array) for one input tensor."""
     if hasattr(value, "detach") and hasattr(value, "dtype"):
@@ -87,17 +105,25 @@ class Input:
     def __init__(self, tensors, block_size: int, nonfinite: str):
         if not isinstance(tensors, Mapping):
             raise TypeError(f"tensors must be a mapping of names to arrays, got {type(tensors).__name__}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= 65536:
-            raise ValueError(f"block_size must be an int in [1, 65536], got {block_size!r}")
+        try:
+            block_size = operator.index(block_size) if not isinstance(block_size, bool) else None
+        except TypeError:
+            block_size = None
+        if block_size is None or not 1 <= block_size <= 65536:
+            raise ValueError("block_size must be an int in [1, 65536]")
         if nonfinite not in ("error", "zero"):
             raise ValueError(f"nonfinite must be 'error' or 'zero', got {nonfinite!r}")
         self.block_size = block_size
         self.specs: list[TensorSpec] = []
         self.arrays: list[np.ndarray] = []  # flat, at their own dtype (bfloat16 as float32 values)
         for name, value in tensors.items():
-            if not isinstance(name, str) or not name:
-                raise EncodeError(f"tensor names must be non-empty strings, got {name!r}")
+            _check_name(name)
             dtype_name, array = _as_array(name, value)
+            if array.ndim > DEFAULT_LIMITS.max_ndim:
+                raise EncodeError(
+                    f"tensor {name!r} has {array.ndim} dimensions; decoders refuse more than {DEFAULT_LIMITS.max_ndim} by default",
+                    tensor=name,
+                )
             shape = tuple(int(d) for d in array.shape)
             array = np.ascontiguousarray(array).reshape(-1)
             finite = np.isfinite(array)
@@ -112,6 +138,8 @@ class Input:
                 array = np.where(finite, array, 0).astype(array.dtype)
             self.specs.append(TensorSpec(name, dtype_name, shape, block_size))
             self.arrays.append(array)
+        if len(self.specs) > DEFAULT_LIMITS.max_tensors:
+            raise EncodeError(f"{len(self.specs)} tensors; decoders refuse more than {DEFAULT_LIMITS.max_tensors} by default")
         self.names = [s.name for s in self.specs]
         self.elements = sum(s.size for s in self.specs)
         self.raw_bytes = sum(s.size * (2 if s.dtype == "bfloat16" else DTYPES[s.dtype].itemsize) for s in self.specs)

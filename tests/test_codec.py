@@ -846,3 +846,28 @@ def test_limits_arguments():
     message = fstqcodec.encode({"x": np.ones(10, np.float32)})
     assert fstqcodec.decode(bytearray(message))["x"].shape == (10,)
     assert fstqcodec.decode(memoryview(message))["x"].shape == (10,)
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {"x" * 1100: np.ones(2, np.float32)},
+        {"a\ud800": np.ones(2, np.float32)},
+        {"a": np.ones((1,) * 33, np.float32)},
+    ],
+    ids=["long-name", "surrogate", "33-dims"],
+)
+def test_encoder_refuses_what_the_default_decoder_refuses(tensors):
+    with pytest.raises(fstqcodec.EncodeError):
+        fstqcodec.encode(tensors)
+
+
+@pytest.mark.parametrize("weight", ["1", True, b"\x01"])
+def test_fisher_weights_must_be_numbers(weight):
+    with pytest.raises(fstqcodec.EncodeError):
+        fstqcodec.encode({"a": np.ones(100, np.float32)}, fisher={"a": weight}, budget=100)
+
+
+def test_numpy_integer_block_size():
+    tensors = {"a": np.arange(100, dtype=np.float32)}
+    assert fstqcodec.encode(tensors, block_size=np.int64(32)) == fstqcodec.encode(tensors, block_size=32)

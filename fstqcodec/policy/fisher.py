@@ -43,6 +43,8 @@ def normalize_fisher(fisher, names: list, shapes: dict) -> dict:
         value = fisher[name]
         if hasattr(value, "detach"):  # a torch tensor
             value = value.detach().float().cpu().numpy()
+        if isinstance(value, (str, bytes, bool)) or np.asarray(value).dtype.kind not in "fiu":
+            raise EncodeError(f"fisher for {name!r} must be numbers, got {type(value).__name__}", tensor=name)
         array = np.asarray(value, dtype=np.float64)
         if array.ndim == 0:
             weight = float(array)
