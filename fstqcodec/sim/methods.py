@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from ..stages.codebooks import NF4
+
 __all__ = [
     "METHOD_NAMES",
     "DEFAULT_METHODS",
@@ -51,16 +53,8 @@ METHOD_NAMES = ("fp32", "fp16", "nf4", "qsgd8", "qsgd4", "topk", "fstq-nofisher"
 #: Methods run by ``fstq simulate`` with no ``--methods``.
 DEFAULT_METHODS = ("fp32", "nf4", "fstq")
 
-#: The 16 NormalFloat-4 levels (QLoRA; bitsandbytes' and FLARE's table).
-NF4_LEVELS = np.array(
-    [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-    ],
-    dtype=np.float32,
-)
+#: The 16 NormalFloat-4 levels (QLoRA; bitsandbytes' and FLARE's table), shared with the codec.
+NF4_LEVELS = NF4
 _NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
 
 _MAGIC = b"SB"
