@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fstqcodec  # noqa: E402
-from fuzzlib import FUZZ_LIMITS, FUZZ_SCHEMAS, message_from_input  # noqa: E402
+from fuzzlib import FUZZ_LIMITS, FUZZ_SCHEMAS, message_from_input, run_fuzzer  # noqa: E402
 
 
 def check_report(report: dict, message: bytes) -> None:
@@ -47,11 +47,7 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    import atheris
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    run_fuzzer(test_one_input)
 
 
 if __name__ == "__main__":

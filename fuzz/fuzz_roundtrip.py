@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fstqcodec  # noqa: E402
-from fuzzlib import ByteReader  # noqa: E402
+from fuzzlib import ByteReader, run_fuzzer  # noqa: E402
 
 _DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
 _BLOCK_SIZES = (1, 2, 3, 7, 16, 33, 64, 100, 256)
@@ -210,11 +210,7 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    import atheris
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    run_fuzzer(test_one_input)
 
 
 if __name__ == "__main__":

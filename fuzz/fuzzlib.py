@@ -127,3 +127,17 @@ class ByteReader:
 
     def flag(self) -> bool:
         return bool(self.uint(1) & 1)
+
+
+def run_fuzzer(test_one_input) -> None:
+    """Run ``test_one_input`` under atheris with libFuzzer's command line (``sys.argv``).
+
+    atheris is imported here, not at module level, so the targets replay under plain pytest.
+    """
+    import sys
+
+    import atheris
+
+    atheris.instrument_all()
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
