@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .data import package_path
@@ -131,7 +131,3 @@ def tokenize(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -
         attention_mask=encoded["attention_mask"].to(torch.int64),
         labels=torch.as_tensor(np.asarray(labels, dtype=np.int64)),
     )
-
-
-def is_peft_model(model) -> bool:
-    return isinstance(model, PeftModel)
