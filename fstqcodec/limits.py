@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["Limits", "DEFAULT_LIMITS", "MINIMUM_LIMITS"]
+from .errors import LimitExceededError
+
+__all__ = ["Limits", "DEFAULT_LIMITS", "MINIMUM_LIMITS", "check_limit"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,3 +80,13 @@ MINIMUM_LIMITS = Limits(
     max_codebook_entries=4096,
     max_rans_lanes=65_536,
 )
+
+
+def check_limit(limits: Limits, name: str, actual: int, what: str, *, limit: int | None = None) -> None:
+    """Raise :class:`LimitExceededError` if ``actual`` exceeds the limit ``name`` of ``limits``.
+
+    ``limit`` overrides the value (for a bound tighter than the field, such as the format's cap).
+    """
+    limit = getattr(limits, name) if limit is None else limit
+    if actual > limit:
+        raise LimitExceededError(f"{what}: {actual} exceeds limit {name}={limit}", limit_name=name, limit=limit, actual=actual)

@@ -23,7 +23,7 @@ from ..errors import (
     TruncatedError,
     UnsupportedVersionError,
 )
-from ..limits import Limits
+from ..limits import Limits, check_limit
 
 __all__ = [
     "MAGIC",
@@ -206,21 +206,9 @@ def read_container(data, limits: Limits) -> Container:
             f"raw header: stored length {header_stored} differs from header length {header_length}", offset=12
         )
     # 4. Limits on declared sizes, before any allocation.
-    if header_length > limits.max_header_size:
-        raise LimitExceededError(
-            f"header declares {header_length} bytes, limit max_header_size is {limits.max_header_size}",
-            limit_name="max_header_size",
-            limit=limits.max_header_size,
-            actual=header_length,
-        )
+    check_limit(limits, "max_header_size", header_length, "header length declared by the preamble")
     total = PREAMBLE.size + header_stored + body_length + CHECKSUM_SIZE
-    if total > limits.max_message_size:
-        raise LimitExceededError(
-            f"message declares {total} bytes, limit max_message_size is {limits.max_message_size}",
-            limit_name="max_message_size",
-            limit=limits.max_message_size,
-            actual=total,
-        )
+    check_limit(limits, "max_message_size", total, "message length declared by the preamble")
     # 5. Exact length: no truncation, no trailing bytes.
     if size < total:
         raise TruncatedError(f"message is {size} bytes, its preamble declares {total}", offset=size)

@@ -16,8 +16,8 @@ import hashlib
 
 import msgpack
 
-from ..errors import BadFormatError, LimitExceededError, UnknownSchemaError, UnsupportedFeatureError
-from ..limits import Limits
+from ..errors import BadFormatError, UnknownSchemaError, UnsupportedFeatureError
+from ..limits import Limits, check_limit
 from .container import ENCODING_NONE, SECTION_ENCODINGS, Section
 
 __all__ = [
@@ -227,8 +227,7 @@ def _list(value, what: str) -> list:
 
 
 def _check_limit(name: str, limit: int, actual: int, what: str):
-    if actual > limit:
-        raise LimitExceededError(f"{what}: {actual} exceeds limit {name}={limit}", limit_name=name, limit=limit, actual=actual)
+    check_limit(None, name, actual, what, limit=limit)
 
 
 def _parse_tensors(raw, limits: Limits) -> list:
