@@ -311,6 +311,23 @@ class _Rejected(Exception):
     """Internal: a record is not acceptable; ``args[0]`` is the reason, for logs and metrics."""
 
 
+def _require_same_tensors(got: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], what: str) -> None:
+    """Raise :class:`_Rejected` unless ``got`` matches ``expected`` (see :func:`_check_same_tensors`)."""
+    reason = _check_same_tensors(got, expected, what)
+    if reason is not None:
+        raise _Rejected(reason)
+
+
+def _matching_tensors(record: ArrayRecord, expected: Mapping[str, np.ndarray], what: str, *, unreadable: str) -> dict:
+    """The NumPy tensors of ``record``, which must match ``expected``; else :class:`_Rejected`."""
+    try:
+        tensors = _plain_tensors(record)
+    except TypeError as err:
+        raise _Rejected(f"{unreadable}: {err}") from None
+    _require_same_tensors(tensors, expected, what)
+    return tensors
+
+
 # --------------------------------------------------------------------------------------------
 # Client side
 # --------------------------------------------------------------------------------------------
@@ -463,13 +480,9 @@ class FstqMod:
                 f"{self.fisher_record!r}), found {sorted(model_records)}"
             )
         (model_key, model_record), = model_records.items()
-        try:
-            trained = _plain_tensors(model_record)
-        except TypeError as err:
-            raise _Rejected(f"the app's reply does not hold NumPy arrays: {err}") from None
-        reason = _check_same_tensors(trained, received, "the app's reply")
-        if reason is not None:
-            raise _Rejected(reason)
+        trained = _matching_tensors(
+            model_record, received, "the app's reply", unreadable="the app's reply does not hold NumPy arrays"
+        )
 
         update = {
             name: np.subtract(trained[name], reference, dtype=_update_dtype(reference.dtype))
@@ -477,13 +490,8 @@ class FstqMod:
         }
         fisher = None
         if fisher_record is not None:
-            try:
-                fisher = _plain_tensors(fisher_record)
-            except TypeError as err:
-                raise _Rejected(f"the {self.fisher_record!r} record is not NumPy: {err}") from None
-            reason = _check_same_tensors(fisher, received, f"the {self.fisher_record!r} record")
-            if reason is not None:
-                raise _Rejected(reason)
+            what = f"the {self.fisher_record!r} record"
+            fisher = _matching_tensors(fisher_record, received, what, unreadable=f"{what} is not NumPy")
             if any(np.any(values < 0) for values in fisher.values()):
                 raise _Rejected(f"the {self.fisher_record!r} record has negative values")
 
@@ -885,21 +893,13 @@ class FstqStrategy(Strategy):
         data = _message_bytes(record, STYPE_UPDATE)
         if data is None:
             # A client without FstqMod sent its model in plain arrays: accept it if it fits.
-            try:
-                model = _plain_tensors(record)
-            except TypeError as err:
-                raise _Rejected(f"unreadable arrays: {err}") from None
-            reason = _check_same_tensors(model, received, "the reply")
-            if reason is not None:
-                raise _Rejected(reason)
+            _matching_tensors(record, received, "the reply", unreadable="unreadable arrays")
             return content
         try:
             update = fstqcodec.decode(data, limits=self.limits)
         except fstqcodec.DecodeError as err:
             raise _Rejected(f"undecodable update ({type(err).__name__}: {err})") from None
-        reason = _check_same_tensors(update, received, "the decoded update")
-        if reason is not None:
-            raise _Rejected(reason)
+        _require_same_tensors(update, received, "the decoded update")
         model = {}
         for name, reference in received.items():
             rebuilt = np.add(reference, update[name], dtype=_update_dtype(reference.dtype))
