@@ -129,15 +129,40 @@ class ByteReader:
         return bool(self.uint(1) & 1)
 
 
+#: Modules whose code gets coverage instrumentation: the codec and the harness's own input parsing.
+#: numpy's and the standard library's Python layers are left alone: instrumenting them
+#: (``atheris.instrument_all()``) made the encode-heavy target several times slower for coverage
+#: of code that is not ours.
+INSTRUMENTED_PREFIXES = ("fstqcodec", "fuzzlib", "fuzz_", "__main__")
+
+
+def instrument_ours(atheris) -> int:
+    """Instrument every loaded function of the modules in :data:`INSTRUMENTED_PREFIXES`; returns the count."""
+    import gc
+    import sys
+    import types
+
+    count = 0
+    for obj in gc.get_objects():
+        if not isinstance(obj, types.FunctionType) or not isinstance(obj.__code__, types.CodeType):
+            continue
+        module = getattr(obj, "__module__", None) or ""
+        if module in sys.modules and module.startswith(INSTRUMENTED_PREFIXES):
+            atheris.instrument_func(obj)
+            count += 1
+    return count
+
+
 def run_fuzzer(test_one_input) -> None:
     """Run ``test_one_input`` under atheris with libFuzzer's command line (``sys.argv``).
 
     atheris is imported here, not at module level, so the targets replay under plain pytest.
+    Only our own code is instrumented (:func:`instrument_ours`).
     """
     import sys
 
     import atheris
 
-    atheris.instrument_all()
+    print(f"INFO: instrumented {instrument_ours(atheris)} functions of {INSTRUMENTED_PREFIXES}", file=sys.stderr)
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
