@@ -44,3 +44,32 @@ def test_corrupted_fstq_messages_are_dropped_and_fp32_ones_are_averaged_in(monke
     # Raw float32 bytes have no checksum: the same bit flips decode and are averaged in.
     assert fp32["dropped_messages"] == []
     assert sum(1 for f in fp32["faults"] if f["fault"] == "corrupted") == config.clients * config.rounds
+
+
+def test_stragglers_past_the_round_deadline_are_discarded_and_the_round_is_cut_short(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Every transfer alone takes the 0.05 s link latency twice: nobody can make a 0.06 s deadline.
+    config = SimConfig(
+        clients=2, rounds=2, local_steps=1, eval_size=32, methods=("fstq",),
+        step_time_s=0.0, threads=1, round_deadline_s=0.06,
+    )
+    results = run_simulation(config, progress=False, workers=1)
+    fstq = results["methods"]["fstq"]
+    stragglers = [f for f in fstq["faults"] if f["fault"] == "straggler"]
+    assert len(stragglers) == config.clients * config.rounds
+    assert all(f["finish_s"] > config.round_deadline_s for f in stragglers)
+    # Nothing arrived in time, so the model never moved, and every round lasted the deadline.
+    assert {r["accuracy"] for r in fstq["rounds"]} == {fstq["rounds"][0]["accuracy"]}
+    assert [r["round_time_s"] for r in fstq["rounds"][1:]] == [config.round_deadline_s] * config.rounds
+    # The messages were still sent: their bytes count against the uplink.
+    assert fstq["rounds"][-1]["cumulative_uplink_bytes"] > 0
+
+
+def test_error_feedback_keeps_a_stragglers_update():
+    from fstqcodec.sim.loop import _message_lost
+
+    memory = fstqcodec.ErrorFeedback()
+    update = {"w": np.linspace(-1, 1, 4096, dtype=np.float32)}
+    memory.encode(update, budget=fstqcodec.Budget(bits_per_param=0.5))
+    _message_lost(memory)  # what the loop does for a straggler, a lost or a rejected message
+    np.testing.assert_array_equal(memory.residual["w"], update["w"])

@@ -63,8 +63,14 @@ class ClientLinks:
         return max(0, int((deadline_s - self.latency_s) * float(self.uplink_bps[client]) / 8.0))
 
 
-def round_time(compute_s: Sequence[float], download_s: Sequence[float], upload_s: Sequence[float]) -> float:
-    """A synchronous round lasts as long as its slowest participant: download + compute + upload."""
+def round_time(compute_s: Sequence[float], download_s: Sequence[float], upload_s: Sequence[float],
+               deadline_s: float | None = None) -> float:
+    """A synchronous round lasts as long as its slowest participant: download + compute + upload.
+
+    With ``deadline_s``, the server closes the round at the deadline whatever is still in flight,
+    so a round never lasts longer than that.
+    """
     if not compute_s:
         return 0.0
-    return max(c + d + u for c, d, u in zip(compute_s, download_s, upload_s))
+    slowest = max(c + d + u for c, d, u in zip(compute_s, download_s, upload_s))
+    return slowest if deadline_s is None else min(slowest, deadline_s)

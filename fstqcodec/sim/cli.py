@@ -103,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probability that an uplink message is lost in transit (seeded; default 0)")
     parser.add_argument("--uplink-corruption", type=float, default=0.0,
                         help="probability that an uplink message arrives with 8 bits flipped (default 0)")
+    parser.add_argument("--round-deadline-s", type=float, default=None,
+                        help="the server closes each round after this many simulated seconds; replies that "
+                             "would arrive later (stragglers) are discarded, their error feedback kept (default: none)")
     parser.add_argument("--engine", choices=["in-process", "flower"], default="in-process",
                         help="in-process (every method) or flower: the fstq method on Flower's simulation "
                              "engine via `flwr run` of integrations/flower-app (a source checkout)")
@@ -154,6 +157,7 @@ def config_from_args(args: argparse.Namespace):
         dropout=getattr(args, "dropout", 0.0),
         uplink_loss=getattr(args, "uplink_loss", 0.0),
         uplink_corruption=getattr(args, "uplink_corruption", 0.0),
+        round_deadline_s=getattr(args, "round_deadline_s", None),
         test_fraction=pick("test_fraction"),
         eval_size=pick("eval_size"),
         lora_rank=pick("lora_rank"),

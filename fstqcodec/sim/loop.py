@@ -59,6 +59,10 @@ class SimConfig:
     dropout: float = 0.0
     uplink_loss: float = 0.0
     uplink_corruption: float = 0.0
+    # The server closes each round this many simulated seconds after it starts (None: it waits for
+    # everyone). A straggler's message is sent in full (and counted) but arrives too late: it is not
+    # aggregated, and the client's error-feedback memory keeps the update for a later round.
+    round_deadline_s: float | None = None
     block_size: int = 64
     target_accuracy: float | None = None
     test_fraction: float = 0.2
@@ -93,6 +97,7 @@ class SimConfig:
             (self.eval_size >= 10, "eval_size must be >= 10"),
             (self.step_time_s is None or self.step_time_s >= 0, "step_time_s must be >= 0"),
             (self.deadline_s is None or self.deadline_s > self.latency_s, "deadline must exceed the latency"),
+            (self.round_deadline_s is None or self.round_deadline_s > 0, "round_deadline_s must be > 0"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target must be in (0, 1]"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 <= self.uplink_loss < 1, "uplink_loss must be in [0, 1)"),
@@ -256,6 +261,13 @@ class _Federation:
                 upload_s.append(up)
                 uplink_bytes += len(message)
                 message_sizes.append(len(message))
+                finish_s = down + compute_s[-1] + up
+                if config.round_deadline_s is not None and finish_s > config.round_deadline_s:
+                    # Arrives after the server closed the round: discarded like a lost message.
+                    faults_log.append({"round": round_number, "client": client, "fault": "straggler",
+                                       "finish_s": round(finish_s, 3)})
+                    _message_lost(client_states[client])
+                    continue
                 if lost:
                     # Never arrives. The client learns it (no acknowledgement) and keeps the whole
                     # update in its error-feedback memory instead of throwing it away.
@@ -283,7 +295,7 @@ class _Federation:
             self.load_global(global_state)
             accuracy = self.evaluate()
             cumulative_uplink += uplink_bytes
-            this_round_s = round_time(compute_s, download_s, upload_s)
+            this_round_s = round_time(compute_s, download_s, upload_s, config.round_deadline_s)
             sim_time += this_round_s
             rounds.append({
                 "round": round_number,
@@ -335,7 +347,9 @@ class _Federation:
                 **self.link_model.config(),
                 "uplink_mbps": [round(float(b) / 1e6, 4) for b in links.uplink_bps],
                 "downlink_mbps": [round(float(b) / 1e6, 4) for b in links.downlink_bps],
-                "round_time": "max over participants of (download + measured compute + upload)",
+                "round_time": ("max over participants of (download + measured compute + upload)"
+                               + ("" if self.config.round_deadline_s is None else
+                                  f", at most the round deadline of {self.config.round_deadline_s} s; later replies discarded")),
                 "compute_time": ("measured wall time of local training and encoding on this machine"
                                  if self.config.step_time_s is None else
                                  f"local_steps x {self.config.step_time_s} s (modelled) + measured encoding"),
