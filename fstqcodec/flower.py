@@ -96,6 +96,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 import fstqcodec
+from fstqcodec.policy.fisher import check_fisher_power
 
 __all__ = [
     "FstqMod",
@@ -500,6 +501,8 @@ class FstqMod:
             options["seed"] = int(request["seed"])
         if "block-size" in request:
             options["block_size"] = int(request["block-size"])
+        if "fisher-power" in request:
+            options["fisher_power"] = float(request["fisher-power"])
 
         if bool(request.get("error-feedback", False)):
             feedback = self._load_feedback(ctxt, update)
@@ -670,6 +673,9 @@ class FstqStrategy(Strategy):
         Whether clients keep what compression lost and add it to their next update.
     block_size : int or None
         Block size for the encoder; ``None`` leaves the encoder's default.
+    fisher_power : float or None
+        Clients weigh their Fisher as ``F ** fisher_power`` (see :func:`fstqcodec.encode`);
+        ``None`` leaves the encoder's default (1).
     seed : int
         Base of the per-client, per-round encoder seeds, so runs are reproducible.
     limits : fstqcodec.Limits or None
@@ -694,6 +700,7 @@ class FstqStrategy(Strategy):
         downlink: Literal["lossless"] | fstqcodec.Budget | None = None,
         error_feedback: bool = True,
         block_size: int | None = None,
+        fisher_power: float | None = None,
         seed: int = 0,
         limits: fstqcodec.Limits | None = None,
     ) -> None:
@@ -709,6 +716,8 @@ class FstqStrategy(Strategy):
         self.downlink = downlink
         self.error_feedback = error_feedback
         self.block_size = block_size
+        # Checked now, not in every client's round 1.
+        self.fisher_power = None if fisher_power is None else check_fisher_power(fisher_power)
         self.seed = seed
         self.limits = limits
         self.traffic: dict[int, RoundTraffic] = {}
@@ -772,6 +781,8 @@ class FstqStrategy(Strategy):
         request["seed"] = (self.seed * 1_000_003 + server_round * 10_007 + node_id) % (1 << 31)
         if self.block_size is not None:
             request["block-size"] = int(self.block_size)
+        if self.fisher_power is not None:
+            request["fisher-power"] = float(self.fisher_power)
         return ConfigRecord(request)
 
     def _repack_messages(

@@ -117,6 +117,10 @@ def _fixed_rate_tolerance(array: np.ndarray, block_size: int, bits, stochastic: 
     scale = np.maximum(absmax / top * (1 + 2.0**-7), 2.0**-133)
     step_fraction = _NF4_HALF_GAP if bits is None else (1.0 if stochastic else 0.5)
     per_block = scale * step_fraction * (1 + 2.0**-10)
+    # Where top x that scale would overflow the dtype, the encoder rounds the scale down instead
+    # (spec section 19): the block's largest values may then clip by up to 2**-7 of absmax.
+    dtype_max = float(np.finfo(np.float16 if array.dtype == np.float16 else np.float32).max)
+    per_block = per_block + np.where(top * scale > dtype_max, absmax * 2.0**-7, 0.0)
     bound = np.repeat(per_block, block_size)[: flat.size]
     # float32 arithmetic on float64 input, and the cast back to a float16 output.
     relative = 2.0**-10 if array.dtype == np.float16 else 2.0**-22

@@ -82,8 +82,8 @@ def new_context(node_id: int = 1) -> Context:
     return Context(run_id=1, node_id=node_id, node_config={}, state=RecordDict(), run_config={})
 
 
-def request(budget=fstqcodec.Budget(ratio=8), *, error_feedback=True, seed=3) -> ConfigRecord:
-    strategy = FstqStrategy(FedAvg(), budget=budget, error_feedback=error_feedback, seed=seed)
+def request(budget=fstqcodec.Budget(ratio=8), *, error_feedback=True, seed=3, fisher_power=None) -> ConfigRecord:
+    strategy = FstqStrategy(FedAvg(), budget=budget, error_feedback=error_feedback, seed=seed, fisher_power=fisher_power)
     return strategy._client_request(server_round=1, node_id=1)
 
 
@@ -222,6 +222,26 @@ def test_mod_encodes_with_the_apps_fisher_and_keeps_it_on_the_client():
     error = lambda sent, name: float(np.sum((sent[name] - step[name]) ** 2))  # noqa: E731
     assert error(weighted, important) < error(uniform, important)
     assert error(weighted, unimportant) > error(uniform, unimportant)
+
+
+def test_the_servers_fisher_power_reaches_the_client_encoder():
+    global_model, step = model(0), model(1, scale=0.001)
+    important, unimportant = SHAPES
+    fisher = {important: np.full(SHAPES[important], 1e4, np.float32),
+              unimportant: np.full(SHAPES[unimportant], 1e-4, np.float32)}
+    tight = fstqcodec.Budget(ratio=16)
+
+    def message(fisher_power, app_fisher):
+        the_request = request(tight, fisher_power=fisher_power)
+        return the_message(FstqMod()(train_message(global_model, the_request), new_context(),
+                                     FakeApp(step, fisher=app_fisher)))
+
+    assert request(tight, fisher_power=0.5)["fisher-power"] == 0.5
+    # Power 0 makes any Fisher uniform: the same bytes as no Fisher at all.
+    assert message(0, fisher) == message(None, None)
+    assert message(None, fisher) != message(None, None)
+    with pytest.raises(ValueError, match="fisher_power"):
+        FstqStrategy(FedAvg(), budget=tight, fisher_power=-1)
 
 
 def test_mod_decodes_a_compressed_model_before_the_app_sees_it():

@@ -9,10 +9,17 @@ import numpy as np
 
 from ..errors import EncodeError
 
-__all__ = ["normalize_fisher"]
+__all__ = ["normalize_fisher", "check_fisher_power"]
 
 
-def normalize_fisher(fisher, names: list, shapes: dict) -> dict:
+def check_fisher_power(power) -> float:
+    """``power`` as a float, or ``ValueError`` unless it is a finite number >= 0."""
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not (math.isfinite(power) and power >= 0):
+        raise ValueError(f"fisher_power must be a finite number >= 0, got {power!r}")
+    return float(power)
+
+
+def normalize_fisher(fisher, names: list, shapes: dict, power: float = 1.0) -> dict:
     """Validate ``fisher`` against the tensors and return ``name -> float | ndarray``.
 
     Parameters
@@ -21,6 +28,8 @@ def normalize_fisher(fisher, names: list, shapes: dict) -> dict:
         ``None`` means uniform importance (plain MSE). A mapping must name every tensor; each value
         is a non-negative finite scalar (one weight for the whole tensor) or an array of the
         tensor's shape (one weight per element).
+    power : float
+        The weights used are ``fisher ** power`` (see ``fisher_power`` of :func:`fstqcodec.encode`).
 
     Raises
     ------
@@ -29,6 +38,7 @@ def normalize_fisher(fisher, names: list, shapes: dict) -> dict:
     TypeError
         If ``fisher`` is not a mapping.
     """
+    power = check_fisher_power(power)
     if fisher is None:
         return {name: 1.0 for name in names}
     if not isinstance(fisher, Mapping):
@@ -50,7 +60,7 @@ def normalize_fisher(fisher, names: list, shapes: dict) -> dict:
             weight = float(array)
             if not (math.isfinite(weight) and weight >= 0):
                 raise EncodeError(f"fisher weight of {name!r} must be finite and >= 0, got {weight}", tensor=name)
-            out[name] = weight
+            out[name] = weight**power
             continue
         if array.shape != tuple(shapes[name]):
             raise EncodeError(
@@ -58,7 +68,7 @@ def normalize_fisher(fisher, names: list, shapes: dict) -> dict:
             )
         if not np.all(np.isfinite(array)) or np.any(array < 0):
             raise EncodeError(f"fisher for {name!r} holds negative or non-finite weights", tensor=name)
-        out[name] = array
+        out[name] = array if power == 1 else np.power(array, power)
     return _normalized(out)
 
 

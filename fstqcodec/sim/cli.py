@@ -36,8 +36,9 @@ _DEFAULTS = {
     "max_length": 64,
     "alpha": 0.5,
     "seed": 0,
-    "budget_bpp": 0.5,
+    "budget_bpp": 0.3,
     "block_size": 64,
+    "fisher_power": 0.5,
     "eval_size": 320,
     "test_fraction": 0.2,
     "lora_rank": 8,
@@ -80,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="per-client fstq budgets: each client's uplink bandwidth x this round deadline "
                              "(floored at 2048 bytes) instead of --budget-bpp")
+    parser.add_argument("--fisher-power", type=float, default=None,
+                        help=f"fstq weighs its error by Fisher ** this; 1 = pure Fisher, 0 = uniform (default: {d['fisher_power']})")
     parser.add_argument("--block-size", type=int, default=None, help=f"fstq block size (default: {d['block_size']})")
     parser.add_argument("--target", type=float, default=None,
                         help="target accuracy for 'to target' figures (default: 0.85 for bbc, else 95%% of fp32's final)")
@@ -151,6 +154,7 @@ def config_from_args(args: argparse.Namespace):
         seed=pick("seed"),
         budget_bpp=pick("budget_bpp"),
         block_size=pick("block_size"),
+        fisher_power=pick("fisher_power"),
         target_accuracy=args.target,
         deadline_s=args.deadline_s,
         step_time_s=args.step_time_s,

@@ -10,6 +10,7 @@ instead by users who have a hub (``hf:<name>``).
 from __future__ import annotations
 
 import csv
+import html
 import importlib.metadata
 import io
 import pathlib
@@ -109,7 +110,8 @@ def load_drugreview(min_reviews: int = 20) -> TextTask:
                 reader = csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8"), delimiter="\t")
                 for row in reader:
                     condition = (row.get("condition") or "").strip()
-                    review = (row.get("review") or "").strip().strip('"')
+                    # The reviews are stored HTML-escaped (&#039; for an apostrophe).
+                    review = html.unescape((row.get("review") or "").strip().strip('"'))
                     # The source has rows whose "condition" is scraped page text, not a condition.
                     if not condition or not review or "</span>" in condition:
                         continue
