@@ -35,6 +35,7 @@ from flwr.simulation import run_simulation
 
 import fstqcodec
 from fstqcodec.flower import STYPE_MODEL, STYPE_UPDATE, FstqMod, FstqStrategy
+from fstqcodec.sim.loop import corrupt_in_transit
 
 # Each test starts Ray: runs by default, deselect with -m "not slow".
 pytestmark = pytest.mark.slow
@@ -95,7 +96,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 # A saboteur outside FstqMod corrupts what the mod produced, as a broken or hostile client would.
-FAULTS = {2: "garbage", 3: "truncated", 4: "other-model", 5: "nan"}
+FAULTS = {2: "garbage", 3: "truncated", 4: "other-model", 5: "nan", 6: "bit-flips"}
 
 
 def saboteur_mod(msg: Message, context: Context, call_next) -> Message:
@@ -108,6 +109,9 @@ def saboteur_mod(msg: Message, context: Context, call_next) -> Message:
         data = np.random.default_rng(7).integers(0, 256, len(data), dtype=np.uint8).tobytes()
     elif fault == "truncated":
         data = data[: len(data) // 2]
+    elif fault == "bit-flips":
+        # Noise on the link: the same length, a few bits changed (the reference loop's model).
+        data = corrupt_in_transit(data, np.random.default_rng(int(msg.metadata.group_id or 0) + 11))
     elif fault == "other-model":
         other = {"classifier.weight": np.ones((4, 8), np.float32)}
         data = fstqcodec.encode(other)
@@ -272,16 +276,17 @@ def test_compressed_federation_matches_budget_and_fedavg():
 
 def test_server_drops_broken_replies_and_finishes_the_round():
     strategy = WireRecordingStrategy(
-        FedAvg(min_train_nodes=6, min_available_nodes=6, fraction_evaluate=0.0),
+        FedAvg(min_train_nodes=7, min_available_nodes=7, fraction_evaluate=0.0),
         budget=fstqcodec.Budget(ratio=UPLINK_RATIO),
     )
-    result = run_federation(strategy, faulty_client_app, num_supernodes=6)
+    result = run_federation(strategy, faulty_client_app, num_supernodes=7)
 
     expected_reason = {
         "garbage": "undecodable update",
         "truncated": "undecodable update",
         "other-model": "wrong tensors",
         "nan": "non-finite",
+        "bit-flips": "undecodable update",
     }
     for server_round in range(1, NUM_ROUNDS + 1):
         replies = strategy.received[server_round]
