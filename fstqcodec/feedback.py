@@ -77,6 +77,16 @@ class ErrorFeedback:
         self.residual = residual
         return message
 
+    @property
+    def last_update(self) -> dict | None:
+        """What the last message encoded in full (the update plus the residual it carried), until
+        :meth:`message_lost` or :meth:`reset`; ``None`` before the first message.
+
+        A client that learns of a loss only later, in another process, keeps this beside the
+        residual and makes it the residual then (as :mod:`fstqcodec.flower` does).
+        """
+        return None if self._last_corrected is None else self._last_corrected[0]
+
     def message_lost(self) -> None:
         """The last message was not delivered: keep all of it in the residual for the next round."""
         if self._last_corrected is not None:

@@ -20,8 +20,10 @@ Server to client, in the train message:
 
 * ``ConfigRecord "fstq"``: ``version`` (int), ``uplink`` (``"lossless"`` or ``"budget"``),
   ``budget-unit`` (``"bits_per_param"``, ``"max_bytes"`` or ``"ratio"``) and ``budget-value`` when
-  ``uplink == "budget"``, ``error-feedback`` (bool), ``seed`` (int) and optionally ``block-size``.
-  The mod removes this record before the app sees the message.
+  ``uplink == "budget"``, ``error-feedback`` (bool), ``seed`` (int), ``round`` (int, the server
+  round), ``last-accepted-round`` (int: the latest round whose reply from this node the server
+  accepted, 0 if none) and optionally ``block-size`` and ``fisher-power``. The mod removes this
+  record before the app sees the message.
 * When the downlink is compressed, the model's ``ArrayRecord`` holds a single ``Array`` named
   ``"fstq"`` whose ``stype`` is :data:`STYPE_MODEL` and whose data is the fstq message. An
   application without the mod fails loudly on it (``Array.numpy()`` raises ``TypeError``) rather
@@ -346,7 +348,10 @@ class FstqMod:
     Error feedback (when the server enables it): what the message lost is kept in
     ``context.state[state_key]`` (an ``ArrayRecord``) and added to the next round's update, so the
     compression error is not lost but delayed. The residual is discarded when the model's tensor
-    names or shapes change.
+    names or shapes change. The mod also keeps the last message's whole update (in
+    ``context.state[state_key + ".sent"]``, with its round): if the server's next request says
+    that round's reply was never accepted (lost, late, or dropped as broken), that update goes
+    back into the residual instead of being lost.
 
     Place it first (outermost) in ``ClientApp(mods=[...])``, outside clipping or local-DP mods,
     so that those see plain arrays. It cannot be combined with secure aggregation (SecAgg+), which
@@ -505,12 +510,17 @@ class FstqMod:
             options["fisher_power"] = float(request["fisher-power"])
 
         if bool(request.get("error-feedback", False)):
-            feedback = self._load_feedback(ctxt, update)
+            feedback = self._load_feedback(ctxt, update, request)
             data = feedback.encode(update, fisher=fisher, budget=budget, **options)
             ctxt.state[self.state_key] = _numpy_record(dict(feedback.residual))
+            if "round" in request:
+                # What this message carries in full (update + residual), in case it never arrives.
+                ctxt.state[self._sent_key] = _numpy_record(dict(feedback.last_update))
+                ctxt.state[self._sent_round_key] = ConfigRecord({"round": int(request["round"])})
         else:
-            if self.state_key in ctxt.state:
-                del ctxt.state[self.state_key]  # a stale residual must not leak into a later run
+            for key in (self.state_key, self._sent_key, self._sent_round_key):
+                if key in ctxt.state:
+                    del ctxt.state[key]  # a stale residual must not leak into a later run
             data = fstqcodec.encode(update, fisher=fisher, budget=budget, **options)
 
         compressed = RecordDict()
@@ -521,14 +531,33 @@ class FstqMod:
         reply.content = compressed
         return reply
 
+    @property
+    def _sent_key(self) -> str:
+        return self.state_key + ".sent"
+
+    @property
+    def _sent_round_key(self) -> str:
+        return self.state_key + ".sent-round"
+
     def _load_feedback(
-        self, ctxt: Context, update: Mapping[str, np.ndarray]
+        self, ctxt: Context, update: Mapping[str, np.ndarray], request: ConfigRecord
     ) -> fstqcodec.ErrorFeedback:
-        """An ErrorFeedback holding the residual kept in the context, if it still fits."""
+        """An ErrorFeedback holding the residual kept in the context, if it still fits.
+
+        If the server says the last message sent was never accepted, the residual is that
+        message's whole update instead (what :meth:`fstqcodec.ErrorFeedback.message_lost` does).
+        """
         feedback = fstqcodec.ErrorFeedback()
         stored = ctxt.state.array_records.get(self.state_key)
         if stored is None:
             return feedback
+        sent_round = ctxt.state.config_records.get(self._sent_round_key)
+        accepted = request.get("last-accepted-round")
+        if sent_round is not None and self._sent_key in ctxt.state and isinstance(accepted, int) \
+                and accepted < int(sent_round["round"]):
+            logger.info("FstqMod: the server never accepted the reply of round %s; keeping its update",
+                        sent_round["round"])
+            stored = ctxt.state.array_records[self._sent_key]
         residual = _plain_tensors(stored)
         if _check_same_tensors(residual, update, "the stored residual") is not None:
             logger.info("FstqMod: the model changed; discarding the error-feedback residual")
@@ -721,6 +750,9 @@ class FstqStrategy(Strategy):
         self.seed = seed
         self.limits = limits
         self.traffic: dict[int, RoundTraffic] = {}
+        # node_id -> the latest round whose train reply from it was accepted (told to the client,
+        # whose error feedback then keeps an update that never arrived).
+        self._last_accepted: dict[int, int] = {}
         # server_round -> the model each client of that round received (decoded), which is the
         # reference its update is relative to.
         self._references: dict[int, dict[str, np.ndarray]] = {}
@@ -779,6 +811,8 @@ class FstqStrategy(Strategy):
         request["error-feedback"] = bool(self.error_feedback)
         # Distinct per client and round, reproducible across runs.
         request["seed"] = (self.seed * 1_000_003 + server_round * 10_007 + node_id) % (1 << 31)
+        request["round"] = int(server_round)
+        request["last-accepted-round"] = int(self._last_accepted.get(node_id, 0))
         if self.block_size is not None:
             request["block-size"] = int(self.block_size)
         if self.fisher_power is not None:
@@ -884,6 +918,8 @@ class FstqStrategy(Strategy):
                 r.count_bytes() for r in reply.content.array_records.values()
             )
             traffic.replies_accepted += 1
+            node = reply.metadata.src_node_id
+            self._last_accepted[node] = max(server_round, self._last_accepted.get(node, 0))
             accepted.append(reply)
 
         arrays, metrics = self.strategy.aggregate_train(server_round, accepted)

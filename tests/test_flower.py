@@ -82,9 +82,12 @@ def new_context(node_id: int = 1) -> Context:
     return Context(run_id=1, node_id=node_id, node_config={}, state=RecordDict(), run_config={})
 
 
-def request(budget=fstqcodec.Budget(ratio=8), *, error_feedback=True, seed=3, fisher_power=None) -> ConfigRecord:
+def request(budget=fstqcodec.Budget(ratio=8), *, error_feedback=True, seed=3, fisher_power=None,
+            server_round=1, last_accepted=None) -> ConfigRecord:
+    """The server's request for node 1 in ``server_round``; by default every earlier reply was accepted."""
     strategy = FstqStrategy(FedAvg(), budget=budget, error_feedback=error_feedback, seed=seed, fisher_power=fisher_power)
-    return strategy._client_request(server_round=1, node_id=1)
+    strategy._last_accepted[1] = server_round - 1 if last_accepted is None else last_accepted
+    return strategy._client_request(server_round=server_round, node_id=1)
 
 
 def train_message(global_model, fstq_request=None, message_type=MessageType.TRAIN) -> Message:
@@ -169,8 +172,8 @@ def test_mod_keeps_error_feedback_in_the_context_across_rounds():
     global_model = model(0)
     steps = [model(1, scale=0.001), model(2, scale=0.001)]
     sent = []
-    for step in steps:
-        reply = mod(train_message(global_model, request()), context, FakeApp(step))
+    for server_round, step in enumerate(steps, start=1):
+        reply = mod(train_message(global_model, request(server_round=server_round)), context, FakeApp(step))
         sent.append(fstqcodec.decode(the_message(reply)))
     residual = tensors_of(context.state["fstq.residual"])
 
@@ -182,6 +185,37 @@ def test_mod_keeps_error_feedback_in_the_context_across_rounds():
             atol=1e-6,
         )
         assert np.linalg.norm(residual[name]) > 0
+
+
+@pytest.mark.parametrize("accepted", [True, False], ids=["delivered", "never-accepted"])
+def test_an_update_the_server_never_accepted_goes_back_into_error_feedback(accepted):
+    context = new_context()
+    mod = FstqMod()
+    global_model = model(0)
+    steps = [model(1, scale=0.001), model(2, scale=0.001)]
+    lossless = None  # a lossless uplink: what arrives is exactly the update plus what was carried
+    mod(train_message(global_model, request(lossless, server_round=1)), context, FakeApp(steps[0]))
+    # Round 2: the server says whether it accepted round 1's reply (lost, late or broken if not).
+    second = request(lossless, server_round=2, last_accepted=1 if accepted else 0)
+    sent = fstqcodec.decode(the_message(mod(train_message(global_model, second), context, FakeApp(steps[1]))))
+    for name in SHAPES:
+        expected = steps[1][name] + (0 if accepted else steps[0][name])
+        np.testing.assert_allclose(sent[name], expected, atol=1e-7)
+    assert tensors_of(context.state["fstq.residual.sent"]).keys() == SHAPES.keys()
+
+
+def test_the_strategy_tells_each_node_the_last_round_it_accepted_from_it():
+    nodes = [11, 22]
+    strategy = FstqStrategy(SharedRecordFedAvg(nodes), budget=fstqcodec.Budget(ratio=8))
+    messages = list(strategy.configure_train(1, record(model(0)), ConfigRecord(), grid=None))
+    assert [m.content[CONFIG_RECORD]["last-accepted-round"] for m in messages] == [0, 0]
+    assert [m.content[CONFIG_RECORD]["round"] for m in messages] == [1, 1]
+    (good_reply,) = client_round(messages[:1], [model(1, scale=0.001)])
+    broken_reply = make_message(metadata(src=22, dst=0), _broken("garbage"))
+    arrays, _ = strategy.aggregate_train(1, [good_reply, broken_reply])
+    messages = list(strategy.configure_train(2, arrays, ConfigRecord(), grid=None))
+    told = {m.metadata.dst_node_id: m.content[CONFIG_RECORD]["last-accepted-round"] for m in messages}
+    assert told == {11: 1, 22: 0}
 
 
 def test_mod_without_error_feedback_keeps_no_residual():
