@@ -217,6 +217,7 @@ class _Federation:
                    "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0}]
         cumulative_uplink, sim_time = 0, 0.0
         message_sizes: list[int] = []
+        anatomy: dict[str, int] = {}  # bytes by part of the message, summed over messages
         dropped: list[dict] = []
         faults_log: list[dict] = []
         for round_number in range(1, config.rounds + 1):
@@ -266,6 +267,8 @@ class _Federation:
                 upload_s.append(up)
                 uplink_bytes += len(message)
                 message_sizes.append(len(message))
+                for part, size in method.anatomy(message).items():
+                    anatomy[part] = anatomy.get(part, 0) + size
                 finish_s = down + compute_s[-1] + up
                 if config.round_deadline_s is not None and finish_s > config.round_deadline_s:
                     # Arrives after the server closed the round: discarded like a lost message.
@@ -323,6 +326,8 @@ class _Federation:
             "wall_time_s": time.perf_counter() - method_started,
             "mean_message_bytes": mean_bytes,
             "mean_bits_per_param": 8.0 * mean_bytes / schema.total,
+            # Mean bytes per message by part (header, scales, codes, ...): what the side costs.
+            "message_anatomy": {part: total / max(1, len(message_sizes)) for part, total in anatomy.items()},
             "dropped_messages": dropped,
             "faults": faults_log,
         }

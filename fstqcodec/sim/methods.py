@@ -125,6 +125,10 @@ class Method:
     def config(self) -> dict:
         return {"name": self.name}
 
+    def anatomy(self, data: bytes) -> dict[str, int]:
+        """Where a message's bytes go: part name -> bytes, summing to ``len(data)``."""
+        return {"header": _HEADER.size, "payload": len(data) - _HEADER.size}
+
     # -- the minimal container shared by the baselines --
     def _header(self) -> bytes:
         return _HEADER.pack(_MAGIC, _METHOD_IDS[self.name], _VERSION, len(self.schema.names))
@@ -380,6 +384,14 @@ class Fstq(Method):
         if self.wire_schema is not None:
             return self._fstqcodec.decode(data, schemas=self.wire_schema)
         return self._fstqcodec.decode(data)
+
+    def anatomy(self, data):
+        """Preamble and checksum, the msgpack header (as stored), and each kind of section."""
+        report = self._fstqcodec.inspect(data, schemas=self.wire_schema)
+        parts = {"framing": report["framing_size"], "header": report["header_size"]}
+        for section in report["sections"]:
+            parts[section["kind"]] = parts.get(section["kind"], 0) + section["stored"]
+        return parts
 
 
 def make_method(name: str, schema: Schema, *, bits_per_param: float,

@@ -13,6 +13,8 @@
                       "uplink_to_target_bytes", "uplink_ratio_vs_fp32", "sim_time_to_target_s",
                       "time_reduction_vs_fp32", "total_uplink_bytes", "mean_message_bytes",
                       "mean_bits_per_param"},
+          "message_anatomy": {"<part>": mean bytes per message},   # e.g. header, scales, codes
+          "faults": [...], "dropped_messages": [...],               # what went wrong, per round
           ...
         }
       }
