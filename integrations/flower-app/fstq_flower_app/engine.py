@@ -36,6 +36,7 @@ _RUN_CONFIG_KEYS = {
     "fraction": "fraction-train",
     "budget_bpp": "budget-bpp",
     "block_size": "block-size",
+    "fisher_power": "fisher-power",
     "task": "task",
     "model": "model",
     "alpha": "alpha",

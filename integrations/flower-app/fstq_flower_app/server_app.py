@@ -43,6 +43,7 @@ def main(grid: Grid, context: Context) -> None:
         budget=fstqcodec.Budget(bits_per_param=float(config["budget-bpp"])),
         downlink=downlink,
         block_size=int(config["block-size"]),
+        fisher_power=float(config["fisher-power"]),
         seed=settings.seed,
     )
 
