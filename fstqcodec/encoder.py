@@ -10,11 +10,10 @@ corrects its target from the real message size until the message fills the budge
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 
 import numpy as np
-
-import operator
 
 from .errors import BudgetError, EncodeError
 from .limits import DEFAULT_LIMITS

@@ -237,11 +237,17 @@ def test_mod_discards_a_residual_of_another_model():
     assert sorted(tensors_of(context.state["fstq.residual"])) == sorted(SHAPES)
 
 
+def skewed_fisher() -> dict:
+    """A Fisher that calls the first tensor of the model important and the second not."""
+    important, unimportant = SHAPES
+    return {important: np.full(SHAPES[important], 1e4, np.float32),
+            unimportant: np.full(SHAPES[unimportant], 1e-4, np.float32)}
+
+
 def test_mod_encodes_with_the_apps_fisher_and_keeps_it_on_the_client():
     global_model, step = model(0), model(1, scale=0.001)
     important, unimportant = SHAPES
-    fisher = {important: np.full(SHAPES[important], 1e4, np.float32),
-              unimportant: np.full(SHAPES[unimportant], 1e-4, np.float32)}
+    fisher = skewed_fisher()
     tight = fstqcodec.Budget(ratio=16)
 
     uniform = fstqcodec.decode(the_message(
@@ -260,9 +266,7 @@ def test_mod_encodes_with_the_apps_fisher_and_keeps_it_on_the_client():
 
 def test_the_servers_fisher_power_reaches_the_client_encoder():
     global_model, step = model(0), model(1, scale=0.001)
-    important, unimportant = SHAPES
-    fisher = {important: np.full(SHAPES[important], 1e4, np.float32),
-              unimportant: np.full(SHAPES[unimportant], 1e-4, np.float32)}
+    fisher = skewed_fisher()
     tight = fstqcodec.Budget(ratio=16)
 
     def message(fisher_power, app_fisher):

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from fstqcodec.policy.fisher import check_fisher_power
+
 __all__ = ["SimConfig", "TASK_TARGETS", "run_simulation"]
 
 #: Default target accuracy per built-in task (``--target`` overrides). The BBC target is the one the
@@ -98,7 +100,6 @@ class SimConfig:
             (self.max_length >= 8, "max_length must be >= 8"),
             (self.alpha > 0, "alpha must be > 0"),
             (self.budget_bpp > 0, "budget_bpp must be > 0"),
-            (math.isfinite(self.fisher_power) and self.fisher_power >= 0, "fisher_power must be >= 0"),
             (self.eval_size >= 10, "eval_size must be >= 10"),
             (self.step_time_s is None or self.step_time_s >= 0, "step_time_s must be >= 0"),
             (self.deadline_s is None or self.deadline_s > self.latency_s, "deadline must exceed the latency"),
@@ -111,6 +112,7 @@ class SimConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_fisher_power(self.fisher_power)  # the encoder's own check, the same ValueError
 
 
 def corrupt_in_transit(message: bytes, rng: np.random.Generator, flips: int = 8) -> bytes:
