@@ -7,6 +7,7 @@ the adapters (``fstqcodec.torch``, ``fstqcodec.peft``, ``fstqcodec.flower``) imp
 """
 
 from .codec import decode, encode, inspect
+from .config import FEDERATED_FISHER_POWER, EncodeConfig
 from .errors import (
     BadFormatError,
     BudgetError,
@@ -35,6 +36,8 @@ __all__ = [
     "decode",
     "inspect",
     "Budget",
+    "EncodeConfig",
+    "FEDERATED_FISHER_POWER",
     "ErrorFeedback",
     "Limits",
     "Schema",

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from . import decoder, encoder
+from .config import DEFAULT_BLOCK_SIZE, EncodeConfig
 from .limits import Limits
-from .policy.budget import Budget
 from .errors import EncodeError
 from .policy.fisher import normalize_fisher
 from .wire.header import Schema
 
 __all__ = ["encode", "decode", "inspect"]
 
-DEFAULT_BLOCK_SIZE = 64
+_DEFAULT_CONFIG = EncodeConfig()
 
 
 def encode(
@@ -31,6 +31,7 @@ def encode(
     meta: dict | None = None,
     compress_header: bool = True,
     schema: Schema | None = None,
+    config: EncodeConfig | None = None,
 ) -> bytes:
     """Encode named tensors into one fstq message.
 
@@ -74,6 +75,10 @@ def encode(
         Name the tensors by this schema's digest instead of listing them: the header shrinks to
         a few dozen bytes, and the decoder must be given the same schema. The tensors must
         match it exactly (names, order, dtypes, shapes, block size).
+    config : EncodeConfig, optional
+        All the options above but ``fisher``, ``meta`` and ``schema`` in one object; the same
+        config gives the same bytes as the same keyword options. Give either ``config`` or
+        those keyword options, not both.
 
     Returns
     -------
@@ -96,41 +101,42 @@ def encode(
     >>> len(message) <= 4096 * 2 // 8
     True
     """
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    if bits is not None and (isinstance(bits, bool) or bits not in range(2, 9)):
-        raise ValueError(f"bits must be an int from 2 to 8, got {bits!r}")
-    if sum(x is not None for x in (budget, bits, codebook)) > 1:
-        raise TypeError("give at most one of budget, bits, codebook")
+    options = EncodeConfig(
+        budget=budget, block_size=block_size, bits=bits, codebook=codebook, rounding=rounding,
+        seed=seed, fisher_power=fisher_power, nonfinite=nonfinite, compress_header=compress_header,
+    )
+    if config is not None:
+        if not isinstance(config, EncodeConfig):
+            raise TypeError(f"config must be a fstqcodec.EncodeConfig, got {type(config).__name__}")
+        if options != _DEFAULT_CONFIG:
+            raise TypeError("give the encoder options either in config or as keyword arguments, not both")
+        options = config
     if meta is not None:
         _check_meta(meta)
     # Non-finite intermediate values are handled explicitly; a caller's np.seterr must not turn
     # them into FloatingPointError.
     with np.errstate(all="ignore"):
-        return _encode(tensors, fisher, fisher_power, budget, block_size, bits, codebook, rounding, seed, nonfinite, meta, compress_header, schema)
+        return _encode(tensors, fisher, options, meta, schema)
 
 
-def _encode(tensors, fisher, fisher_power, budget, block_size, bits, codebook, rounding, seed, nonfinite, meta, compress_header, schema) -> bytes:
-    source = encoder.Input(tensors, block_size, nonfinite)
-    weights = normalize_fisher(fisher, source.names, {s.name: s.shape for s in source.specs}, fisher_power)
+def _encode(tensors, fisher, config: EncodeConfig, meta, schema) -> bytes:
+    source = encoder.Input(tensors, config.block_size, config.nonfinite)
+    weights = normalize_fisher(fisher, source.names, {s.name: s.shape for s in source.specs}, config.fisher_power)
     if schema is not None:
         if not isinstance(schema, Schema):
             raise TypeError(f"schema must be a fstqcodec.Schema, got {type(schema).__name__}")
         if Schema([(t.name, t.dtype, t.shape, t.block_size) for t in source.specs]) != schema:
             raise EncodeError(_schema_difference(source.specs, schema.tensors))
-    options = {"meta": meta, "compress_header": compress_header, "schema": schema}
-    if bits is not None or codebook is not None:
+    options = {"meta": meta, "compress_header": config.compress_header, "schema": schema}
+    if config.mode in ("bits", "codebook"):
         source.check_quantizable()
-        plan = encoder.fixed_plan(source, bits=bits, codebook=codebook, rounding=rounding, rng=np.random.default_rng(seed))
+        rng = np.random.default_rng(config.seed)
+        plan = encoder.fixed_plan(source, bits=config.bits, codebook=config.codebook, rounding=config.rounding, rng=rng)
         return encoder.assemble(source, plan, **options)
-    if budget is None:
+    if config.mode == "lossless":
         return encoder.assemble(source, encoder.lossless_plan(source), **options)
-    if isinstance(budget, int) and not isinstance(budget, bool):
-        budget = Budget(max_bytes=budget)
-    if not isinstance(budget, Budget):
-        raise TypeError(f"budget must be a Budget or an int number of bytes, got {type(budget).__name__}")
-    limit = budget.resolve(elements=source.elements, raw_bytes=source.raw_bytes)
-    return encoder.encode_to_budget(source, weights, limit, rounding=rounding, seed=seed, **options)
+    limit = config.budget.resolve(elements=source.elements, raw_bytes=source.raw_bytes)
+    return encoder.encode_to_budget(source, weights, limit, rounding=config.rounding, seed=config.seed, **options)
 
 
 def _check_meta(meta) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .codec import decode, encode
+from .config import EncodeConfig
 
 __all__ = ["ErrorFeedback"]
 
@@ -35,20 +36,27 @@ class ErrorFeedback:
     ['w']
     """
 
-    def __init__(self):
+    def __init__(self, config: EncodeConfig | None = None):
+        if config is not None and not isinstance(config, EncodeConfig):
+            raise TypeError(f"config must be a fstqcodec.EncodeConfig, got {type(config).__name__}")
+        self.config = config
         self.residual: dict = {}
-        self._last_corrected: dict | None = None
+        self._last_corrected: tuple[dict, dict] | None = None
 
-    def encode(self, update: Mapping, *, fisher=None, budget=None, **options) -> bytes:
+    def encode(self, update: Mapping, *, fisher=None, meta=None, schema=None, **options) -> bytes:
         """Encode ``update`` plus the carried residual; remember what the message lost.
 
-        Takes the keyword arguments of :func:`fstqcodec.encode`.
+        Takes the keyword arguments of :func:`fstqcodec.encode`. Without encoder options or
+        ``config=``, the config given to the constructor applies.
 
         Raises
         ------
         EncodeError
             As :func:`fstqcodec.encode`; the residual is left unchanged.
         """
+        if self.config is not None and not options:
+            options = {"config": self.config}
+        config = options.get("config") or EncodeConfig(**{k: v for k, v in options.items() if k != "config"})
         corrected = {}
         for name, value in update.items():
             if hasattr(value, "detach"):  # torch tensor
@@ -63,13 +71,13 @@ class ErrorFeedback:
                         f"tensor {name!r} has shape {array.shape}, its residual {previous.shape}; call reset() after a model change"
                     )
                 array += previous
-            if options.get("nonfinite") == "zero":
+            if config.nonfinite == "zero":
                 # The encoder replaces NaN/inf with 0; so does the memory, or they would come
                 # back in every later round.
                 array[~np.isfinite(array)] = 0
             corrected[name] = array
-        message = encode(corrected, fisher=fisher, budget=budget, **options)
-        decoded = decode(message, schemas=options.get("schema"))
+        message = encode(corrected, fisher=fisher, meta=meta, schema=schema, **options)
+        decoded = decode(message, schemas=schema)
         # Tensors absent from this update keep their residual for a later one.
         residual = dict(self.residual)
         residual.update({name: corrected[name] - decoded[name].astype(corrected[name].dtype) for name in corrected})
@@ -95,10 +103,44 @@ class ErrorFeedback:
             self.residual = previous
             self._last_corrected = None
 
+    def state(self) -> dict:
+        """Everything this memory holds, as plain data: ``{"residual": {name: array},
+        "last_update": {name: array} or None, "residual_before": {name: array} or None}``.
+
+        :meth:`from_state` rebuilds an equal memory; a client that lives across processes (a
+        Flower ClientApp, an NVFLARE executor) keeps this between rounds instead of the object.
+        """
+        last, before = self._last_corrected if self._last_corrected is not None else (None, None)
+        return {"residual": dict(self.residual), "last_update": last, "residual_before": before}
+
+    @classmethod
+    def from_state(cls, state: Mapping, config: EncodeConfig | None = None) -> "ErrorFeedback":
+        """The memory that :meth:`state` described (arrays are copied).
+
+        Raises
+        ------
+        ValueError
+            If ``state`` lacks ``residual`` or holds ``last_update`` without ``residual_before``.
+        """
+        if "residual" not in state:
+            raise ValueError("an ErrorFeedback state needs a 'residual' entry")
+        feedback = cls(config)
+        feedback.residual = _copy(state["residual"])
+        last, before = state.get("last_update"), state.get("residual_before")
+        if (last is None) != (before is None):
+            raise ValueError("an ErrorFeedback state holds both 'last_update' and 'residual_before', or neither")
+        if last is not None:
+            feedback._last_corrected = (_copy(last), _copy(before))
+        return feedback
+
     def reset(self) -> None:
         """Forget the residual (after a model change, or to start over)."""
         self.residual = {}
         self._last_corrected = None
 
     def __repr__(self) -> str:
-        return f"ErrorFeedback(tensors={len(self.residual)})"
+        return f"ErrorFeedback(config={self.config!r}, tensors={len(self.residual)})"
+
+
+def _copy(arrays: Mapping) -> dict:
+    return {name: np.array(value, copy=True) for name, value in arrays.items()}

@@ -63,6 +63,28 @@ class Budget:
             return int(math.floor(self.bits_per_param * elements / 8))
         return int(math.floor(raw_bytes / self.ratio))
 
+    def get_config(self) -> dict:
+        """A JSON-safe dict naming the one parameter given, e.g. ``{"bits_per_param": 0.3}``."""
+        return {name: getattr(self, name) for name in self.__slots__ if getattr(self, name) is not None}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Budget":
+        """The budget that :meth:`get_config` described.
+
+        Raises
+        ------
+        TypeError
+            Not a dict, unknown keys, or not exactly one parameter.
+        ValueError
+            A parameter out of range.
+        """
+        if not isinstance(config, dict):
+            raise TypeError(f"a budget config is a dict, got {type(config).__name__}")
+        unknown = sorted(set(config) - set(cls.__slots__), key=str)
+        if unknown:
+            raise TypeError(f"unknown budget parameter(s): {', '.join(map(str, unknown))}")
+        return cls(**config)
+
     def __repr__(self) -> str:
         for name in self.__slots__:
             value = getattr(self, name)
