@@ -16,7 +16,10 @@ import zstandard
 
 from fstqcodec.errors import BadFormatError, DecodeError, LimitExceededError, TrailingDataError, TruncatedError
 from fstqcodec.limits import DEFAULT_LIMITS, Limits
+from fstqcodec.stages import rans
 from fstqcodec.wire import container, msgpack_subset, zstd_frame
+
+NATIVE = getattr(rans._speedups, "msgpack_scan", None) is not None
 
 SEED_HEADERS = [
     {
@@ -101,3 +104,34 @@ def test_zstd_walk_cut_anywhere_after_the_magic_is_truncated():
         expected = BadFormatError if cut < 4 else TruncatedError
         assert _class_of(lambda: zstd_frame.decompress_exact(frame[:cut], 3000, "test", 0)) is expected, cut
     assert _class_of(lambda: zstd_frame.decompress_exact(frame + b"\x00", 3000, "test", 0)) is TrailingDataError
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C accelerator is not built")
+def test_native_scan_matches_the_python_scan():
+    """The C walks (used by default) report exactly what the Python reference walks report."""
+    rng = random.Random(7)
+    seeds = [msgpack.packb(h, use_bin_type=True) for h in SEED_HEADERS]
+    small = Limits(max_tensors=1, max_contexts=1)
+    for _ in range(3000):
+        data = _mutate(rng.choice(seeds), rng)
+        for limits in (DEFAULT_LIMITS, small):
+            assert _class_of(lambda: msgpack_subset.scan(data, limits)) is _class_of(lambda: msgpack_subset.scan_python(data, limits)), data.hex()
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C accelerator is not built")
+def test_native_zstd_walk_matches_the_python_walk():
+    rng = random.Random(11)
+    seeds = [
+        zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=c).compress(bytes(rng.randrange(3) for _ in range(n)))
+        for c, n in ((False, 0), (True, 40), (False, 5000), (True, 300_000))
+    ]
+    seeds.append(b"\x28\xb5\x2f\xfd\x80\x68" + (16).to_bytes(4, "little") + (1 | (16 << 3)).to_bytes(3, "little") + bytes(16))
+    for _ in range(4000):
+        seed = rng.choice(seeds)
+        data = _mutate(seed[:64], rng) + seed[64:] if rng.random() < 0.7 else _mutate(seed, rng)
+        declared = zstandard.frame_content_size(seed) if seed[4] != 0x80 else 16
+        native = _class_of(lambda: zstd_frame.frame_length(data, declared, "t", 0))
+        python = _class_of(lambda: zstd_frame.frame_length_python(data, declared, "t", 0))
+        assert native is python, data[:80].hex()
+        if native is None:
+            assert zstd_frame.frame_length(data, declared, "t", 0) == zstd_frame.frame_length_python(data, declared, "t", 0)

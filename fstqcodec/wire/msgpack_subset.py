@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from ..errors import BadFormatError, LimitExceededError, TrailingDataError
+from ..stages import rans as _rans  # holds the optional C accelerator (None when not built or disabled)
 
 __all__ = ["MAX_DEPTH", "container_budget", "scan", "too_deep"]
 
@@ -53,11 +54,41 @@ def _read_length(data: bytes, pos: int, size: int, what: str) -> int:
 def scan(data: bytes, limits) -> None:
     """Check ``data`` against FORMAT.md 5.1 rules 1-8, in byte order (step 8).
 
+    Uses the C accelerator when it is built: a zstd-encoded header of a few hundred bytes can hold
+    millions of items, which this walk visits one by one.
+
     Raises
     ------
     BadFormatError, LimitExceededError, TrailingDataError
         The error of the first check that fails, in the order the bytes are read.
     """
+    native = getattr(_rans._speedups, "msgpack_scan", None)
+    if native is None:
+        return scan_python(data, limits)
+    budget = container_budget(limits)
+    try:
+        native(data, budget)
+    except ValueError as exc:
+        code, message, extra = exc.args
+        if code == "limit":
+            raise _too_many_containers(budget, limits, extra) from None
+        if code == "trailing":
+            raise TrailingDataError(f"header holds {extra} bytes after its msgpack map", extra=extra, offset=len(data) - extra) from None
+        _fail(message, extra)
+
+
+def _too_many_containers(budget: int, limits, count: int) -> LimitExceededError:
+    return LimitExceededError(
+        f"header holds more than {budget} arrays and maps, more than max_tensors={limits.max_tensors} "
+        "and max_contexts allow",
+        limit_name="max_tensors",
+        limit=limits.max_tensors,
+        actual=count,
+    )
+
+
+def scan_python(data: bytes, limits) -> None:
+    """The Python implementation of :func:`scan` (the reference)."""
     size = len(data)
     if size == 0 or not (0x80 <= data[0] <= 0x8F or data[0] in _MAP_LENGTH_FIELD):
         _fail("the header is not a map", 0)
@@ -121,13 +152,7 @@ def scan(data: bytes, limits) -> None:
                 _fail(f"a container declares {items} objects, {size - pos} bytes are left", start)
             containers += 1
             if containers > budget:
-                raise LimitExceededError(
-                    f"header holds more than {budget} arrays and maps, more than max_tensors={limits.max_tensors} "
-                    "and max_contexts allow",
-                    limit_name="max_tensors",
-                    limit=limits.max_tensors,
-                    actual=containers,
-                )
+                raise _too_many_containers(budget, limits, containers)
             stack.append([items, set() if is_map else None])
             if items == 0 and _close_finished(stack):
                 break
