@@ -22,8 +22,8 @@ the manifest (``schemas``), so that a decoder can be given it.
 Invalid vectors are mostly built by hand with :func:`frame`, which writes a correct preamble and
 CRC-32, so that each one fails for the intended reason and not with a checksum error. The script
 checks that ``fstqcodec.decode`` raises the named error for every invalid vector, except those in
-:data:`REFERENCE_DECODER_GAPS`, where the reference decoder is known not to conform yet (FORMAT.md,
-Appendix B).
+:data:`REFERENCE_DECODER_GAPS`, where the reference decoder would be known not to conform (FORMAT.md,
+Appendix B records the reference implementation's state; there are none).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ TENSOR_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64
 SCHEMA_DIGEST_SIZE = 16
 RANS_MAX_STEPS = 1 << 16  # symbols per lane of one rANS context
 
-#: Invalid vectors the reference decoder does not reject as the spec requires (see the report in
-#: FORMAT.md, Appendix B). The test suite marks them as expected failures.
+#: Invalid vectors the reference decoder does not reject as the spec requires (FORMAT.md, Appendix B,
+#: would list them). The test suite marks them as expected failures.
 REFERENCE_DECODER_GAPS: dict = {}
 
 
@@ -585,14 +585,14 @@ def valid_vectors():
     yield (
         "zstd_window_8mib",
         "The base message with its raw codes section stored as a hand-made zstd frame that is not single-segment and "
-        "declares a Window_Size of exactly 8 MiB (descriptor 0x68), the largest allowed (Section 11 rule 2).",
+        "declares a Window_Size of exactly 8 MiB (descriptor 0x68), the largest allowed (Section 11 pass 1 item 2).",
         replace_section(header, body, 3, window_8mib, "zstd", 16),
     )
     dictionary_zero = ZSTD_MAGIC + bytes([0x21, 0x00, 16]) + zstd_block(1, 0, 16) + raw_payload
     yield (
         "zstd_dictionary_id_zero",
         "The base message with its raw codes section stored as a single-segment zstd frame whose 1-byte Dictionary_ID "
-        "field is present and 0 (no dictionary), which is allowed (Section 11 rule 2).",
+        "field is present and 0 (no dictionary), which is allowed (Section 11 pass 1 item 2).",
         replace_section(header, body, 3, dictionary_zero, "zstd", 16),
     )
     # level * scale rounded to binary32 first, then to the tensor dtype (Section 7): the exact
@@ -1300,7 +1300,7 @@ def zstd_precedence_vectors(base_header, base_body, raw_payload):
         "section_zstd_cut_in_magic",
         "The raw codes section (zstd, 16 bytes declared) holds the first 3 bytes of the frame magic.",
         "BadFormatError",
-        "Stored bytes that do not begin with the 4-byte magic are not a frame (Section 11 rule 1, step 19b).",
+        "Stored bytes that do not begin with the 4-byte magic are not a frame (Section 11 pass 1 item 1, step 19b).",
         ZSTD_MAGIC[:3],
     )
     yield codes_section(
@@ -1315,21 +1315,21 @@ def zstd_precedence_vectors(base_header, base_body, raw_payload):
         "The raw codes section (zstd, 16 bytes declared) holds a frame header declaring 17 bytes, and nothing after it.",
         "BadFormatError",
         "Frame header fields are checked as they are read: Frame_Content_Size differs from the declared length before "
-        "the missing blocks are noticed (Section 11 rule 2, step 19b).",
+        "the missing blocks are noticed (Section 11 pass 1 item 2, step 19b).",
         ZSTD_MAGIC + bytes([0x20, 17]),
     )
     yield codes_section(
         "section_zstd_window_over_8mib",
         "The raw codes section stored as a frame that is not single-segment with a Window_Size of 9 MiB (descriptor 0x69).",
         "BadFormatError",
-        "Window_Size above 8 MiB is rejected unless the frame is single-segment (Section 11 rule 2, step 19b).",
+        "Window_Size above 8 MiB is rejected unless the frame is single-segment (Section 11 pass 1 item 2, step 19b).",
         ZSTD_MAGIC + bytes([0x80, 0x69]) + struct.pack("<I", 16) + zstd_block(1, 0, 16) + raw_payload,
     )
     yield codes_section(
         "section_zstd_block_larger_than_rest",
         "The raw codes section stored as a single-segment frame whose raw block declares 16 bytes with only 10 left.",
         "TruncatedError",
-        "A block whose Block_Size is allowed but larger than the bytes left is a truncated frame (Section 11 rule 3, step 19b).",
+        "A block whose Block_Size is allowed but larger than the bytes left is a truncated frame (Section 11 pass 1 item 3, step 19b).",
         single_16 + zstd_block(1, 0, 16) + raw_payload[:10],
     )
     yield codes_section(
@@ -1338,14 +1338,14 @@ def zstd_precedence_vectors(base_header, base_body, raw_payload):
         "all present.",
         "BadFormatError",
         "Block_Size above Block_Maximum_Size = min(Window_Size, 128 KiB), with Window_Size = Frame_Content_Size for a "
-        "single-segment frame (Section 11 rule 3, step 19b).",
+        "single-segment frame (Section 11 pass 1 item 3, step 19b).",
         single_16 + zstd_block(1, 0, 17) + raw_payload + b"\x00",
     )
     yield codes_section(
         "section_zstd_block_over_maximum_cut",
         "As section_zstd_block_over_maximum with Block_Size 200 and only 10 bytes after the block header.",
         "BadFormatError",
-        "The block header is checked when it is read, before the block's bytes are found missing (Section 11 rule 3, "
+        "The block header is checked when it is read, before the block's bytes are found missing (Section 11 pass 1 item 3, "
         "step 19b).",
         single_16 + zstd_block(1, 0, 200) + raw_payload[:10],
     )
@@ -1353,14 +1353,14 @@ def zstd_precedence_vectors(base_header, base_body, raw_payload):
         "section_zstd_reserved_block_type_cut",
         "The raw codes section stored as a frame whose block has the reserved Block_Type 3 and is cut short.",
         "BadFormatError",
-        "Block_Type 3 is invalid, decided from the block header (Section 11 rule 3, step 19b).",
+        "Block_Type 3 is invalid, decided from the block header (Section 11 pass 1 item 3, step 19b).",
         single_16 + zstd_block(1, 3, 5) + b"\x00\x00",
     )
     yield codes_section(
         "section_zstd_checksum_cut",
         "The raw codes section stored as a frame with Content_Checksum_flag set and only 2 bytes of the checksum.",
         "TruncatedError",
-        "A frame that ends inside its Content_Checksum is truncated (Section 11 rule 3, step 19b).",
+        "A frame that ends inside its Content_Checksum is truncated (Section 11 pass 1 item 4, step 19b).",
         ZSTD_MAGIC + bytes([0x24, 16]) + zstd_block(1, 0, 16) + raw_payload + b"\x00\x00",
     )
     corrupt = single_16 + zstd_block(1, 2, 8) + b"\xff" * 8
@@ -1375,8 +1375,8 @@ def zstd_precedence_vectors(base_header, base_body, raw_payload):
         "The raw codes section stored as a frame whose only (compressed) block is 8 bytes of 0xFF, complete, followed "
         "by 2 more bytes.",
         "TrailingDataError",
-        "The frame's structure, up to bytes after its end, is checked before its content is decoded (Section 11 rules "
-        "3 and 4, step 19b).",
+        "The frame's structure, up to bytes after its end, is checked before its content is decoded (Section 11 pass 1 "
+        "item 5 before pass 2, step 19b).",
         corrupt + b"\x00\x00",
     )
     yield codes_section(
@@ -1384,7 +1384,7 @@ def zstd_precedence_vectors(base_header, base_body, raw_payload):
         "The raw codes section stored as a frame of a complete corrupt compressed block (8 bytes of 0xFF) and then a "
         "raw last block of 8 bytes with 3 present.",
         "TruncatedError",
-        "Structure before content: the cut second block is found before the first block is decoded (Section 11 rule 3, "
+        "Structure before content: the cut second block is found before the first block is decoded (Section 11 pass 1 item 3, "
         "step 19b).",
         single_16 + zstd_block(0, 2, 8) + b"\xff" * 8 + zstd_block(1, 0, 8) + b"abc",
     )
@@ -1571,7 +1571,7 @@ def generate(out: Path) -> dict:
             "Valid vectors: decoding 'file' must give exactly 'tensors' (in this order): dtype, shape, and the "
             "little-endian bytes of the values (bfloat16 as 16-bit patterns) given as 'hex' (when short) and "
             "always as the array 'npz_key' of the file 'values' and by their sha256. Invalid vectors: decoding "
-            "must raise 'error' (a DecodeError subclass, FORMAT.md section 13.1) and nothing else. An entry with "
+            "must raise 'error' (a class of FORMAT.md section 13.1) and nothing else, with the default limits of section 14. An entry with "
             "'schemas' (valid or invalid) is decoded with those schemas known to the decoder (FORMAT.md section 5.8): "
             "each is a tensor list [[name, dtype, shape, block_size], ...] with its 16-byte 'digest' in hex. Every "
             "file's sha256 is listed."
