@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EncodeError
-from ..policy.allocation import DROP, RAW16, RAW_EXACT
+from ..policy.allocation import DROP, RAW_EXACT
 from ..stages import bitpack, rans
 from ..wire.container import ENCODING_NONE, ENCODING_ZSTD, write_container, zstd_compress
 from ..wire.header import RAW_FORMATS, Context, Layout, Schema, build_header
@@ -15,7 +15,8 @@ from .source import Input
 
 __all__ = ["assemble"]
 
-_EXACT_FORMAT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
+#: The raw format that holds a tensor dtype's values exactly.
+RAW_FORMAT_OF_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
 #: A section is stored zstd-encoded only if that makes it at least this much smaller.
 _ZSTD_MIN_GAIN = 0.98
 #: Contexts of at most this width and at least this many elements carry their bins' centroids as
@@ -86,14 +87,13 @@ def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: b
 
 
 def _add_raw_contexts(built: _Contexts, source: Input, plan: Plan) -> None:
-    """One raw context per format, in the format's order of raw formats."""
-    raw_rows: dict[str, list] = {}
-    for mode in (RAW16, RAW_EXACT):
-        for row in np.flatnonzero(plan.mode == mode):
-            dtype = source.specs[int(source.block_tensor[row])].dtype
-            raw_rows.setdefault("f16" if mode == RAW16 else _EXACT_FORMAT[dtype], []).append(row)
-    for fmt in sorted(raw_rows, key=list(RAW_FORMATS).index):
-        rows = np.sort(np.asarray(raw_rows[fmt], dtype=np.int64))
+    """One raw context per format (each block raw at its tensor's dtype), in the format's order."""
+    raw = np.flatnonzero(plan.mode == RAW_EXACT)
+    if not len(raw):
+        return
+    formats = np.array([RAW_FORMAT_OF_DTYPE[s.dtype] for s in source.specs])[source.block_tensor[raw]]
+    for fmt in sorted(set(formats.tolist()), key=list(RAW_FORMATS).index):
+        rows = raw[formats == fmt]
         built.add(Context("raw", width=8 * RAW_FORMATS[fmt], raw_format=fmt), source.raw_values(rows, fmt).tobytes(), rows)
 
 

@@ -35,8 +35,8 @@ class Plan:
 
     Invariants (``assemble`` relies on them; the plan builders below establish them):
 
-    - ``mode`` has one entry per block: ``DROP``, ``QUANTIZE``, ``RAW16`` or ``RAW_EXACT``
-      (``policy.allocation``).
+    - ``mode`` has one entry per block: ``DROP``, ``QUANTIZE`` or ``RAW_EXACT`` (raw at the
+      tensor's own dtype), as ``policy.allocation`` names them.
     - ``quantized_rows`` lists, ascending, exactly the blocks whose mode is ``QUANTIZE``; each of
       them has a row in ``scale_bits`` (the bfloat16 bit pattern of a positive finite scale),
       ``codes`` (``block_size`` codes, padding past a tensor's end at the code of 0) and
