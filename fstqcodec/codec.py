@@ -163,7 +163,8 @@ def _schema_difference(specs, expected) -> str:
 def decode(data, *, limits: Limits | None = None, schemas=None) -> dict:
     """Decode a message into ``name -> numpy array`` with the original names, shapes and dtypes.
 
-    bfloat16 tensors come back as float32 arrays holding bfloat16 values (numpy has no bfloat16).
+    bfloat16 tensors come back as float32 arrays holding bfloat16 values (numpy has no bfloat16);
+    :func:`open` also returns each tensor's declared dtype and the message's ``meta``.
 
     Parameters
     ----------
