@@ -36,7 +36,8 @@ FORMAT_VERSION = (VERSION_MAJOR, VERSION_MINOR)
 __all__ = [
     "encode",
     "decode",
-    "open",
+    # "open" is public (fstqcodec.open) but left out here, so that `from fstqcodec import *`
+    # does not shadow the builtin open.
     "inspect",
     "save_file",
     "load_file",

@@ -38,7 +38,13 @@ def write_atomic(path, data: bytes) -> None:
     directory, name = os.path.split(os.path.abspath(path))
     temporary, descriptor = _create_temporary(directory, name, path)
     try:
-        with os.fdopen(descriptor, "wb") as stream:
+        stream = os.fdopen(descriptor, "wb")
+    except BaseException:
+        os.close(descriptor)
+        os.unlink(temporary)
+        raise
+    try:
+        with stream:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
