@@ -2,8 +2,10 @@
 
 :class:`FstqStrategy` (server, :mod:`.strategy`) wraps any Flower strategy; :class:`FstqMod`
 (client, :mod:`.mod`) is a client mod. They talk through the records named in :mod:`.protocol`,
-whose normative description is ``spec/FLOWER.md``. A client process can import
-:mod:`fstqcodec.flower.mod` alone: it loads no server code.
+whose normative description is ``spec/FLOWER.md``.
+
+The server-side names are loaded on first use, so that a client (``import fstqcodec.flower.mod``
+or ``from fstqcodec.flower import FstqMod``) loads no server code (no ``flwr.serverapp``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from .protocol import (
     STYPE_MODEL,
     STYPE_UPDATE,
 )
-from .strategy import DroppedReply, FstqStrategy, LinkBudget, RoundTraffic
+from .budget import LinkBudget
+
+_SERVER_NAMES = ("FstqStrategy", "DroppedReply", "RoundTraffic")
 
 __all__ = [
     "FstqMod",
@@ -34,3 +38,12 @@ __all__ = [
     "STYPE_MODEL",
     "STYPE_UPDATE",
 ]
+
+
+def __getattr__(name: str):
+    # PEP 562: the server side is imported when one of its names is first asked for.
+    if name in _SERVER_NAMES:
+        from . import strategy
+
+        return getattr(strategy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,13 +18,13 @@ from .protocol import (
     CONFIG_RECORD,
     FISHER_RECORD,
     MOD_FAILED_PRECONDITION,
-    PROTOCOL_VERSION,
     RESIDUAL_STATE,
     STYPE_MODEL,
     STYPE_UPDATE,
-    Rejected,
-    budget_from_config,
+    ProtocolError,
+    TrainRequest,
     check_same_tensors,
+    check_version,
     matching_tensors,
     message_bytes,
     message_record,
@@ -54,10 +54,15 @@ class FstqMod:
     Error feedback (when the server enables it): what the message lost is kept in
     ``context.state[state_key]`` (an ``ArrayRecord``) and added to the next round's update, so the
     compression error is not lost but delayed. The residual is discarded when the model's tensor
-    names or shapes change. The mod also keeps the last message's whole update (in
-    ``context.state[state_key + ".sent"]``, with its round): if the server's next request says
-    that round's reply was never accepted (lost, late, or dropped as broken), that update goes
-    back into the residual instead of being lost.
+    names or shapes change. The mod keeps the whole of :meth:`fstqcodec.ErrorFeedback.state`
+    (the last message's update under ``state_key + ".sent"``, the residual before it under
+    ``state_key + ".before"``, its round under ``state_key + ".sent-round"``): if the server's
+    next request says that round's reply was never accepted (lost, late, or dropped as broken),
+    that update goes back into the residual instead of being lost.
+
+    The encoder's options (budget, block size, seed, Fisher power, ...) come from the server's
+    request; a request that leaves ``fisher_power`` out gets
+    :data:`fstqcodec.FEDERATED_FISHER_POWER`.
 
     Place it first (outermost) in ``ClientApp(mods=[...])``, outside clipping or local-DP mods,
     so that those see plain arrays. It cannot be combined with secure aggregation (SecAgg+), which
@@ -129,111 +134,58 @@ class FstqMod:
         """
         if not msg.has_content():
             return call_next(msg, ctxt)
-
         try:
-            content, request = self._unpack_incoming(msg.content)
-        except (fstqcodec.DecodeError, Rejected, ValueError) as err:
+            request = _read_request(msg)
+            content = self._unpack_incoming(msg.content)
+        except (fstqcodec.DecodeError, ProtocolError) as err:
             return _error_reply(msg, f"FstqMod could not read the server's message: {err}")
-
-        if request is None or not _is_train(msg):
+        if request is None:
             return _call_with_content(call_next, msg, ctxt, content)
-
         try:
-            budget = budget_from_config(request)
             _, received = _the_model(content, "the train message")
-        except (ValueError, Rejected) as err:
+        except ProtocolError as err:
             return _error_reply(msg, f"FstqMod: {err}")
 
         reply = _call_with_content(call_next, msg, ctxt, content)
         if reply.has_error():
             return reply
-
         try:
-            return self._compress_reply(reply, ctxt, received, budget, request)
-        except (Rejected, fstqcodec.EncodeError, fstqcodec.DecodeError) as err:
+            return self._compress_reply(reply, ctxt, received, request)
+        except (ProtocolError, fstqcodec.EncodeError, fstqcodec.DecodeError) as err:
             # DecodeError here would mean the encoder wrote a message it cannot read back (a
             # core bug); report it to the server instead of crashing the node.
             return _error_reply(msg, f"FstqMod could not compress the update: {err}")
 
-    def _unpack_incoming(self, content: RecordDict) -> tuple[RecordDict, ConfigRecord | None]:
-        """Decode compressed models and take out the "fstq" ConfigRecord."""
-        request = content.config_records.get(CONFIG_RECORD)
-        if request is not None:
-            version = request.get("version")
-            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-                raise Rejected(f"the {CONFIG_RECORD!r} ConfigRecord has no valid 'version'")
-            if version > PROTOCOL_VERSION:
-                raise Rejected(
-                    f"the server speaks fstq adapter protocol {version}, this client only "
-                    f"{PROTOCOL_VERSION}; upgrade fstqcodec on the client"
-                )
+    def _unpack_incoming(self, content: RecordDict) -> RecordDict:
+        """The content with compressed models decoded and the request record taken out."""
         unpacked = RecordDict()
         for key, record in content.items():
-            if key == CONFIG_RECORD and request is not None:
+            if key == CONFIG_RECORD and isinstance(record, ConfigRecord):
                 continue  # consumed here: the app sees the message it would have seen
             if isinstance(record, ArrayRecord):
                 data = message_bytes(record, STYPE_MODEL)
                 if data is not None:
                     record = numpy_record(fstqcodec.decode(data, limits=self.limits))
             unpacked[key] = record
-        return unpacked, request
+        return unpacked
 
     def _compress_reply(
-        self,
-        reply: Message,
-        ctxt: Context,
-        received: dict[str, np.ndarray],
-        budget: fstqcodec.Budget | None,
-        request: ConfigRecord,
+        self, reply: Message, ctxt: Context, received: dict[str, np.ndarray], request: TrainRequest
     ) -> Message:
-        fisher_record = reply.content.array_records.get(self.fisher_record)
-        model_records = {
-            key: record
-            for key, record in reply.content.array_records.items()
-            if key != self.fisher_record
-        }
-        if len(model_records) != 1:
-            raise Rejected(
-                "the app's reply must hold exactly one model ArrayRecord (besides "
-                f"{self.fisher_record!r}), found {sorted(model_records)}"
-            )
-        (model_key, model_record), = model_records.items()
-        trained = matching_tensors(
-            model_record, received, "the app's reply", unreadable="the app's reply does not hold NumPy arrays"
-        )
-
+        """Replace the reply's model by one fstq message of ``trained - received``."""
+        model_key, trained = self._trained_model(reply, received)
         update = {
             name: np.subtract(trained[name], reference, dtype=update_dtype(reference.dtype))
             for name, reference in received.items()
         }
-        fisher = None
-        if fisher_record is not None:
-            what = f"the {self.fisher_record!r} record"
-            fisher = matching_tensors(fisher_record, received, what, unreadable=f"{what} is not NumPy")
-            if any(np.any(values < 0) for values in fisher.values()):
-                raise Rejected(f"the {self.fisher_record!r} record has negative values")
-
-        options = {}
-        if "seed" in request:
-            options["seed"] = int(request["seed"])
-        if "block-size" in request:
-            options["block_size"] = int(request["block-size"])
-        if "fisher-power" in request:
-            options["fisher_power"] = float(request["fisher-power"])
-
-        if bool(request.get("error-feedback", False)):
+        fisher = self._app_fisher(reply, received)
+        if request.error_feedback:
             feedback = self._load_feedback(ctxt, update, request)
-            data = feedback.encode(update, fisher=fisher, budget=budget, **options)
-            ctxt.state[self.state_key] = numpy_record(dict(feedback.residual))
-            if "round" in request:
-                # What this message carries in full (update + residual), in case it never arrives.
-                ctxt.state[self._sent_key] = numpy_record(dict(feedback.last_update))
-                ctxt.state[self._sent_round_key] = ConfigRecord({"round": int(request["round"])})
+            data = feedback.encode(update, fisher=fisher, config=request.encoder)
+            self._save_feedback(ctxt, feedback, request.server_round)
         else:
-            for key in (self.state_key, self._sent_key, self._sent_round_key):
-                if key in ctxt.state:
-                    del ctxt.state[key]  # a stale residual must not leak into a later run
-            data = fstqcodec.encode(update, fisher=fisher, budget=budget, **options)
+            self._forget_feedback(ctxt)  # a stale residual must not leak into a later run
+            data = fstqcodec.encode(update, fisher=fisher, config=request.encoder)
 
         compressed = RecordDict()
         for key, record in reply.content.items():
@@ -243,46 +195,103 @@ class FstqMod:
         reply.content = compressed
         return reply
 
-    @property
-    def _sent_key(self) -> str:
-        return self.state_key + ".sent"
+    def _trained_model(
+        self, reply: Message, received: dict[str, np.ndarray]
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        """The key and tensors of the app's one model ArrayRecord (the Fisher record aside)."""
+        model_records = {
+            key: record
+            for key, record in reply.content.array_records.items()
+            if key != self.fisher_record
+        }
+        if len(model_records) != 1:
+            raise ProtocolError(
+                "the app's reply must hold exactly one model ArrayRecord (besides "
+                f"{self.fisher_record!r}), found {sorted(model_records)}"
+            )
+        (model_key, model_record), = model_records.items()
+        unreadable = "the app's reply does not hold NumPy arrays"
+        return model_key, matching_tensors(model_record, received, "the app's reply", unreadable=unreadable)
+
+    def _app_fisher(self, reply: Message, received: dict[str, np.ndarray]) -> dict | None:
+        """The app's Fisher, shaped like the model and non-negative, or ``None``."""
+        fisher_record = reply.content.array_records.get(self.fisher_record)
+        if fisher_record is None:
+            return None
+        what = f"the {self.fisher_record!r} record"
+        fisher = matching_tensors(fisher_record, received, what, unreadable=f"{what} is not NumPy")
+        if any(np.any(values < 0) for values in fisher.values()):
+            raise ProtocolError(f"the {self.fisher_record!r} record has negative values")
+        return fisher
+
+    # -- error feedback across rounds (Context.state) -------------------------------------------
+
+    def _state_keys(self) -> dict[str, str]:
+        """Context.state keys of the parts of :meth:`fstqcodec.ErrorFeedback.state`."""
+        return {
+            "residual": self.state_key,
+            "last_update": self.state_key + ".sent",
+            "residual_before": self.state_key + ".before",
+        }
 
     @property
     def _sent_round_key(self) -> str:
         return self.state_key + ".sent-round"
 
     def _load_feedback(
-        self, ctxt: Context, update: Mapping[str, np.ndarray], request: ConfigRecord
+        self, ctxt: Context, update: Mapping[str, np.ndarray], request: TrainRequest
     ) -> fstqcodec.ErrorFeedback:
-        """An ErrorFeedback holding the residual kept in the context, if it still fits.
+        """The error-feedback memory kept in the context, if it still fits the model.
 
-        If the server says the last message sent was never accepted, the residual is that
-        message's whole update instead (what :meth:`fstqcodec.ErrorFeedback.message_lost` does).
+        If the server says the last message sent was never accepted, that message's whole
+        update goes back into the residual (:meth:`fstqcodec.ErrorFeedback.message_lost`).
         """
-        feedback = fstqcodec.ErrorFeedback()
-        stored = ctxt.state.array_records.get(self.state_key)
-        if stored is None:
-            return feedback
-        sent_round = ctxt.state.config_records.get(self._sent_round_key)
-        accepted = request.get("last-accepted-round")
-        if sent_round is not None and self._sent_key in ctxt.state and isinstance(accepted, int) \
-                and accepted < int(sent_round["round"]):
+        keys = self._state_keys()
+        if keys["residual"] not in ctxt.state.array_records:
+            return fstqcodec.ErrorFeedback(request.encoder)
+        stored = ctxt.state.array_records
+        state = {part: plain_tensors(stored[key]) if key in stored else None for part, key in keys.items()}
+        if (state["last_update"] is None) != (state["residual_before"] is None):
+            state["last_update"] = state["residual_before"] = None  # half a record: keep the residual
+        feedback = fstqcodec.ErrorFeedback.from_state(state, request.encoder)
+        sent_round = ctxt.state.config_records.get(self._sent_round_key, {}).get("round")
+        if isinstance(sent_round, int) and request.last_accepted_round < sent_round:
             logger.info("FstqMod: the server never accepted the reply of round %s; keeping its update",
-                        sent_round["round"])
-            stored = ctxt.state.array_records[self._sent_key]
-        residual = plain_tensors(stored)
-        if check_same_tensors(residual, update, "the stored residual") is not None:
+                        sent_round)
+            feedback.message_lost()
+        if check_same_tensors(feedback.residual, update, "the stored residual") is not None:
             logger.info("FstqMod: the model changed; discarding the error-feedback residual")
-            return feedback
-        _restore_residual(feedback, residual)
+            feedback.reset()
         return feedback
 
+    def _save_feedback(self, ctxt: Context, feedback: fstqcodec.ErrorFeedback, server_round: int) -> None:
+        """Keep :meth:`fstqcodec.ErrorFeedback.state` and the round it was sent in."""
+        self._forget_feedback(ctxt)
+        state = feedback.state()
+        for part, key in self._state_keys().items():
+            tensors = state[part]
+            if tensors is not None:
+                ctxt.state[key] = numpy_record(tensors)
+        ctxt.state[self._sent_round_key] = ConfigRecord({"round": int(server_round)})
 
-def _restore_residual(
-    feedback: fstqcodec.ErrorFeedback, residual: Mapping[str, np.ndarray]
-) -> None:
-    """Put a residual saved in a previous round back into a fresh ErrorFeedback."""
-    feedback.residual = {name: np.array(value) for name, value in residual.items()}
+    def _forget_feedback(self, ctxt: Context) -> None:
+        for key in [*self._state_keys().values(), self._sent_round_key]:
+            if key in ctxt.state:
+                del ctxt.state[key]
+
+
+def _read_request(msg: Message) -> TrainRequest | None:
+    """The server's request in a train message; ``None`` if it asks for nothing.
+
+    On other message types the record is not interpreted beyond its version (spec/FLOWER.md, 5).
+    """
+    record = msg.content.config_records.get(CONFIG_RECORD)
+    if record is None:
+        return None
+    if not _is_train(msg):
+        check_version(record)
+        return None
+    return TrainRequest.from_record(record)
 
 
 def _call_with_content(
@@ -310,12 +319,12 @@ def _the_model(content: RecordDict, what: str) -> tuple[str, dict[str, np.ndarra
     """The one model ArrayRecord of a message, as NumPy arrays."""
     records = content.array_records
     if len(records) != 1:
-        raise Rejected(f"{what} must hold exactly one ArrayRecord, found {sorted(records)}")
+        raise ProtocolError(f"{what} must hold exactly one ArrayRecord, found {sorted(records)}")
     (key, record), = records.items()
     try:
         return key, plain_tensors(record)
     except TypeError as err:
-        raise Rejected(f"{what} does not hold NumPy arrays: {err}") from None
+        raise ProtocolError(f"{what} does not hold NumPy arrays: {err}") from None
 
 
 def _error_reply(msg: Message, reason: str) -> Message:

@@ -1,18 +1,20 @@
 """The request/reply contract between :class:`FstqStrategy` and :class:`FstqMod`.
 
-Normative text: ``spec/FLOWER.md``. This module holds its names (records, keys, stypes, version)
-and the helpers both sides use to build and check records. It imports only ``flwr.app``.
+Normative text: ``spec/FLOWER.md`` (this module implements its version :data:`PROTOCOL_VERSION`).
+It holds the protocol's names (records, keys, stypes), the train request as a dataclass, and the
+record helpers both sides use. It imports only ``flwr.app``, so client and server can share it.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import json
 from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-import fstqcodec
+from fstqcodec.config import FEDERATED_FISHER_POWER, EncodeConfig
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -22,15 +24,19 @@ __all__ = [
     "STYPE_MODEL",
     "STYPE_UPDATE",
     "RESIDUAL_STATE",
+    "REQUEST_KEYS",
     "MOD_FAILED_PRECONDITION",
+    "ProtocolError",
+    "TrainRequest",
 ]
 
-#: Version of the adapter's protocol (the record names and config keys below). A mod refuses a
-#: train message that declares a newer version instead of guessing what it means.
-PROTOCOL_VERSION = 1
+#: Version of the protocol (``spec/FLOWER.md``). 2: the encoder's options travel as one JSON
+#: object (``EncodeConfig.get_config()``) under ``"encoder"``; 1 sent them as loose keys.
+PROTOCOL_VERSION = 2
 #: Name of the ``ConfigRecord`` that carries the server's compression request.
 CONFIG_RECORD = "fstq"
-#: Default name of the ``ArrayRecord`` in which an app hands its diagonal Fisher to the mod.
+#: Default name of the ``ArrayRecord`` in which an app hands its diagonal Fisher to the mod
+#: (client-local: it never travels).
 FISHER_RECORD = "fisher"
 #: Name of the single ``Array`` that holds an fstq message inside an ``ArrayRecord``.
 MESSAGE_ARRAY = "fstq"
@@ -41,42 +47,140 @@ STYPE_UPDATE = "fstqcodec.update"
 #: Default key under which the mod keeps its error-feedback residual in ``Context.state``.
 RESIDUAL_STATE = "fstq.residual"
 
+#: The keys of the request ``ConfigRecord`` and the type of each value (spec/FLOWER.md, 3).
+REQUEST_KEYS: Mapping[str, type] = {
+    "version": int,
+    "encoder": str,
+    "error-feedback": bool,
+    "round": int,
+    "last-accepted-round": int,
+}
+
 # Flower's ErrorCode.MOD_FAILED_PRECONDITION (flwr.common.constant), the code Flower's own mods
 # use for replies they refuse to produce; copied because flwr.common is not part of Flower's
 # stable ``flwr.app`` surface.
 MOD_FAILED_PRECONDITION = 6
 
-BUDGET_UNITS = ("bits_per_param", "max_bytes", "ratio")
+
+class ProtocolError(ValueError):
+    """A record breaks the contract of ``spec/FLOWER.md``; the message says how, for logs and replies."""
 
 
-def budget_to_config(budget: fstqcodec.Budget | None) -> dict[str, str | float]:
-    """Describe a budget (``None`` = lossless) as ConfigRecord entries."""
-    if budget is None:
-        return {"uplink": "lossless"}
-    given = [(unit, getattr(budget, unit, None)) for unit in BUDGET_UNITS]
-    given = [(unit, value) for unit, value in given if value is not None]
-    if len(given) != 1:
-        raise TypeError(f"expected an fstqcodec.Budget with exactly one unit set, got {budget!r}")
-    unit, value = given[0]
-    return {"uplink": "budget", "budget-unit": unit, "budget-value": float(value)}
+@dataclasses.dataclass(frozen=True)
+class TrainRequest:
+    """What the server asks of one client in one round: the ``ConfigRecord "fstq"``.
+
+    Attributes
+    ----------
+    encoder : EncodeConfig
+        The client's encoder options for this round (its budget and seed included).
+    error_feedback : bool
+        Whether the client keeps what compression lost and adds it to its next update.
+    server_round : int
+        The server's round, 1 or more.
+    last_accepted_round : int
+        The latest round whose reply from this client the server accepted (0: none), below
+        ``server_round``.
+    """
+
+    encoder: EncodeConfig
+    error_feedback: bool
+    server_round: int
+    last_accepted_round: int
+
+    def to_record(self) -> ConfigRecord:
+        """The request as the ``ConfigRecord`` the server sends."""
+        encoder = json.dumps(self.encoder.get_config(), sort_keys=True, allow_nan=False)
+        return ConfigRecord({
+            "version": PROTOCOL_VERSION,
+            "encoder": encoder,
+            "error-feedback": bool(self.error_feedback),
+            "round": int(self.server_round),
+            "last-accepted-round": int(self.last_accepted_round),
+        })
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> "TrainRequest":
+        """Read a request (the client's side), checking the version first.
+
+        Raises
+        ------
+        ProtocolError
+            If the version is missing, older or newer than :data:`PROTOCOL_VERSION`, a key is
+            missing or of the wrong type, the rounds are inconsistent, or the encoder config
+            cannot be read.
+        """
+        check_version(record)
+        values = {}
+        for key, expected in REQUEST_KEYS.items():
+            value = record.get(key)
+            if not _is_a(value, expected):
+                raise ProtocolError(
+                    f"the {CONFIG_RECORD!r} request needs {key!r} as {expected.__name__}, got {value!r}"
+                )
+            values[key] = value
+        if values["round"] < 1 or not 0 <= values["last-accepted-round"] < values["round"]:
+            raise ProtocolError(
+                f"inconsistent rounds in the request: round {values['round']}, "
+                f"last-accepted-round {values['last-accepted-round']}"
+            )
+        return cls(read_encoder_config(values["encoder"]), values["error-feedback"],
+                   values["round"], values["last-accepted-round"])
 
 
-def budget_from_config(config: ConfigRecord) -> fstqcodec.Budget | None:
-    """Inverse of :func:`budget_to_config`; raises ``ValueError`` on a malformed request."""
-    uplink = config.get("uplink")
-    if uplink == "lossless":
-        return None
-    if uplink != "budget":
-        raise ValueError(f"unknown uplink mode {uplink!r} (expected 'lossless' or 'budget')")
-    unit, value = config.get("budget-unit"), config.get("budget-value")
-    if unit not in BUDGET_UNITS:
-        raise ValueError(f"unknown budget unit {unit!r} (expected one of {BUDGET_UNITS})")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"budget-value must be a finite number, got {value!r}")
-    if unit == "max_bytes":
-        return fstqcodec.Budget(max_bytes=int(value))
-    return fstqcodec.Budget(**{unit: float(value)})
+def check_version(record: ConfigRecord) -> None:
+    """Refuse a request of another protocol version, naming the side to upgrade.
 
+    Raises
+    ------
+    ProtocolError
+        If ``version`` is missing, not a positive int, or not :data:`PROTOCOL_VERSION`.
+    """
+    version = record.get("version")
+    if not _is_a(version, int) or version < 1:
+        raise ProtocolError(f"the {CONFIG_RECORD!r} ConfigRecord has no valid 'version' (got {version!r})")
+    if version != PROTOCOL_VERSION:
+        upgrade = "client" if version > PROTOCOL_VERSION else "server"
+        raise ProtocolError(
+            f"the server speaks fstq adapter protocol {version}, this client {PROTOCOL_VERSION}; "
+            f"upgrade fstqcodec on the {upgrade}"
+        )
+
+
+def read_encoder_config(text: str) -> EncodeConfig:
+    """The ``EncodeConfig`` a request's ``"encoder"`` JSON text describes.
+
+    Members left out take ``EncodeConfig``'s defaults, except ``fisher_power``, which takes
+    :data:`fstqcodec.FEDERATED_FISHER_POWER` (spec/FLOWER.md, 4).
+
+    Raises
+    ------
+    ProtocolError
+        If the text is not one JSON object or names an option or value the encoder refuses.
+    """
+    try:
+        config = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as err:
+        raise ProtocolError(f"cannot read the encoder config: not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ProtocolError(
+            f"cannot read the encoder config: a JSON object is expected, got {type(config).__name__}"
+        )
+    try:
+        return EncodeConfig.from_config({"fisher_power": FEDERATED_FISHER_POWER, **config})
+    except (TypeError, ValueError) as err:
+        raise ProtocolError(f"cannot read the encoder config: {err}") from None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_a(value: object, expected: type) -> bool:
+    """Whether ``value`` has the ConfigRecord type ``expected`` (a bool is not an int here)."""
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
 
 
 def message_record(data: bytes, stype: str) -> ArrayRecord:
@@ -91,7 +195,7 @@ def message_bytes(record: ArrayRecord, stype: str) -> bytes | None:
     arrays = list(record.values())
     if any(array.stype == stype for array in arrays):
         if len(arrays) != 1 or MESSAGE_ARRAY not in record:
-            raise Rejected(
+            raise ProtocolError(
                 f"an ArrayRecord with a {stype!r} Array must hold exactly that one Array, "
                 f"named {MESSAGE_ARRAY!r}; found {sorted(record.keys())}"
             )
@@ -144,23 +248,23 @@ def short_list(names: list[str], limit: int = 5) -> str:
     return f"[{shown}{more}]"
 
 
-class Rejected(Exception):
-    """Internal: a record is not acceptable; ``args[0]`` is the reason, for logs and metrics."""
-
-
-def require_same_tensors(got: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], what: str) -> None:
-    """Raise :class:`Rejected` unless ``got`` matches ``expected`` (see :func:`check_same_tensors`)."""
+def require_same_tensors(
+    got: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], what: str
+) -> None:
+    """Raise :class:`ProtocolError` unless ``got`` matches ``expected`` (see :func:`check_same_tensors`)."""
     reason = check_same_tensors(got, expected, what)
     if reason is not None:
-        raise Rejected(reason)
+        raise ProtocolError(reason)
 
 
-def matching_tensors(record: ArrayRecord, expected: Mapping[str, np.ndarray], what: str, *, unreadable: str) -> dict:
-    """The NumPy tensors of ``record``, which must match ``expected``; else :class:`Rejected`."""
+def matching_tensors(
+    record: ArrayRecord, expected: Mapping[str, np.ndarray], what: str, *, unreadable: str
+) -> dict:
+    """The NumPy tensors of ``record``, which must match ``expected``; else :class:`ProtocolError`."""
     try:
         tensors = plain_tensors(record)
     except TypeError as err:
-        raise Rejected(f"{unreadable}: {err}") from None
+        raise ProtocolError(f"{unreadable}: {err}") from None
     require_same_tensors(tensors, expected, what)
     return tensors
 

@@ -1,11 +1,10 @@
-"""Server side of the fstq Flower protocol: :class:`FstqStrategy` and its budgets (``spec/FLOWER.md``)."""
+"""Server side of the fstq Flower protocol: :class:`FstqStrategy` (``spec/FLOWER.md``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Literal, Union
 
 import numpy as np
@@ -14,15 +13,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 import fstqcodec
-from fstqcodec.policy.fisher import check_fisher_power
+from fstqcodec.config import FEDERATED_FISHER_POWER, EncodeConfig
 
 from .protocol import (
     CONFIG_RECORD,
-    PROTOCOL_VERSION,
     STYPE_MODEL,
     STYPE_UPDATE,
-    Rejected,
-    budget_to_config,
+    ProtocolError,
+    TrainRequest,
     matching_tensors,
     message_bytes,
     message_record,
@@ -32,69 +30,11 @@ from .protocol import (
     update_dtype,
 )
 
-__all__ = ["FstqStrategy", "LinkBudget", "DroppedReply", "RoundTraffic"]
+__all__ = ["FstqStrategy", "DroppedReply", "RoundTraffic"]
 
 logger = logging.getLogger("flwr").getChild("fstqcodec")
 
 BudgetSpec = Union["fstqcodec.Budget", None, Callable[[int, int], "fstqcodec.Budget | None"]]
-
-
-@dataclasses.dataclass(frozen=True)
-class LinkBudget:
-    """Give each client the bytes its uplink can carry within the round's deadline.
-
-    An instance is a callable ``(node_id, server_round) -> Budget`` and can be passed as
-    ``FstqStrategy(budget=...)``. Each client's budget is
-    ``fstqcodec.Budget.for_link(bandwidth_bps, deadline_s)``: the whole fstq message, every byte
-    counted, fits in what its link carries before the deadline.
-
-    Parameters
-    ----------
-    bandwidth_bps : Mapping[int, float] or Callable[[int], float]
-        The uplink bandwidth of each client in bits per second, by Flower node id.
-    deadline_s : float
-        Seconds each client may spend sending its update.
-    default_bps : float or None
-        Bandwidth assumed for a node missing from the mapping; ``None`` makes a missing node an
-        error (``KeyError``), so that a mistake in the node ids does not pass silently.
-
-    Raises
-    ------
-    ValueError
-        If ``deadline_s`` or ``default_bps`` is not positive and finite.
-
-    Examples
-    --------
-    >>> budget = LinkBudget({101: 8e6, 202: 1e6}, deadline_s=2.0)
-    >>> budget(202, server_round=1)
-    Budget(max_bytes=250000)
-    """
-
-    bandwidth_bps: Mapping[int, float] | Callable[[int], float]
-    deadline_s: float
-    default_bps: float | None = None
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.deadline_s) and self.deadline_s > 0):
-            raise ValueError(f"deadline_s must be positive and finite, got {self.deadline_s!r}")
-        if self.default_bps is not None and not (
-            math.isfinite(self.default_bps) and self.default_bps > 0
-        ):
-            raise ValueError(f"default_bps must be positive and finite, got {self.default_bps!r}")
-
-    def __call__(self, node_id: int, server_round: int) -> fstqcodec.Budget:
-        """Return the budget of ``node_id`` (the round does not change it)."""
-        if callable(self.bandwidth_bps):
-            bandwidth = self.bandwidth_bps(node_id)
-        elif node_id in self.bandwidth_bps:
-            bandwidth = self.bandwidth_bps[node_id]
-        elif self.default_bps is not None:
-            bandwidth = self.default_bps
-        else:
-            raise KeyError(f"LinkBudget has no bandwidth for node {node_id} and no default")
-        if not (math.isfinite(bandwidth) and bandwidth > 0):
-            raise ValueError(f"bandwidth of node {node_id} must be positive, got {bandwidth!r}")
-        return fstqcodec.Budget.for_link(bandwidth_bps=bandwidth, deadline_s=self.deadline_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,36 +108,46 @@ class FstqStrategy(Strategy):
     ----------
     strategy : Strategy
         The strategy to wrap (``FedAvg`` or any other); it receives plain arrays as usual.
+    config : fstqcodec.EncodeConfig or None
+        The clients' encoder options (budget, block size, Fisher power, rounding, ...). Its
+        ``seed`` is the base of the per-client, per-round seeds the clients get, so runs are
+        reproducible. ``None``: lossless, with ``fisher_power`` at
+        :data:`fstqcodec.FEDERATED_FISHER_POWER`. A config built by hand keeps its own
+        ``fisher_power`` (``EncodeConfig``'s default is 1): set it to
+        ``fstqcodec.FEDERATED_FISHER_POWER`` for the setting the reference loop measured best.
     budget : fstqcodec.Budget, callable or None
-        The uplink budget: one :class:`fstqcodec.Budget` for every client, or a callable
-        ``(node_id, server_round) -> Budget | None`` (such as :class:`LinkBudget`) for a budget
-        per client. ``None`` asks for lossless compression.
+        A callable ``(node_id, server_round) -> Budget | None`` (such as :class:`~fstqcodec.flower.LinkBudget`)
+        gives each client its own budget, in place of ``config.budget`` (which must then be
+        unset, as must ``bits`` and ``codebook``). A plain :class:`fstqcodec.Budget` is the
+        same as ``config.replace(budget=...)``.
     downlink : {None, "lossless"} or fstqcodec.Budget
         How the global model travels to clients: plain arrays (``None``), one lossless fstq
-        message, or one fstq message under that budget. A compressed downlink requires
-        :class:`FstqMod` on every client. With a lossy downlink each client trains from the model
-        it decoded, and the server rebuilds its model from that same decoded model (the server
-        decodes its own message, which is deterministic), so the wrapped strategy sees exactly
-        the models the clients hold.
+        message, or one fstq message under that budget (with ``config``'s block size and seed).
+        A compressed downlink requires :class:`FstqMod` on every client. With a lossy downlink
+        each client trains from the model it decoded, and the server rebuilds its model from
+        that same decoded model (the server decodes its own message, which is deterministic),
+        so the wrapped strategy sees exactly the models the clients hold.
     error_feedback : bool
         Whether clients keep what compression lost and add it to their next update.
-    block_size : int or None
-        Block size for the encoder; ``None`` leaves the encoder's default.
-    fisher_power : float or None
-        Clients weigh their Fisher as ``F ** fisher_power`` (see :func:`fstqcodec.encode`);
-        ``None`` leaves the encoder's default (1).
-    seed : int
-        Base of the per-client, per-round encoder seeds, so runs are reproducible.
     limits : fstqcodec.Limits or None
         Limits for decoding replies (untrusted bytes); ``None`` means the library's safe defaults.
+    **options
+        ``block_size``, ``fisher_power``, ``seed``: the keywords of earlier versions, accepted
+        when ``config`` is not given and folded into the config.
 
     Raises
     ------
     TypeError
-        If ``strategy`` is not a Flower ``Strategy`` or ``downlink`` is not one of the values above.
+        If ``strategy`` is not a Flower ``Strategy``, ``downlink`` is not one of the values
+        above, ``config`` is not an ``EncodeConfig``, a keyword is unknown or given beside
+        ``config``, or two budgets are given.
+    ValueError
+        If an option is out of range (as :class:`fstqcodec.EncodeConfig` says).
 
     Attributes
     ----------
+    config : fstqcodec.EncodeConfig
+        The clients' encoder options (the per-client budget and seed are filled in per request).
     traffic : dict[int, RoundTraffic]
         Bytes and dropped replies per round.
 
@@ -213,30 +163,23 @@ class FstqStrategy(Strategy):
     def __init__(
         self,
         strategy: Strategy,
+        config: EncodeConfig | None = None,
         *,
         budget: BudgetSpec = None,
         downlink: Literal["lossless"] | fstqcodec.Budget | None = None,
         error_feedback: bool = True,
-        block_size: int | None = None,
-        fisher_power: float | None = None,
-        seed: int = 0,
         limits: fstqcodec.Limits | None = None,
+        **options,
     ) -> None:
         super().__init__()
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a flwr Strategy, got {type(strategy).__name__}")
         if not (downlink is None or downlink == "lossless" or isinstance(downlink, fstqcodec.Budget)):
             raise TypeError(f"downlink must be None, 'lossless' or a Budget, got {downlink!r}")
-        if budget is not None and not callable(budget):
-            budget_to_config(budget)  # fail now, not in round 1, on a malformed budget
         self.strategy = strategy
-        self.budget = budget
+        self.config, self.budget = _clients_config(config, budget, options)
         self.downlink = downlink
-        self.error_feedback = error_feedback
-        self.block_size = block_size
-        # Checked now, not in every client's round 1.
-        self.fisher_power = None if fisher_power is None else check_fisher_power(fisher_power)
-        self.seed = seed
+        self.error_feedback = bool(error_feedback)
         self.limits = limits
         self.traffic: dict[int, RoundTraffic] = {}
         # node_id -> the latest round whose train reply from it was accepted (told to the client,
@@ -251,8 +194,8 @@ class FstqStrategy(Strategy):
 
     def __repr__(self) -> str:
         return (
-            f"FstqStrategy({self.strategy!r}, budget={self.budget!r}, downlink={self.downlink!r}, "
-            f"error_feedback={self.error_feedback!r})"
+            f"FstqStrategy({self.strategy!r}, {self.config!r}, budget={self.budget!r}, "
+            f"downlink={self.downlink!r}, error_feedback={self.error_feedback!r})"
         )
 
     @property
@@ -263,7 +206,8 @@ class FstqStrategy(Strategy):
     def summary(self) -> None:
         """Log the compression settings, then the wrapped strategy's summary."""
         logger.info(
-            "FstqStrategy: uplink budget %r, downlink %r, error feedback %s",
+            "FstqStrategy: clients' encoder %r, per-client budget %r, downlink %r, error feedback %s",
+            self.config,
             self.budget,
             self.downlink,
             self.error_feedback,
@@ -281,32 +225,25 @@ class FstqStrategy(Strategy):
             record, received = None, tensors
         else:
             budget = None if self.downlink == "lossless" else self.downlink
-            data = fstqcodec.encode(tensors, budget=budget, **self._encoder_options())
+            options = EncodeConfig(budget=budget, block_size=self.config.block_size, seed=self.config.seed)
+            data = fstqcodec.encode(tensors, config=options)
             record = message_record(data, STYPE_MODEL)
             received = fstqcodec.decode(data, limits=self.limits)
         self._packed = (arrays, record, received)
         return record, received
 
-    def _encoder_options(self) -> dict[str, int]:
-        options = {"seed": self.seed}
-        if self.block_size is not None:
-            options["block_size"] = self.block_size
-        return options
-
     def _client_request(self, server_round: int, node_id: int) -> ConfigRecord:
-        budget = self.budget(node_id, server_round) if callable(self.budget) else self.budget
-        request: dict[str, int | float | str | bool] = {"version": PROTOCOL_VERSION}
-        request.update(budget_to_config(budget))
-        request["error-feedback"] = bool(self.error_feedback)
+        encoder = self.config
+        if self.budget is not None:
+            encoder = encoder.replace(budget=self.budget(node_id, server_round))
         # Distinct per client and round, reproducible across runs.
-        request["seed"] = (self.seed * 1_000_003 + server_round * 10_007 + node_id) % (1 << 31)
-        request["round"] = int(server_round)
-        request["last-accepted-round"] = int(self._last_accepted.get(node_id, 0))
-        if self.block_size is not None:
-            request["block-size"] = int(self.block_size)
-        if self.fisher_power is not None:
-            request["fisher-power"] = float(self.fisher_power)
-        return ConfigRecord(request)
+        seed = (self.config.seed * 1_000_003 + server_round * 10_007 + node_id) % (1 << 31)
+        return TrainRequest(
+            encoder=encoder.replace(seed=seed),
+            error_feedback=self.error_feedback,
+            server_round=server_round,
+            last_accepted_round=self._last_accepted.get(node_id, 0),
+        ).to_record()
 
     def _repack_messages(
         self,
@@ -393,7 +330,7 @@ class FstqStrategy(Strategy):
             traffic.uplink_bytes += sum(r.count_bytes() for r in reply.content.array_records.values())
             try:
                 reply.content = self._restore(reply.content, received)
-            except Rejected as rejection:
+            except ProtocolError as rejection:
                 drop = DroppedReply(server_round, reply.metadata.src_node_id, str(rejection))
                 traffic.dropped.append(drop)
                 logger.warning(
@@ -424,7 +361,7 @@ class FstqStrategy(Strategy):
         """The reply's content with its update rebuilt into the client's model (plain arrays)."""
         records = content.array_records
         if len(records) != 1:
-            raise Rejected(f"expected exactly one ArrayRecord in the reply, found {sorted(records)}")
+            raise ProtocolError(f"expected exactly one ArrayRecord in the reply, found {sorted(records)}")
         (key, record), = records.items()
         data = message_bytes(record, STYPE_UPDATE)
         if data is None:
@@ -434,7 +371,7 @@ class FstqStrategy(Strategy):
         try:
             update = fstqcodec.decode(data, limits=self.limits)
         except fstqcodec.DecodeError as err:
-            raise Rejected(f"undecodable update ({type(err).__name__}: {err})") from None
+            raise ProtocolError(f"undecodable update ({type(err).__name__}: {err})") from None
         require_same_tensors(update, received, "the decoded update")
         model = {}
         for name, reference in received.items():
@@ -466,3 +403,33 @@ def _is_global_model(record: object, arrays: ArrayRecord) -> bool:
         and list(record.keys()) == list(arrays.keys())
         and all(record[name] is arrays[name] for name in arrays.keys())
     )
+
+
+_LEGACY_OPTIONS = ("block_size", "fisher_power", "seed")
+
+
+def _clients_config(
+    config: EncodeConfig | None, budget: BudgetSpec, options: dict
+) -> tuple[EncodeConfig, Callable[[int, int], fstqcodec.Budget | None] | None]:
+    """The clients' EncodeConfig and per-client budget from FstqStrategy's arguments."""
+    unknown = sorted(set(options) - set(_LEGACY_OPTIONS))
+    if unknown:
+        raise TypeError(f"FstqStrategy got unexpected keyword argument(s): {', '.join(unknown)}")
+    options = {name: value for name, value in options.items() if value is not None}
+    if config is None:
+        config = EncodeConfig(**{"fisher_power": FEDERATED_FISHER_POWER, **options})
+    elif not isinstance(config, EncodeConfig):
+        raise TypeError(f"config must be a fstqcodec.EncodeConfig, got {type(config).__name__}")
+    elif options:
+        raise TypeError(f"give {', '.join(sorted(options))} inside config, not beside it")
+    if budget is None:
+        return config, None
+    if config.mode != "lossless":
+        raise TypeError(
+            f"config already sets the uplink's size ({config.mode}); give budget= or config, not both"
+        )
+    if isinstance(budget, fstqcodec.Budget):
+        return config.replace(budget=budget), None
+    if callable(budget):
+        return config, budget
+    raise TypeError(f"budget must be a fstqcodec.Budget or a callable, got {type(budget).__name__}")
