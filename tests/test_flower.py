@@ -618,6 +618,10 @@ def test_link_budget_gives_each_node_what_its_link_carries_before_the_deadline()
     assert LinkBudget(lambda node: 16_000.0, deadline_s=0.5)(7, 1).max_bytes == 1000
     with pytest.raises(ValueError):
         LinkBudget({}, deadline_s=0.0)
+    floored = LinkBudget({11: 8000.0}, deadline_s=1.0, min_bytes=2048)
+    assert floored(11, 1).max_bytes == 2048  # the link carries 1000 bytes: the floor applies
+    with pytest.raises(ValueError, match="min_bytes"):
+        LinkBudget({}, deadline_s=1.0, min_bytes=0)
 
 
 class FakeGrid:
