@@ -10,6 +10,7 @@ from .codec import decode, encode, inspect, open  # noqa: A004 (fstqcodec.open, 
 from .config import FEDERATED_FISHER_POWER, EncodeConfig
 from .errors import (
     BadFormatError,
+    BadMaskError,
     BudgetError,
     ChecksumError,
     DecodeError,
@@ -29,6 +30,7 @@ from .message import Message
 from .policy.budget import Budget
 from .wire.container import VERSION_MAJOR, VERSION_MINOR
 from .wire.header import Schema
+from .wire.masks import Mask
 
 __version__ = "0.1.0"
 FORMAT_VERSION = (VERSION_MAJOR, VERSION_MINOR)
@@ -48,6 +50,7 @@ __all__ = [
     "ErrorFeedback",
     "Limits",
     "Schema",
+    "Mask",
     "DEFAULT_LIMITS",
     "MINIMUM_LIMITS",
     "FORMAT_VERSION",
@@ -63,4 +66,5 @@ __all__ = [
     "TrailingDataError",
     "LimitExceededError",
     "UnknownSchemaError",
+    "BadMaskError",
 ]

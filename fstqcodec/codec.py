@@ -8,6 +8,7 @@ from . import decoder, encoder
 from .config import DEFAULT_BLOCK_SIZE, EncodeConfig
 from .limits import Limits
 from .message import Message
+from .encoder.masking import apply_masks
 from .errors import EncodeError
 from .policy.fisher import normalize_fisher
 from .wire.header import Schema
@@ -33,6 +34,7 @@ def encode(
     compress_header: bool = True,
     schema: Schema | None = None,
     config: EncodeConfig | None = None,
+    masks=None,
 ) -> bytes:
     """Encode named tensors into one fstq message.
 
@@ -82,6 +84,11 @@ def encode(
         All the options above but ``fisher``, ``meta`` and ``schema`` in one object; the same
         config gives the same bytes as the same keyword options. Give either ``config`` or
         those keyword options, not both.
+    masks : Mapping[str, Mask or list of Mask], optional
+        Seeded masks per tensor (format 1.1, spec section 5.9): only the elements every mask of a
+        tensor keeps are coded (the budget is spent on them alone); the decoder regenerates the
+        masks from the header and returns hidden elements as 0. The message carries no index
+        bytes. Used by :mod:`fstqcodec.proxy` for downlink model proxies.
 
     Returns
     -------
@@ -119,18 +126,22 @@ def encode(
     # Non-finite intermediate values are handled explicitly; a caller's np.seterr must not turn
     # them into FloatingPointError.
     with np.errstate(all="ignore"):
-        return _encode(tensors, fisher, options, meta, schema)
+        return _encode(tensors, fisher, options, meta, schema, masks)
 
 
-def _encode(tensors, fisher, config: EncodeConfig, meta, schema) -> bytes:
+def _encode(tensors, fisher, config: EncodeConfig, meta, schema, masks=None) -> bytes:
+    masked = None
+    if masks:
+        tensors, fisher, masked = apply_masks(tensors, fisher, masks, config.block_size)
     source = encoder.Input(tensors, config.block_size, config.nonfinite)
     weights = normalize_fisher(fisher, source.names, {s.name: s.shape for s in source.specs}, config.fisher_power)
+    declared = masked[0] if masked else source.specs
     if schema is not None:
         if not isinstance(schema, Schema):
             raise TypeError(f"schema must be a fstqcodec.Schema, got {type(schema).__name__}")
-        if Schema([(t.name, t.dtype, t.shape, t.block_size) for t in source.specs]) != schema:
-            raise EncodeError(_schema_difference(source.specs, schema.tensors))
-    options = {"meta": meta, "compress_header": config.compress_header, "schema": schema}
+        if Schema([(t.name, t.dtype, t.shape, t.block_size) for t in declared]) != schema:
+            raise EncodeError(_schema_difference(declared, schema.tensors))
+    options = {"meta": meta, "compress_header": config.compress_header, "schema": schema, "masked": masked}
     if config.mode in ("bits", "codebook"):
         source.check_quantizable()
         rng = np.random.default_rng(config.seed)

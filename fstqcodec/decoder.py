@@ -6,6 +6,8 @@ before anything is allocated, and every failure is a :class:`fstqcodec.DecodeErr
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .errors import BadFormatError
@@ -13,7 +15,8 @@ from .limits import DEFAULT_LIMITS, Limits
 from .stages import bitpack, rans
 from .stages.scales import from_bf16_bits, round_bf16
 from .wire.container import CHECKSUM_SIZE, PREAMBLE, decode_section, read_container
-from .wire.header import DTYPES, RAW_FORMATS, Layout, Schema, parse_header
+from .wire.header import DTYPES, RAW_FORMATS, Layout, Schema, TensorSpec, parse_header
+from .wire.masks import visibility
 
 __all__ = ["decode_message", "read_message", "inspect_message", "resolve_limits"]
 
@@ -88,14 +91,47 @@ def _read_block_contexts(container, layout: Layout) -> np.ndarray:
     return ids
 
 
+def visible_elements(layout: Layout) -> dict:
+    """Tensor name -> boolean array of its shape, True where its masks keep the element, for the
+    tensors that carry masks (spec 5.9)."""
+    return {layout.tensors[index].name: visibility(layout.tensors[index].shape, masks) for index, masks in layout.masks.items()}
+
+
+def _stored_layout(layout: Layout, visible: dict) -> Layout:
+    """The layout the body is coded in: a masked tensor stands for its visible elements, in C
+    order, as a 1-D tensor (its blocks cut those elements only)."""
+    if not visible:
+        return layout
+    tensors = [
+        TensorSpec(spec.name, spec.dtype, (int(np.count_nonzero(visible[spec.name])),), spec.block_size) if spec.name in visible else spec
+        for spec in layout.tensors
+    ]
+    return dataclasses.replace(layout, tensors=tensors)
+
+
+def _unmask(layout: Layout, visible: dict, stored: dict) -> dict:
+    """Place the visible elements of masked tensors in their shapes; hidden elements are +0.0."""
+    result = {}
+    for spec in layout.tensors:
+        values = stored[spec.name]
+        if spec.name in visible:
+            full = np.zeros(spec.shape, dtype=values.dtype)
+            full[visible[spec.name]] = values
+            values = full
+        result[spec.name] = values
+    return result
+
+
 def read_message(data, limits: Limits | None = None, schemas=None) -> tuple:
     """Parse and decode a message once: ``(container, layout, name -> array)``."""
     limits = resolve_limits(limits)
     container, layout = _open(data, limits, schemas)
+    visible = visible_elements(layout)
     # Overflow and invalid operations are checked for explicitly (non-finite results are a
     # BadFormatError); a caller's np.seterr must not turn them into FloatingPointError.
     with np.errstate(all="ignore"):
-        return container, layout, _decode_body(container, layout)
+        stored = _decode_body(container, _stored_layout(layout, visible))
+    return container, layout, _unmask(layout, visible, stored)
 
 
 def decode_message(data, limits: Limits | None = None, schemas=None) -> dict:
@@ -240,7 +276,8 @@ def _scatter(output: np.ndarray, values: np.ndarray, starts: np.ndarray, counts:
 def inspect_message(data, limits: Limits | None = None, schemas=None) -> dict:
     """Describe a message without decoding its codes (see :func:`fstqcodec.inspect`)."""
     limits = resolve_limits(limits)
-    container, layout = _open(data, limits, schemas)
+    container, declared = _open(data, limits, schemas)
+    layout = _stored_layout(declared, visible_elements(declared))
     block_contexts = _read_block_contexts(container, layout)
     per_context = np.bincount(block_contexts, minlength=len(layout.contexts)) if len(block_contexts) else np.zeros(len(layout.contexts), np.int64)
     histogram: dict[int, int] = {}
@@ -248,8 +285,8 @@ def inspect_message(data, limits: Limits | None = None, schemas=None) -> dict:
         if blocks:
             histogram[context.width] = histogram.get(context.width, 0) + int(blocks)
     size = len(container.data)
-    elements = layout.total_elements
-    return {
+    elements = declared.total_elements
+    described = {
         "version": f"{container.major}.{container.minor}",
         "size": size,
         "header_size": container.header_stored_length,
@@ -260,8 +297,8 @@ def inspect_message(data, limits: Limits | None = None, schemas=None) -> dict:
             for s in layout.sections
         ],
         "tensors": [
-            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "block_size": t.block_size, "blocks": t.num_blocks}
-            for t in layout.tensors
+            {"name": t.name, "dtype": t.dtype, "shape": list(d.shape), "block_size": t.block_size, "blocks": t.num_blocks}
+            for t, d in zip(layout.tensors, declared.tensors)
         ],
         "contexts": [c.to_wire() for c in layout.contexts],
         "width_histogram": dict(sorted(histogram.items())),
@@ -269,3 +306,6 @@ def inspect_message(data, limits: Limits | None = None, schemas=None) -> dict:
         "bits_per_element": (8.0 * size / elements) if elements else None,
         "meta": layout.meta,
     }
+    if declared.masks:
+        described["masks"] = [mask.to_wire(index) for index, masks in sorted(declared.masks.items()) for mask in masks]
+    return described

@@ -20,6 +20,7 @@ __all__ = [
     "TrailingDataError",
     "LimitExceededError",
     "UnknownSchemaError",
+    "BadMaskError",
 ]
 
 
@@ -78,6 +79,11 @@ class TruncatedError(DecodeError):
 
 class BadFormatError(DecodeError):
     """A structure is malformed: bad magic, invalid header, inconsistent sizes, invalid codes."""
+
+
+class BadMaskError(BadFormatError):
+    """A seeded mask's parameters are out of range (spec 5.9): tensor index, generator id, seed,
+    keep probability outside (0, 1], unknown granularity or one that does not fit the tensor."""
 
 
 class UnsupportedVersionError(DecodeError):

@@ -180,6 +180,70 @@ def f32_to_bf16_bits(values) -> np.ndarray:
     return rounded.astype(np.uint16)
 
 
+# ---------------------------------------------------------------------------------------------
+# Seeded masks (FORMAT.md 5.9), in Python integers.
+
+MASK_GRANULARITIES = ("element", "row", "column")
+_U64 = (1 << 64) - 1
+
+
+def mask_draw(seed: int, n: int) -> int:
+    """Generator 1: the SplitMix64 output for unit index ``n`` of ``seed``."""
+    z = (seed + (n + 1) * 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def mask_threshold(keep: float) -> int:
+    """floor(keep * 2**64), exactly: a binary64 value is numerator / 2**k."""
+    numerator, denominator = keep.as_integer_ratio()
+    return (numerator << 64) // denominator
+
+
+def mask_visible(shape, seed: int, keep: float, granularity: str) -> list:
+    """C-order list of booleans over the tensor: the elements one mask keeps."""
+    threshold = mask_threshold(keep)
+    size = 1
+    for d in shape:
+        size *= d
+    units = {"element": size, "row": shape[0] if len(shape) == 2 else 0, "column": shape[1] if len(shape) == 2 else 0}[granularity]
+    kept = [mask_draw(seed, n) < threshold for n in range(units)]
+    if granularity == "element":
+        return kept
+    return [kept[i // shape[1]] if granularity == "row" else kept[i % shape[1]] for i in range(size)]
+
+
+def tensor_visibility(header) -> dict:
+    """Tensor index -> C-order list of booleans (every mask of the tensor keeps the element)."""
+    visible = {}
+    for tensor, generator, seed, keep, granularity in header.get("masks") or []:
+        assert generator == 1 and 0.0 < keep <= 1.0 and granularity in MASK_GRANULARITIES
+        shape = header["tensors"][tensor][2]
+        one = mask_visible(shape, seed, keep, granularity)
+        visible[tensor] = [a and b for a, b in zip(visible.get(tensor, one), one)]
+    return visible
+
+
+def masks_entry(message: bytes, schemas=()) -> dict:
+    """The manifest's "masks" of a valid vector: each mask with its tensor's shape and the mask it
+    defines (bit i of byte i // 8, LSB first, is element i in C order: 1 = kept)."""
+    header = read_header(message)
+    if not header.get("masks"):
+        return {}
+    tensors = header["tensors"] if "tensors" in header else [t for t in schemas if schema_digest(t) == header["schema"]][0]
+    entries = []
+    for tensor, generator, seed, keep, granularity in header["masks"]:
+        shape = tensors[tensor][2]
+        bits = mask_visible(shape, seed, keep, granularity)
+        library = fstqcodec.Mask(seed, keep, granularity, generator).visible(tuple(shape)).reshape(-1).tolist()
+        assert library == bits, "fstqcodec's mask differs from the spec's generator"
+        packed = sum(1 << i for i, b in enumerate(bits) if b).to_bytes((len(bits) + 7) // 8, "little")
+        entries.append({"tensor": tensor, "generator": generator, "seed": seed, "keep": keep, "granularity": granularity,
+                        "shape": list(shape), "kept": sum(bits), "mask_hex": packed.hex()})
+    return {"masks": entries}
+
+
 def spec_decode(data: bytes, schemas=()) -> list:
     """Decode a *valid* message following FORMAT.md step by step; returns (name, dtype, shape, LE bytes).
 
@@ -210,12 +274,16 @@ def spec_decode(data: bytes, schemas=()) -> list:
         sections.append(payload)
     codebooks = [np.frombuffer(b, dtype="<f4") for b in header.get("codebooks") or []]
     contexts = header["contexts"]
-    # Blocks in order: (tensor index, element offset in the tensor, count).
+    # A masked tensor's blocks cut its visible elements only (5.9).
+    visible = tensor_visibility(header)
+    # Blocks in order: (tensor index, element offset in the tensor's coded elements, count).
     blocks = []
     for t, (name, dtype, shape, block_size) in enumerate(header["tensors"]):
         size = 1
         for d in shape:
             size *= d
+        if t in visible:
+            size = sum(visible[t])
         for start in range(0, size, block_size):
             blocks.append((t, start, min(block_size, size - start)))
     block_context = list(sections[0])
@@ -277,6 +345,9 @@ def spec_decode(data: bytes, schemas=()) -> list:
     for t, (name, dtype, shape, _) in enumerate(header["tensors"]):
         size = len(values[t])
         ordered = [values[t][i] for i in range(size)]
+        if t in visible:  # hidden elements are +0.0 (5.9)
+            coded = iter(ordered)
+            ordered = [next(coded) if kept else np.float32(0.0) for kept in visible[t]]
         # Conversions through Python's struct (CPython's own IEEE packing), not numpy's casts, so
         # that the expected values do not come from the same code as the decoder's.
         if dtype == "float64":
@@ -613,6 +684,65 @@ def valid_vectors():
         "and 0x3F01 (Section 7: the product is a binary32 value).",
         message,
     )
+    yield from mask_valid_vectors()
+
+
+def mask_source():
+    rng = np.random.default_rng(20261201)
+    return {
+        "A": rng.standard_normal((6, 10)).astype(np.float32),
+        "b": rng.standard_normal(37).astype(np.float16),
+        "B": (rng.standard_normal((10, 6)) * 0.01).astype(np.float32),
+    }
+
+
+def mask_valid_vectors():
+    """Seeded masks (FORMAT.md 5.9, format 1.1); the manifest lists each mask with the mask it defines."""
+    Mask = fstqcodec.Mask
+    tensors = mask_source()
+    yield (
+        "masks_lossless",
+        "Format 1.1, reference encoder, lossless: 'A' (6x10) under an element mask (seed 1, keep 0.6) and a row mask "
+        "(seed 2**64-1, keep 0.75); 'b' (float16, 37) under an element mask (seed 12345, keep 0.5); 'B' unmasked. "
+        "Blocks cut the visible elements only; hidden elements decode to +0.0.",
+        fstqcodec.encode(tensors, block_size=8, masks={"A": [Mask(1, 0.6), Mask(2**64 - 1, 0.75, "row")], "b": Mask(12345, 0.5)}),
+    )
+    lora = lora_source()[0]
+    proxy_masks = {
+        "lora_A": [Mask(7, 0.7, "column"), Mask(70, 0.9, "column")],
+        "lora_B": [Mask(8, 0.7, "row"), Mask(80, 0.9)],
+    }
+    yield (
+        "masks_proxy_budget_2bpp",
+        "Format 1.1, reference encoder: a downlink proxy of the LoRA pair (server mask keep 0.7 and client mask keep "
+        "0.9 each; columns of lora_A, rows then elements of lora_B), Fisher-free RD allocation at 2 bits per visible "
+        "element.",
+        fstqcodec.encode(lora, masks=proxy_masks, budget=fstqcodec.Budget(bits_per_param=2)),
+    )
+    yield (
+        "masks_keep_one_and_none",
+        "Format 1.1, reference encoder, 3-bit fixed rate: 'A' under a column mask of keep 1.0 (threshold 2**64: every "
+        "column kept) and 'B' under an element mask of keep 2**-70 (threshold 0: no element kept, the tensor has no "
+        "blocks and decodes to zeros).",
+        fstqcodec.encode({"A": tensors["A"], "B": tensors["B"]}, bits=3, masks={"A": Mask(3, 1.0, "column"), "B": Mask(4, 2.0**-70)}),
+    )
+    header, body = split_message(fstqcodec.encode({"A": tensors["A"]}, masks={"A": Mask(5, 0.5)}, compress_header=False))
+    header.pop("critical")
+    masks_float64 = packb(header["masks"])
+    masks_float32 = masks_float64.replace(b"\xcb" + struct.pack(">d", 0.5), b"\xca" + struct.pack(">f", 0.5))
+    assert masks_float32 != masks_float64
+    yield (
+        "masks_keep_float32_not_critical",
+        "Format 1.1, hand-edited: a mask whose keep probability is a msgpack float32 (0.5), and 'masks' not listed in "
+        "'critical' (encoders list it; a decoder that implements masks applies them whether or not listed).",
+        frame(packb(header).replace(masks_float64, masks_float32), body, minor=1),
+    )
+
+
+def split_message(message: bytes) -> tuple:
+    """(header map, body) of a well-framed message."""
+    _, _, _, _, _, stored_length, _, body_length = PREAMBLE.unpack_from(message, 0)
+    return read_header(message), message[PREAMBLE.size + stored_length : PREAMBLE.size + stored_length + body_length]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1154,6 +1284,58 @@ def invalid_vectors():
 
     # --- error precedence fixed by document revision 2 ------------------------------------
     yield from precedence_vectors(base_header, base_body, variant, with_context, raw_payload, stream)
+    yield from mask_invalid_vectors()
+
+
+def mask_invalid_vectors():
+    """Masks out of range (FORMAT.md 5.9, step 14): one defect each, correct CRC-32."""
+    Mask = fstqcodec.Mask
+    tensors = mask_source()
+    header, body = split_message(
+        fstqcodec.encode({"A": tensors["A"], "b": tensors["b"]}, masks={"A": Mask(1, 0.6), "b": Mask(2, 0.5)}, compress_header=False)
+    )
+    assert header["masks"] == [[0, 1, 1, 0.6, "element"], [1, 1, 2, 0.5, "element"]]
+
+    def with_mask(index, field, value):
+        masks = [list(m) for m in header["masks"]]
+        masks[index][field] = value
+        return frame(dict(header, masks=masks), body, minor=1)
+
+    step = "(5.9, step 14)"
+    cases = [
+        ("mask_keep_zero", "keep probability 0.0.", "BadMaskError", f"keep must be in (0, 1] {step}.", with_mask(0, 3, 0.0)),
+        ("mask_keep_above_one", "keep probability 1.0000000000000002 (the next binary64 above 1).", "BadMaskError",
+         f"keep must be in (0, 1] {step}.", with_mask(0, 3, 1.0000000000000002)),
+        ("mask_keep_negative", "keep probability -0.5.", "BadMaskError", f"keep must be in (0, 1] {step}.", with_mask(0, 3, -0.5)),
+        ("mask_keep_nan", "keep probability NaN.", "BadMaskError", f"NaN is not in (0, 1] {step}.", with_mask(0, 3, float("nan"))),
+        ("mask_generator_unknown", "generator id 2.", "BadMaskError", f"Only generator 1 (SplitMix64) is defined {step}.", with_mask(0, 1, 2)),
+        ("mask_generator_zero", "generator id 0.", "BadMaskError", f"Only generator 1 (SplitMix64) is defined {step}.", with_mask(0, 1, 0)),
+        ("mask_row_on_1d_tensor", "a row mask on the 1-D tensor 'b'.", "BadMaskError",
+         f"row and column masks need a 2-D tensor {step}.", with_mask(1, 4, "row")),
+        ("mask_granularity_unknown", "granularity 'block'.", "BadMaskError", f"granularity is element, row or column {step}.",
+         with_mask(0, 4, "block")),
+        ("mask_tensor_index_out_of_range", "a mask naming tensor #2 of two.", "BadMaskError",
+         f"the tensor index must name a tensor {step}.", with_mask(1, 0, 2)),
+        ("mask_seed_negative", "seed -1.", "BadMaskError", f"seed must be in [0, 2**64) {step}.", with_mask(0, 2, -1)),
+        ("mask_keep_integer", "keep probability the msgpack int 1.", "BadFormatError",
+         f"keep must be a msgpack float {step}.", with_mask(0, 3, 1)),
+        ("mask_types_before_ranges", "keep 0.0 (out of range) and granularity the int 5 (wrong type) in one entry.",
+         "BadFormatError", f"every field's type is checked before any range {step}.",
+         frame(dict(header, masks=[[0, 1, 1, 0.0, 5], header["masks"][1]]), body, minor=1)),
+        ("mask_entry_short", "a mask entry of 4 elements.", "BadFormatError", f"an entry has exactly 5 elements {step}.",
+         frame(dict(header, masks=[[0, 1, 1, 0.6], header["masks"][1]]), body, minor=1)),
+        ("masks_not_array", "'masks' is a map.", "BadFormatError", f"'masks' must be an array {step}.",
+         frame(dict(header, masks={"A": 1}), body, minor=1)),
+        ("mask_five_on_one_tensor", "five copies of the mask of 'A'.", "BadMaskError", f"at most 4 masks per tensor {step}.",
+         frame(dict(header, masks=[header["masks"][0]] * 5 + [header["masks"][1]]), body, minor=1)),
+        ("mask_meta_before_masks", "a non-scalar meta value and a keep probability of 0.0.", "BadFormatError",
+         f"meta is checked before masks {step}.", frame(dict(header, meta={"x": [1]}, masks=[[0, 1, 1, 0.0, "element"], header["masks"][1]]), body, minor=1)),
+        ("mask_keeps_more_than_coded", "the mask of 'A' with keep 0.9 instead of 0.6: more visible elements, so more blocks "
+         "than the blocks section holds.", "BadFormatError", "The blocks section's length must equal the block count of the "
+         "visible elements (step 15).", with_mask(0, 3, 0.9)),
+    ]
+    for name, description, error, why, message in cases:
+        yield name, f"Format 1.1 masks: {description}", error, why, message
 
 
 def precedence_vectors(base_header, base_body, variant, with_context, raw_payload, stream):
@@ -1557,7 +1739,7 @@ def generate(out: Path) -> dict:
         (out / sub).mkdir(parents=True)
     manifest = {
         "format": "fstq",
-        "format_version": "1.0",
+        "format_version": "1.1",
         "spec": "spec/FORMAT.md",
         "generator": "spec/make_vectors.py",
         "generated_with": {
@@ -1609,6 +1791,7 @@ def generate(out: Path) -> dict:
                 "values_sha256": sha256(values),
                 "tensors": tensors,
                 **schemas_entry(schemas),
+                **masks_entry(message, schemas),
             }
         )
     for name, description, error, why, message, *schemas in invalid_vectors():

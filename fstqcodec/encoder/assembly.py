@@ -51,9 +51,13 @@ class _Contexts:
         self.streams.append(stream)
 
 
-def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: bool, schema: Schema | None = None) -> bytes:
+def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: bool, schema: Schema | None = None, masked: tuple | None = None) -> bytes:
     """Turn a plan into a message: a zero context, raw contexts by format, then the quantized
     contexts, each section zstd-encoded where that pays.
+
+    ``masked`` (from :func:`fstqcodec.encoder.masking.apply_masks`) is ``(declared specs, tensor
+    index -> masks)``: the source then holds masked tensors' visible elements only, and the header
+    declares the real shapes and the masks (format version 1.1).
 
     Raises
     ------
@@ -81,9 +85,10 @@ def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: b
             entry, stored = _maybe_zstd(stream, "codes")
         section_table.append(entry)
         body_parts.append(stored)
-    layout = Layout(tensors=source.specs, contexts=built.contexts, codebooks=built.codebooks, meta=meta or {})
+    declared, masks = masked if masked is not None else (source.specs, {})
+    layout = Layout(tensors=declared, contexts=built.contexts, codebooks=built.codebooks, meta=meta or {}, masks=masks)
     header = build_header(layout, section_table, schema=schema)
-    return write_container(header, b"".join(body_parts), compress_header=compress_header)
+    return write_container(header, b"".join(body_parts), compress_header=compress_header, minor=1 if masks else 0)
 
 
 def _add_raw_contexts(built: _Contexts, source: Input, plan: Plan) -> None:

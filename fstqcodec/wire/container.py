@@ -44,7 +44,9 @@ __all__ = [
 #: ``\n`` catch newline conversion in either direction, ``\x1a`` stops DOS ``type`` (as in PNG).
 MAGIC = b"\x89FSQ\r\n\x1a\n"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+#: The newest minor version this library reads and writes (1.1 added seeded masks). A message is
+#: written with the lowest minor version that holds its features: 0 unless it carries masks.
+VERSION_MINOR = 1
 
 #: magic, major, minor, header encoding, reserved, header stored length, header length, body length
 PREAMBLE = struct.Struct("<8sBBBBIIQ")
@@ -106,11 +108,11 @@ def zstd_compress(payload: bytes) -> bytes:
     return compressor.compress(payload)
 
 
-def write_container(header: dict, body: bytes, *, compress_header: bool) -> bytes:
+def write_container(header: dict, body: bytes, *, compress_header: bool, minor: int = 0) -> bytes:
     """Frame ``header`` and ``body`` into a message: preamble, header, body, CRC-32.
 
     The caller has already put the section table (stored lengths summing to ``len(body)``) into
-    ``header``.
+    ``header``; ``minor`` is the lowest minor version that holds the header's features.
     """
     header_bytes = msgpack.packb(header, use_bin_type=True)
     stored_header = header_bytes
@@ -121,7 +123,7 @@ def write_container(header: dict, body: bytes, *, compress_header: bool) -> byte
         if len(candidate) < len(header_bytes):
             stored_header, encoding = candidate, HEADER_ZSTD
     preamble = PREAMBLE.pack(
-        MAGIC, VERSION_MAJOR, VERSION_MINOR, encoding, 0, len(stored_header), len(header_bytes), len(body)
+        MAGIC, VERSION_MAJOR, minor, encoding, 0, len(stored_header), len(header_bytes), len(body)
     )
     parts = [preamble, stored_header, body]
     crc = 0

@@ -19,6 +19,7 @@ import msgpack
 from ..errors import BadFormatError, UnknownSchemaError, UnsupportedFeatureError
 from ..limits import Limits, check_limit
 from .container import ENCODING_NONE, SECTION_ENCODINGS, Section
+from .masks import parse_masks
 
 __all__ = [
     "DTYPES",
@@ -49,7 +50,7 @@ QUANTIZED_WIDTHS = range(1, 9)
 
 MAX_BLOCK_SIZE = 65536
 MAX_CONTEXTS = 256
-KNOWN_FIELDS = frozenset({"tensors", "schema", "contexts", "codebooks", "sections", "meta", "critical"})
+KNOWN_FIELDS = frozenset({"tensors", "schema", "contexts", "codebooks", "sections", "meta", "critical", "masks"})
 SCHEMA_DIGEST_SIZE = 16
 SECTION_KINDS_FIXED = ("blocks", "scales")
 
@@ -123,6 +124,8 @@ class Layout:
     codebooks: list
     sections: list = dataclasses.field(default_factory=list)
     meta: dict = dataclasses.field(default_factory=dict)
+    #: tensor index -> list of :class:`fstqcodec.wire.masks.Mask` (spec 5.9); empty without masks.
+    masks: dict = dataclasses.field(default_factory=dict)
 
     @property
     def total_blocks(self) -> int:
@@ -186,7 +189,8 @@ class Schema:
 def build_header(layout: Layout, section_table: list, *, schema: "Schema | None" = None) -> dict:
     """The header map for ``layout``; ``section_table`` is ``[[kind, stored, encoding, decoded], ...]``.
 
-    With ``schema``, the tensor list is replaced by the schema's digest (marked must-understand).
+    With ``schema``, the tensor list is replaced by the schema's digest (marked must-understand);
+    ``layout.masks`` become the ``masks`` key (must-understand too).
     """
     if schema is not None:
         header = {"schema": schema.digest, "contexts": [c.to_wire() for c in layout.contexts]}
@@ -197,8 +201,12 @@ def build_header(layout: Layout, section_table: list, *, schema: "Schema | None"
     header["sections"] = section_table
     if layout.meta:
         header["meta"] = layout.meta
-    if schema is not None:
-        header["critical"] = ["schema"]
+    critical = ["schema"] if schema is not None else []
+    if layout.masks:
+        header["masks"] = [mask.to_wire(index) for index, masks in sorted(layout.masks.items()) for mask in masks]
+        critical.append("masks")
+    if critical:
+        header["critical"] = critical
     return header
 
 
@@ -397,7 +405,7 @@ def parse_header(header: dict, limits: Limits, *, body_offset: int, body_length:
 
     Raises
     ------
-    BadFormatError, LimitExceededError, UnsupportedFeatureError, UnknownSchemaError
+    BadFormatError, LimitExceededError, UnsupportedFeatureError, UnknownSchemaError, BadMaskError
     """
     for key in header:
         if not isinstance(key, str):
@@ -427,4 +435,5 @@ def parse_header(header: dict, limits: Limits, *, body_offset: int, body_length:
     contexts = [_parse_context(entry, index, codebooks, limits) for index, entry in enumerate(raw_contexts)]
     sections = _parse_sections(header["sections"], len(contexts), body_offset, body_length)
     meta = _parse_meta(header.get("meta"))
-    return Layout(tensors=tensors, contexts=contexts, codebooks=codebooks, sections=sections, meta=meta)
+    masks = parse_masks(header.get("masks"), tensors)
+    return Layout(tensors=tensors, contexts=contexts, codebooks=codebooks, sections=sections, meta=meta, masks=masks)
