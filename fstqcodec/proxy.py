@@ -1,0 +1,197 @@
+"""Downlink model proxies (FedQSN, arXiv 2508.18911), made real in the fstq format.
+
+The server never sends its whole model. A **server mask**, fixed for the run, hides a share of
+every tensor from every client; a **client mask**, drawn anew for each client and round, hides
+more; the rest is quantized at a byte budget. Masks travel as seeds in the message's header
+(format 1.1, ``spec/FORMAT.md`` 5.9): hidden entries cost no bytes, and the message holds no
+value of a server-masked entry. The server then averages each client's update only where that
+client could see (:class:`MaskedAverage`: per-entry weight sums).
+
+Only numpy is needed::
+
+    server = ProxyServer(shapes, server_keep=0.7, client_keep=0.9, seed=0)
+    message = server.downlink(global_params, client=3, round_number=1)
+    proxy, visible = decode_proxy(message, previous=my_last_model, fill="previous")
+    ... train, then send  (local - proxy) * visible  uplink ...
+    average.add(update, server.visible(client=3, round_number=1), weight=n_examples)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import decoder
+from .codec import encode
+from .policy.budget import Budget
+from .wire.masks import GRANULARITIES, Mask, visibility
+
+__all__ = ["ProxyServer", "MaskedAverage", "decode_proxy", "FILLS", "cosine_similarity"]
+
+#: What a client puts in the entries its proxy hides: zeros, or its own previous values.
+FILLS = ("zero", "previous")
+
+
+def _derive_seed(*parts: int) -> int:
+    """A 64-bit mask seed from integers (SHA-256 of their decimal forms), stable everywhere."""
+    text = ",".join(str(int(p)) for p in parts).encode("ascii")
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little")
+
+
+class ProxyServer:
+    """Builds each client's downlink proxy of the global model.
+
+    Parameters
+    ----------
+    shapes : Mapping[str, tuple]
+        The model's tensors (names in order, shapes).
+    server_keep : float
+        Share of every tensor the server ever sends, in (0, 1] (1 - the server mask rate).
+    client_keep : float
+        Share of the server-visible entries each client gets in a round, in (0, 1].
+    granularity : {"element", "row", "column"}
+        Mask unit (rows and columns only for 2-D tensors; 1-D tensors fall back to elements).
+    seed : int
+        Run seed: the server masks derive from it, the client masks from it, the round and the client.
+    budget : Budget or int or None
+        Downlink size: a :class:`Budget` (``bits_per_param`` counts the entries sent), a byte count,
+        or None for exact (lossless) values.
+    block_size : int
+        Encoder block size.
+
+    Raises
+    ------
+    ValueError
+        If a keep share or the granularity is out of range.
+    """
+
+    def __init__(self, shapes: Mapping, *, server_keep: float = 0.7, client_keep: float = 0.9, granularity: str = "element",
+                 seed: int = 0, budget=Budget(bits_per_param=4), block_size: int = 64):
+        for what, keep in (("server_keep", server_keep), ("client_keep", client_keep)):
+            if not 0.0 < float(keep) <= 1.0:
+                raise ValueError(f"{what} must be in (0, 1], got {keep!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+        self.server_keep, self.client_keep = float(server_keep), float(client_keep)
+        self.granularity, self.seed, self.budget, self.block_size = granularity, int(seed), budget, block_size
+        self._server_visible = {name: visibility(shape, self._server_masks(name)) for name, shape in self.shapes.items()}
+
+    def _unit(self, shape: tuple) -> str:
+        return self.granularity if len(shape) == 2 else "element"
+
+    def _server_masks(self, name: str) -> list:
+        if self.server_keep == 1.0:
+            return []
+        index = list(self.shapes).index(name)
+        return [Mask(_derive_seed(self.seed, 1, index), self.server_keep, self._unit(self.shapes[name]))]
+
+    def masks(self, client: int, round_number: int) -> dict:
+        """Tensor name -> the masks of ``client``'s proxy in ``round_number`` (server's, then client's)."""
+        masks = {}
+        for index, (name, shape) in enumerate(self.shapes.items()):
+            listed = self._server_masks(name)
+            if self.client_keep < 1.0:
+                listed.append(Mask(_derive_seed(self.seed, 2, round_number, client, index), self.client_keep, self._unit(shape)))
+            if listed:
+                masks[name] = listed
+        return masks
+
+    def server_visible(self) -> dict:
+        """Tensor name -> boolean array: the entries the server ever sends (to anyone)."""
+        return {name: visible.copy() for name, visible in self._server_visible.items()}
+
+    def visible(self, client: int, round_number: int) -> dict:
+        """Tensor name -> boolean array: the entries ``client``'s proxy carries in ``round_number``."""
+        masks = self.masks(client, round_number)
+        return {name: visibility(shape, masks.get(name, [])) for name, shape in self.shapes.items()}
+
+    def downlink(self, params: Mapping, client: int, round_number: int, *, schema=None) -> bytes:
+        """The proxy message of ``params`` for ``client`` in ``round_number``.
+
+        Raises
+        ------
+        EncodeError
+            If ``params`` do not match the shapes, or the budget is below the smallest message.
+        """
+        arrays = {}
+        for name, shape in self.shapes.items():
+            array = np.asarray(params[name])
+            if tuple(array.shape) != shape:
+                raise ValueError(f"params[{name!r}] has shape {array.shape}, the proxy server was built for {shape}")
+            arrays[name] = array
+        return encode(arrays, budget=self.budget, block_size=self.block_size, masks=self.masks(client, round_number),
+                      schema=schema, seed=_derive_seed(self.seed, 3, round_number, client) % (1 << 63))
+
+
+def decode_proxy(message, *, previous: Mapping | None = None, fill: str = "zero", schemas=None, limits=None) -> tuple[dict, dict]:
+    """A client's model from its proxy message, and which entries the message carried.
+
+    Parameters
+    ----------
+    message : bytes-like
+        A proxy message (possibly hostile: the decoder checks everything).
+    previous : Mapping[str, array], optional
+        The client's own previous values, used where the proxy hides entries with ``fill="previous"``.
+    fill : {"zero", "previous"}
+        What hidden entries hold: zero, or the client's previous values.
+
+    Returns
+    -------
+    (dict, dict)
+        Name -> float array (the model), and name -> boolean array (True where the proxy carried
+        the entry).
+
+    Raises
+    ------
+    DecodeError
+        If the message is invalid.
+    ValueError
+        If ``fill`` is unknown, or ``fill="previous"`` without ``previous`` for every tensor.
+    """
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
+    _, layout, arrays = decoder.read_message(message, decoder.resolve_limits(limits), schemas)
+    masked = decoder.visible_elements(layout)
+    visible = {name: masked.get(name, np.ones(array.shape, dtype=bool)) for name, array in arrays.items()}
+    if fill == "previous":
+        if previous is None or any(name not in previous for name in arrays):
+            raise ValueError("fill='previous' needs the client's previous values of every tensor")
+        arrays = {name: np.where(visible[name], array, np.asarray(previous[name], dtype=array.dtype)) for name, array in arrays.items()}
+    return arrays, visible
+
+
+class MaskedAverage:
+    """FedAvg where each client counts only on the entries it could see.
+
+    Each entry of the result is ``sum_c w_c v_c x_c / sum_c w_c v_c`` (``v_c`` the client's
+    visibility); an entry no client saw gets 0.
+    """
+
+    def __init__(self, shapes: Mapping):
+        self.sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in shapes.items()}
+        self.weights = {name: np.zeros(shape, dtype=np.float64) for name, shape in shapes.items()}
+
+    def add(self, update: Mapping, visible: Mapping, weight: float) -> None:
+        """Count ``update`` with ``weight`` where ``visible`` is True (elsewhere it is ignored)."""
+        for name in self.sums:
+            seen = np.asarray(visible[name], dtype=bool)
+            self.sums[name] += np.where(seen, weight * np.asarray(update[name], dtype=np.float64), 0.0)
+            self.weights[name] += weight * seen
+
+    def result(self) -> dict:
+        """Name -> float32 weighted mean per entry (0 where the weights sum to 0)."""
+        return {
+            name: np.where(self.weights[name] > 0, total / np.maximum(self.weights[name], 1e-300), 0.0).astype(np.float32)
+            for name, total in self.sums.items()
+        }
+
+
+def cosine_similarity(a: Mapping, b: Mapping) -> float:
+    """Cosine similarity of two models taken as one flat vector each (0 if either is all zero)."""
+    dot = sum(float(np.dot(np.ravel(a[n]).astype(np.float64), np.ravel(b[n]).astype(np.float64))) for n in a)
+    norm_a = np.sqrt(sum(float(np.sum(np.square(a[n], dtype=np.float64))) for n in a))
+    norm_b = np.sqrt(sum(float(np.sum(np.square(b[n], dtype=np.float64))) for n in b))
+    return dot / (norm_a * norm_b) if norm_a > 0 and norm_b > 0 else 0.0
