@@ -109,6 +109,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round-deadline-s", type=float, default=None,
                         help="the server closes each round after this many simulated seconds; replies that "
                              "would arrive later (stragglers) are discarded, their error feedback kept (default: none)")
+    parser.add_argument("--server-mask", type=float, default=0.0,
+                        help="downlink proxies (FedQSN): share of the adapter the server never sends (fixed for "
+                             "the run; default 0 = plain fp32 downlink)")
+    parser.add_argument("--client-mask", type=float, default=0.0,
+                        help="downlink proxies: further share hidden from each client, drawn anew each round (default 0)")
+    parser.add_argument("--downlink-bpp", type=float, default=4.0,
+                        help="downlink proxies: bits per adapter entry sent (default 4)")
+    parser.add_argument("--proxy-fill", choices=["zero", "previous"], default="zero",
+                        help="downlink proxies: a client's hidden entries are zero or its own previous values (default zero)")
     parser.add_argument("--engine", choices=["in-process", "flower"], default="in-process",
                         help="in-process (every method) or flower: the fstq method on Flower's simulation "
                              "engine via `flwr run` of integrations/flower-app (a source checkout)")
@@ -162,6 +171,10 @@ def config_from_args(args: argparse.Namespace):
         uplink_loss=getattr(args, "uplink_loss", 0.0),
         uplink_corruption=getattr(args, "uplink_corruption", 0.0),
         round_deadline_s=getattr(args, "round_deadline_s", None),
+        server_mask=getattr(args, "server_mask", 0.0),
+        client_mask=getattr(args, "client_mask", 0.0),
+        downlink_bpp=getattr(args, "downlink_bpp", 4.0),
+        proxy_fill=getattr(args, "proxy_fill", "zero"),
         test_fraction=pick("test_fraction"),
         eval_size=pick("eval_size"),
         lora_rank=pick("lora_rank"),

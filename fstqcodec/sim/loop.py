@@ -66,6 +66,13 @@ class SimConfig:
     # aggregated, and the client's error-feedback memory keeps the update for a later round.
     round_deadline_s: float | None = None
     block_size: int = 64
+    # Downlink proxies (FedQSN, fstqcodec.proxy): shares of the adapter hidden by the server (fixed for
+    # the run) and per client and round, the downlink budget per entry sent, and what a client puts in
+    # hidden entries. Both masks 0: the plain fp32 downlink.
+    server_mask: float = 0.0
+    client_mask: float = 0.0
+    downlink_bpp: float = 4.0
+    proxy_fill: str = "zero"
     # fstq weighs its error by Fisher ** fisher_power. Local AdamW steps have about the same size in
     # every coordinate, so a coordinate's first-order gain is ~|gradient| = Fisher ** 0.5; the
     # README's "Reference loop" measures 0.5 against 1 (pure Fisher) and 0 (fstq-nofisher).
@@ -108,6 +115,10 @@ class SimConfig:
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 <= self.uplink_loss < 1, "uplink_loss must be in [0, 1)"),
             (0 <= self.uplink_corruption <= 1, "uplink_corruption must be in [0, 1]"),
+            (0 <= self.server_mask < 1, "server_mask must be in [0, 1)"),
+            (0 <= self.client_mask < 1, "client_mask must be in [0, 1)"),
+            (self.downlink_bpp > 0, "downlink_bpp must be > 0"),
+            (self.proxy_fill in ("zero", "previous"), "proxy_fill must be 'zero' or 'previous'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -199,6 +210,17 @@ class _Federation:
         model.train()
         return correct / len(self.eval_data)
 
+    def proxy_downlink(self):
+        """The run's proxy downlink (:mod:`fstqcodec.sim.downlink`), or None for the plain fp32 one."""
+        config = self.config
+        if not (config.server_mask or config.client_mask):
+            return None
+        from fstqcodec.sim.downlink import ProxyDownlink
+
+        return ProxyDownlink(self.schema.shapes, self.initial_state, server_mask=config.server_mask,
+                             client_mask=config.client_mask, bits_per_param=config.downlink_bpp,
+                             fill=config.proxy_fill, seed=_seed_for(config.seed, 7), block_size=config.block_size)
+
     def run_method(self, name: str, on_round: Callable[[str, float, int], None] | None = None) -> dict:
         """FedAvg for ``config.rounds`` rounds with uplink method ``name``; returns its record."""
         from fstqcodec.peft import adapter_fisher
@@ -215,6 +237,7 @@ class _Federation:
         trainable = [self.params_by_state[n] for n in schema.names]
         global_state = {n: a.copy() for n, a in self.initial_state.items()}
         client_states = [method.new_client_state() for _ in range(config.clients)]
+        proxy = self.proxy_downlink()
         rounds = [{"round": 0, "accuracy": self.initial_accuracy, "uplink_bytes": 0,
                    "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0}]
         cumulative_uplink, sim_time = 0, 0.0
@@ -238,7 +261,10 @@ class _Federation:
                     faults_log.append({"round": round_number, "client": client, "fault": "dropout"})
                     continue
                 client_started = time.perf_counter()
-                self.load_global(global_state)  # what the client decoded from the (lossless) downlink
+                received, visible = global_state, None  # what the client decoded from the (lossless) downlink
+                if proxy is not None:
+                    received, visible = proxy.receive(global_state, client, round_number)
+                self.load_global(received)
                 optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
                 self.accumulator.reset()
                 torch.manual_seed(client_seed)  # the same dropout masks for every method
@@ -251,8 +277,12 @@ class _Federation:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 trained_at = time.perf_counter()
-                update = {n: self.params_by_state[n].detach().numpy().astype(np.float32) - global_state[n]
-                          for n in schema.names}
+                local_state = {n: self.params_by_state[n].detach().numpy().astype(np.float32) for n in schema.names}
+                update = {n: local_state[n] - received[n] for n in schema.names}
+                if proxy is not None:
+                    # Only what the client saw goes back: the server could not use the rest anyway.
+                    update = {n: np.where(visible[n], update[n], np.float32(0)) for n in schema.names}
+                    proxy.keep_local(client, local_state)
                 fisher = adapter_fisher(self.accumulator, self.model) if method.uses_fisher else None
                 budget_bytes = None
                 if config.deadline_s is not None:
@@ -264,7 +294,8 @@ class _Federation:
                     compute_s.append(time.perf_counter() - client_started)
                 else:  # modelled training time (repeatable on a busy machine) + measured encoding
                     compute_s.append(config.local_steps * config.step_time_s + encode_s)
-                down, up = links.transfer_time(client, len(message), len(downlink_message))
+                down_bytes = len(downlink_message) if proxy is None else proxy.last_bytes
+                down, up = links.transfer_time(client, len(message), down_bytes)
                 download_s.append(down)
                 upload_s.append(up)
                 uplink_bytes += len(message)
@@ -296,10 +327,16 @@ class _Federation:
                     _message_lost(client_states[client])  # the server's rejection reaches the client
                     continue
                 weight = float(self.client_sizes[client])  # FedAvg: weight by local examples
+                if proxy is not None:  # masked FedAvg: each entry over the clients that saw it
+                    proxy.add(decoded, visible, weight)
+                    continue
                 for n in schema.names:
                     delta_sum[n] += weight * decoded[n]
                 weight_sum += weight
-            if weight_sum > 0:
+            proxy_figures = {}
+            if proxy is not None:
+                global_state, proxy_figures = proxy.finish_round(global_state)
+            elif weight_sum > 0:
                 for n in schema.names:
                     global_state[n] = (global_state[n] + delta_sum[n] / weight_sum).astype(np.float32)
             self.load_global(global_state)
@@ -312,12 +349,14 @@ class _Federation:
                 "accuracy": accuracy,
                 "uplink_bytes": uplink_bytes,
                 "cumulative_uplink_bytes": cumulative_uplink,
-                "downlink_bytes": len(downlink_message) * len(participants),
+                "downlink_bytes": (len(downlink_message) * len(participants) if proxy is None
+                                   else proxy_figures["proxy_downlink_bytes"]),
                 "sim_time_s": sim_time,
                 # Where the round's time went (the slowest client's parts are not broken out).
                 "round_time_s": this_round_s,
                 "max_compute_s": max(compute_s, default=0.0),
                 "max_upload_s": max(upload_s, default=0.0),
+                **proxy_figures,
             })
             if on_round is not None:
                 on_round(name, accuracy, cumulative_uplink)
@@ -354,7 +393,11 @@ class _Federation:
             "clients_per_round": self.per_round,
             "fedavg_weighting": "client example count",
             "local_optimizer": "AdamW (fresh each round), weight_decay=0",
-            "downlink": "fp32 global adapter (lossless), same for every method",
+            "downlink": ("fp32 global adapter (lossless), same for every method"
+                         if not (self.config.server_mask or self.config.client_mask) else
+                         f"fstq proxies (fstqcodec.proxy): server mask {self.config.server_mask}, client mask "
+                         f"{self.config.client_mask}, {self.config.downlink_bpp} bits per entry sent, hidden entries "
+                         f"{self.config.proxy_fill}; masked FedAvg"),
             "bandwidth_model": {
                 **self.link_model.config(),
                 "uplink_mbps": [round(float(b) / 1e6, 4) for b in links.uplink_bps],
