@@ -68,6 +68,12 @@ def _base_messages() -> dict:
             meta={"round": 1},
         ),
         "empty": fstqcodec.encode({}),
+        "masked": fstqcodec.encode(
+            update,
+            masks={"a": [fstqcodec.Mask(3, 0.7, "row"), fstqcodec.Mask(4, 0.8)], "b": fstqcodec.Mask(5, 0.5)},
+            budget=300,
+            compress_header=False,
+        ),
     }
 
 

@@ -86,8 +86,9 @@ class Mask:
         object.__setattr__(self, "keep", keep)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"mask granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.generator not in GENERATORS:
+        if isinstance(self.generator, bool) or self.generator not in GENERATORS:
             raise ValueError(f"mask generator must be one of {sorted(GENERATORS)}, got {self.generator!r}")
+        object.__setattr__(self, "generator", int(self.generator))
 
     def fits(self, shape: tuple) -> bool:
         """Whether the granularity applies to a tensor of this shape (row/column need 2-D)."""
