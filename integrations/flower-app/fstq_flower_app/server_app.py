@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 import fstqcodec
 from fstqcodec.flower import FstqStrategy
-from fstq_flower_app.task import Settings, workbench
+from fstq_flower_app.task import config_from_run_config, workbench
 
 app = ServerApp()
 
@@ -30,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation and write the per-round record."""
     config = context.run_config
     clients = int(config["clients"])
-    settings = Settings.from_run_config(config, num_partitions=clients)
+    settings = config_from_run_config(config)
     bench = workbench(settings)
     downlink = {"none": None, "lossless": "lossless"}[str(config["downlink"])]
     strategy = FstqStrategy(
@@ -107,7 +107,7 @@ def write_results(out_dir, config, settings, strategy, accuracy, finished_at) ->
         "config": {
             **{key.replace("-", "_"): config[key] for key in config},
             **dataclasses.asdict(settings),
-            "clients": settings.num_partitions,
+            "clients": settings.clients,
             "rounds": int(config["num-server-rounds"]),
             "trainable_parameters": parameters,
             "uplink_bytes_rule": "Flower's ArrayRecord.count_bytes() of every train reply",
