@@ -73,6 +73,8 @@ class MethodRun:
     def run(self, on_round: RoundCallback | None = None) -> dict:
         """Every round of the run; returns the method's record."""
         started = time.perf_counter()
+        if on_round is not None:  # the method starts now (a progress bar's clock starts here)
+            on_round(self.method.name, 0, self.rounds[0]["accuracy"], 0)
         for round_number in range(1, self.config.rounds + 1):
             entry = self.play_round(round_number)
             if on_round is not None:
@@ -300,18 +302,53 @@ def _choose_target(config: SimConfig, methods: dict) -> tuple[float, str]:
             "0.95 x final accuracy of fp32 (or the first method), floored to 0.01")
 
 
-def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | None = None) -> dict:
+def _ignore_round(method: str, round_number: int, accuracy: float, uplink: int) -> None:
+    pass
+
+
+class _ProgressBars:
+    """One tqdm bar per method, opened when the method starts (round 0), so each ETA is its own.
+
+    A bar counts its method's rounds from the moment its first round begins: model loading and
+    methods still waiting for a worker do not inflate the rate, as one bar over every method's
+    rounds did (it showed hours at the start of a ten-minute run).
+    """
+
+    def __init__(self, config: SimConfig, label: str = ""):
+        from tqdm.auto import tqdm
+
+        self._tqdm, self.config, self.label, self.bars = tqdm, config, label, {}
+
+    def update(self, method: str, round_number: int, accuracy: float, uplink: int) -> None:
+        bar = self.bars.get(method)
+        if bar is None:
+            position = list(self.config.methods).index(method)
+            bar = self.bars[method] = self._tqdm(
+                total=self.config.rounds, desc=f"{self.label}{method}", unit="round", position=position,
+                leave=True, dynamic_ncols=True, smoothing=0.1)
+        bar.set_postfix(acc=f"{accuracy:.3f}", up=f"{uplink / 1e6:.2f}MB", refresh=False)
+        bar.update(round_number - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | None = None,
+                   label: str = "") -> dict:
     """Run every method in ``config.methods`` and return the results record.
 
     Parameters
     ----------
     config : SimConfig
     progress : bool
-        Show a tqdm progress bar.
+        Show a tqdm progress bar per method (its rounds, accuracy and uplink so far, and an ETA).
     workers : int, optional
         Methods run in this many processes at once, each with ``max(1, threads // workers)`` torch
         threads (small LoRA batches use one thread far better than two, so parallel single-threaded
         processes finish sooner). Default: ``min(len(methods), 2 * threads)``; 1 runs in this process.
+    label : str
+        Put before each progress bar's method name (e.g. the seed of a multi-seed run).
 
     Returns
     -------
@@ -332,24 +369,17 @@ def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | N
     # One single-threaded process per method, up to twice the threads: small LoRA batches scale
     # poorly across threads, and a method left alone on one thread would leave the other core idle.
     workers = max(1, min(workers or min(len(config.methods), 2 * threads), len(config.methods)))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(config.methods) * config.rounds, unit="round", dynamic_ncols=True)
-
-    def on_round(method: str, round_number: int, accuracy: float, uplink: int) -> None:
-        if bar is not None:
-            bar.set_description(method)
-            bar.set_postfix(acc=f"{accuracy:.3f}", up=f"{uplink / 1e6:.2f}MB")
-            bar.update(1)
-
-    if workers == 1:
-        methods, description = _run_in_process(config.replace(threads=threads), on_round)
-    else:
-        methods, description = _run_in_workers(config.replace(threads=max(1, threads // workers)), workers, on_round)
-    if bar is not None:
-        bar.close()
+    bars = _ProgressBars(config, label) if progress else None
+    on_round = bars.update if bars is not None else _ignore_round
+    try:
+        if workers == 1:
+            methods, description = _run_in_process(config.replace(threads=threads), on_round)
+        else:
+            methods, description = _run_in_workers(config.replace(threads=max(1, threads // workers)), workers,
+                                                   on_round)
+    finally:
+        if bars is not None:
+            bars.close()
     target, target_rule = _choose_target(config, methods)
     results = {
         "config": {**config.record(), "threads": threads, "workers": workers, **description},
