@@ -87,3 +87,38 @@ def test_compressed_rounds_stay_within_the_budget(name):
     run = _run(name, clients=2, rounds=1, budget_bpp=0.5)
     run.play_round(1)
     assert max(run.message_sizes) <= 0.5 * run.bench.layout.total / 8
+
+
+def test_partial_participation_samples_a_seeded_fraction_each_round():
+    run = _run("fp32", clients=30, rounds=3, participation=0.3)
+    rounds = [run.participants(r) for r in (1, 2, 3)]
+    assert all(len(chosen) == 9 == len(set(chosen)) for chosen in rounds)
+    assert len({tuple(chosen) for chosen in rounds}) == 3  # a new draw each round
+    assert rounds == [_run("fstq", clients=30, participation=0.3).participants(r) for r in (1, 2, 3)]
+    assert rounds != [_run("fp32", clients=30, participation=0.3, seed=1).participants(r) for r in (1, 2, 3)]
+    run.play_round(1)
+    assert sorted(round_number for round_number, _ in run.bench.trained_by) == [1] * 9
+    assert sorted(client for _, client in run.bench.trained_by) == rounds[0]
+
+
+def test_a_client_not_sampled_keeps_its_error_feedback_until_it_is_sampled_again():
+    run = _run("fstq", clients=10, rounds=3, participation=0.3, budget_bpp=0.5)
+    first, second = set(run.participants(1)), set(run.participants(2))
+    waiting = sorted(first - second)  # sampled in round 1, not in round 2
+    assert waiting, "the seed should give a client that sits out round 2"
+    run.play_round(1)
+    kept = {c: {n: a.copy() for n, a in run.client_states[c].residual.items()} for c in waiting}
+    assert all(np.abs(kept[c][n]).sum() > 0 for c in waiting for n in SHAPES)  # 0.5 bit/param left a residual
+    run.play_round(2)
+    for client in waiting:
+        for name in SHAPES:
+            np.testing.assert_array_equal(run.client_states[client].residual[name], kept[client][name])
+    # Sampled again later, the client's message carries its new update plus what it kept.
+    client = waiting[0]
+    later = next(r for r in range(3, 50) if client in run.participants(r) and r > 2)
+    for round_number in range(3, later + 1):
+        run.play_round(round_number)
+    sent = run.client_states[client].last_update  # what the last message encoded in full
+    for name in SHAPES:
+        np.testing.assert_allclose(sent[name], run.bench.step(client, later)[name] + kept[client][name],
+                                   rtol=1e-5, atol=1e-7)

@@ -14,7 +14,7 @@ import sys
 from fstqcodec.sim.config import QUICK_SETTINGS, SimConfig
 from fstqcodec.sim.methods import METHOD_NAMES, parse_methods
 
-__all__ = ["add_arguments", "run", "config_from_args", "QUICK_SETTINGS"]
+__all__ = ["add_arguments", "run", "config_from_args", "parse_seeds", "QUICK_SETTINGS"]
 
 
 def _show_default(value) -> str:
@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for spec in dataclasses.fields(SimConfig):
         if spec.metadata.get("cli", False):
             _add_config_option(parser, spec)
+    parser.add_argument("--seeds", default=None, metavar="LIST",
+                        help="run the configuration once per seed (comma-separated, e.g. 0,1,2) and report "
+                             "mean ± std; each seed's own record goes to DIR/seed-<n> (default: --seed alone)")
     parser.add_argument("--engine", choices=["in-process", "flower"], default="in-process",
                         help="in-process (every method) or flower: the fstq method on Flower's simulation "
                              "engine via `flwr run` of integrations/flower-app (a source checkout)")
@@ -77,6 +80,25 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return config
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    """Parse ``--seeds``: distinct integers >= 0, comma-separated.
+
+    Raises
+    ------
+    ValueError
+        On anything else.
+    """
+    if text is None:
+        return None
+    try:
+        seeds = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds takes distinct integers >= 0, got {text!r}")
+    return seeds
+
+
 def _run_on_flower(config: SimConfig, out_dir) -> dict:
     """The same experiment on Flower's simulation engine (``flwr run`` of the Flower App)."""
     from fstqcodec.sim.flower_engine import run_with_flwr
@@ -86,10 +108,26 @@ def _run_on_flower(config: SimConfig, out_dir) -> dict:
     return run_with_flwr(config, out_dir)
 
 
+def _simulate(config: SimConfig, args: argparse.Namespace, seeds: list[int] | None) -> tuple[dict, list[dict]]:
+    """The run's results record, and each seed's when there are several."""
+    from fstqcodec.sim.loop import run_seeds, run_simulation
+
+    if getattr(args, "engine", "in-process") == "flower":
+        if seeds is not None:
+            raise ValueError("--engine flower runs one seed; use --seed")
+        return _run_on_flower(config, args.out), []
+    if seeds is None:
+        return run_simulation(config, progress=not args.no_progress, workers=args.workers), []
+    return run_seeds(config, seeds, progress=not args.no_progress, workers=args.workers)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``fstq simulate`` with parsed arguments; returns the process exit status."""
     try:
         config = config_from_args(args)
+        seeds = parse_seeds(getattr(args, "seeds", None))
+        if seeds is not None and getattr(args, "seed", None) is not None:
+            raise ValueError("give --seed or --seeds, not both")
         if args.workers is not None and args.workers < 1:
             raise ValueError("workers must be >= 1")
     except ValueError as error:
@@ -98,21 +136,20 @@ def run(args: argparse.Namespace) -> int:
     # Packaged models and data are local; keep transformers from reaching for the hub for them.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
-        from fstqcodec.sim.loop import run_simulation
         from fstqcodec.sim.report import format_table, write_outputs
     except ImportError as error:
         print(f"fstq simulate needs the sim extra (torch, transformers, peft, matplotlib, tqdm): {error}",
               file=sys.stderr)
         return 2
     try:
-        if getattr(args, "engine", "in-process") == "flower":
-            results = _run_on_flower(config, args.out)
-        else:
-            results = run_simulation(config, progress=not args.no_progress, workers=args.workers)
+        results, per_seed = _simulate(config, args, seeds)
     except (ValueError, RuntimeError) as error:
         print(f"fstq simulate: {error}", file=sys.stderr)
         return 1
     written = write_outputs(results, args.out, plots=not args.no_plots)
+    for run_record in per_seed:
+        written += write_outputs(run_record, os.path.join(args.out, f"seed-{run_record['config']['seed']}"),
+                                 plots=not args.no_plots)
     print()
     print(format_table(results))
     print()

@@ -75,6 +75,9 @@ class SimConfig:
     target_accuracy: float | None = _option(
         None, "target accuracy for 'to target' figures (none: 0.85 for bbc, else 95% of fp32's final)",
         flag="--target", type=float)
+    target_of_fp32: float | None = _option(
+        None, "target = this x fp32's final accuracy (its mean over the seeds), floored to 0.01, in place "
+              "of the task's default; e.g. 0.95", type=float)
     step_time_s: float | None = _option(
         None, "model each local step as this many seconds on the simulated clock instead of measuring "
               "(repeatable timings on a busy machine; 0.3 is a quiet 2-core CPU)", type=float)
@@ -86,7 +89,7 @@ class SimConfig:
               "arrive later (stragglers) are discarded, their error feedback kept", type=float)
     test_fraction: float = _option(0.2, "share of the data held out for testing")
     eval_size: int | None = _option(
-        320, "held-out examples evaluated each round, a seeded subset (none: the whole held-out set)",
+        None, "held-out examples evaluated each round, a seeded subset (none: the whole held-out set)",
         type=int)
     eval_batch_size: int = _option(64, "evaluation batch size")
     lora_rank: int = _option(8, "LoRA rank")
@@ -148,6 +151,8 @@ class SimConfig:
             (self.deadline_s is None or self.deadline_s > self.latency_s, "deadline must exceed the latency"),
             (self.round_deadline_s is None or self.round_deadline_s > 0, "round_deadline_s must be > 0"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target must be in (0, 1]"),
+            (self.target_of_fp32 is None or 0 < self.target_of_fp32 <= 1, "target_of_fp32 must be in (0, 1]"),
+            (self.target_accuracy is None or self.target_of_fp32 is None, "give target or target_of_fp32, not both"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 <= self.uplink_loss < 1, "uplink_loss must be in [0, 1)"),
             (0 <= self.uplink_corruption <= 1, "uplink_corruption must be in [0, 1]"),
