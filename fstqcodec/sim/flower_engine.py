@@ -42,6 +42,11 @@ RUN_CONFIG_KEYS = {
     "budget_bpp": "budget-bpp",
     "block_size": "block-size",
     "fisher_power": "fisher-power",
+    "deadline_s": "deadline-s",
+    "median_uplink_mbps": "median-uplink-mbps",
+    "bandwidth_sigma": "bandwidth-sigma",
+    "latency_s": "latency-s",
+    "min_budget_bytes": "min-budget-bytes",
     "task": "task",
     "model": "model",
     "alpha": "alpha",
@@ -57,9 +62,10 @@ RUN_CONFIG_KEYS = {
     "lora_alpha": "lora-alpha",
     "threads": "threads",
 }
-# TOML has no null: eval_size's None (the whole held-out set) travels as 0; other None values are
-# not passed, so the app's own setting applies (threads: one per ClientApp, one Ray CPU each).
-_NONE_AS_ZERO = {"eval_size"}
+# TOML has no null: eval_size's None (the whole held-out set) and deadline_s's (one budget for all)
+# travel as 0; other None values are not passed, so the app's own setting applies (threads: one
+# per ClientApp, one Ray CPU each).
+_NONE_AS_ZERO = {"eval_size", "deadline_s"}
 
 
 def app_dir() -> pathlib.Path:
