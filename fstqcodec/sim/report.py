@@ -195,8 +195,9 @@ def _plot(results: Mapping[str, Any], out_dir: pathlib.Path) -> list[pathlib.Pat
 
     target = results["target_accuracy"]
     config = results["config"]
-    subtitle = (f"{config['task']} / {pathlib.PurePath(str(config['model'])).name}, {config['clients']} clients, "
-                f"Dirichlet({config['alpha']}), {config['rounds']} rounds")
+    sampled = f" ({config['participation']:.0%} per round)" if config.get("participation", 1.0) < 1.0 else ""
+    subtitle = (f"{config['task']} / {pathlib.PurePath(str(config['model'])).name}, {config['clients']} clients"
+                f"{sampled}, Dirichlet({config['alpha']}), {config['rounds']} rounds")
     if "seeds" in results:
         subtitle += f", mean ± std of {len(results['seeds'])} seeds"
     written = []
