@@ -51,6 +51,7 @@ def test_the_default_run_is_one_seed_evaluated_on_the_whole_held_out_set():
     (["--seeds", "0,x"], "--seeds"),
     (["--seeds", "0,0"], "--seeds"),
     (["--seeds", "0,1", "--seed", "2"], "--seed or --seeds"),
+    (["--seeds", "0,1", "--engine", "flower", "--methods", "fstq"], "one seed"),
     (["--block-size", "0"], "block"),
 ])
 def test_bad_options_exit_with_status_2_and_one_line(capsys, argv, message):

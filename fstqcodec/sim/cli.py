@@ -113,8 +113,6 @@ def _simulate(config: SimConfig, args: argparse.Namespace, seeds: list[int] | No
     from fstqcodec.sim.loop import run_seeds, run_simulation
 
     if getattr(args, "engine", "in-process") == "flower":
-        if seeds is not None:
-            raise ValueError("--engine flower runs one seed; use --seed")
         return _run_on_flower(config, args.out), []
     if seeds is None:
         return run_simulation(config, progress=not args.no_progress, workers=args.workers), []
@@ -128,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         seeds = parse_seeds(getattr(args, "seeds", None))
         if seeds is not None and getattr(args, "seed", None) is not None:
             raise ValueError("give --seed or --seeds, not both")
+        if seeds is not None and getattr(args, "engine", "in-process") == "flower":
+            raise ValueError("--engine flower runs one seed; use --seed")
         if args.workers is not None and args.workers < 1:
             raise ValueError("workers must be >= 1")
     except ValueError as error:
