@@ -210,6 +210,11 @@ def client_round(bench: Workbench, method: Method, state, links, global_state: M
 
     A message that does not arrive (lost, or past the round deadline) is reported to the client's
     error-feedback memory, which keeps the whole update for a later round.
+
+    Raises
+    ------
+    fstqcodec.EncodeError
+        If the method cannot encode the update (a budget below the smallest message, say).
     """
     config = bench.config
     faults = draw_faults(config, round_number, client)

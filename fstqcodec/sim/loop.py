@@ -70,7 +70,13 @@ class MethodRun:
         return [int(c) for c in np.sort(sampler.choice(config.clients, config.clients_per_round, replace=False))]
 
     def run(self, on_round: RoundCallback | None = None) -> dict:
-        """Every round of the run; returns the method's record."""
+        """Every round of the run; returns the method's record.
+
+        Raises
+        ------
+        fstqcodec.EncodeError
+            If a client's update cannot be encoded (see :func:`fstqcodec.sim.client.client_round`).
+        """
         started = time.perf_counter()
         if on_round is not None:  # the method starts now (a progress bar's clock starts here)
             on_round(self.method.name, 0, self.rounds[0]["accuracy"], 0)
