@@ -8,6 +8,7 @@ terminal would show. A core-only install is simulated by making the extras' impo
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import stat
@@ -238,10 +239,21 @@ def files(tmp_path_factory):
     (path / "cut-header.safetensors").write_bytes(whole[:50])
     (path / "cut-length.safetensors").write_bytes(whole[:5])
     (path / "trailing.safetensors").write_bytes(whole + b"\0" * 8)
+    safetensors_numpy.save_file({"w": np.arange(4, dtype=np.int32)}, path / "ints.safetensors")
+    write_safetensors(path / "overlap.safetensors", {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12)
+    write_safetensors(path / "shape.safetensors", {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8)
+    (path / "deep.safetensors").write_bytes(len(b"[" * 5000 + b"]" * 5000).to_bytes(8, "little") + b"[" * 5000 + b"]" * 5000)
     (path / "x.fstq").write_bytes(fstqcodec.encode({"w": np.ones(256, np.float32)}, bits=4))
     (path / "cut.fstq").write_bytes((path / "x.fstq").read_bytes()[:-9])
     (path / "a-directory.npz").mkdir()
     return path
+
+
+def write_safetensors(path, header, data_size):
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + bytes(data_size))
 
 
 ENCODE_ERRORS = {
@@ -267,6 +279,10 @@ ENCODE_ERRORS = {
     "safetensors cut in the header": (["cut-header.safetensors", "-o", "o.fstq"], ["cut-header.safetensors", "truncated"]),
     "safetensors cut in the length": (["cut-length.safetensors", "-o", "o.fstq"], ["cut-length.safetensors", "truncated"]),
     "safetensors trailing bytes": (["trailing.safetensors", "-o", "o.fstq"], ["trailing.safetensors", "after the last"]),
+    "safetensors integer tensor": (["ints.safetensors", "-o", "o.fstq"], ["ints.safetensors", "'w' is I32"]),
+    "safetensors overlapping tensors": (["overlap.safetensors", "-o", "o.fstq"], ["overlap.safetensors", "'b'", "overlap"]),
+    "safetensors shape against size": (["shape.safetensors", "-o", "o.fstq"], ["shape.safetensors", "'a'", "shape"]),
+    "safetensors header nested deep": (["deep.safetensors", "-o", "o.fstq"], ["deep.safetensors", "not JSON"]),
 }
 
 
@@ -325,3 +341,9 @@ def test_a_closed_pipe_ends_quietly_with_status_0(tmp_path):
 def test_no_command_is_one_line(tmp_path):
     result = fstq(cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_simulate_hands_its_options_to_the_sim(tmp_path):
+    # With the extras present the dispatch reaches the sim, whose own check refuses the method.
+    check_user_error(fstq("simulate", "--methods", "no-such-method", "--out", tmp_path / "sim", cwd=tmp_path),
+                     "no-such-method", command="simulate")

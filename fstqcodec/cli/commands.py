@@ -74,7 +74,15 @@ def _decode_error(path: str, error: DecodeError) -> UsageError:
 
 
 def cmd_inspect(args) -> int:
-    """``fstq inspect``: describe a message without decoding its codes."""
+    """``fstq inspect``: describe a message without decoding its codes.
+
+    Raises
+    ------
+    UsageError
+        The file is not a valid message (the DecodeError, with the file's name).
+    OSError
+        The file cannot be read.
+    """
     data = _read_message(args.file)
     try:
         info = inspect(data)
@@ -106,7 +114,16 @@ def _encodable(path: str, tensors: TensorFile) -> dict:
 
 
 def cmd_encode(args) -> int:
-    """``fstq encode``: tensors from .npz or .safetensors into one message."""
+    """``fstq encode``: tensors from .npz or .safetensors into one message.
+
+    Raises
+    ------
+    UsageError
+        Options that do not fit together, an unreadable or empty input, tensors the encoder refuses,
+        a budget below the smallest message, an output path that cannot be written.
+    OSError
+        An input file cannot be read.
+    """
     config = encode_config(args)
     check_output_path(args.output)
     tensors = read_tensors(args.input)
@@ -128,7 +145,16 @@ def cmd_encode(args) -> int:
 
 
 def cmd_decode(args) -> int:
-    """``fstq decode``: a message into .npz or .safetensors, names, shapes and dtypes as declared."""
+    """``fstq decode``: a message into .npz or .safetensors, names, shapes and dtypes as declared.
+
+    Raises
+    ------
+    UsageError
+        An output suffix other than .npz or .safetensors, an invalid message, an output path that
+        cannot be written.
+    OSError
+        The message cannot be read.
+    """
     check_suffix(args.output, "-o")
     check_output_path(args.output)
     data = _read_message(args.input)

@@ -58,7 +58,13 @@ class TensorFile:
 
 
 def check_suffix(path: str, what: str) -> str:
-    """The suffix of ``path`` (.npz or .safetensors), or UsageError naming ``what`` the path is."""
+    """The suffix of ``path``: ".npz" or ".safetensors".
+
+    Raises
+    ------
+    UsageError
+        Any other suffix; the message names ``what`` the path is ("input", "-o").
+    """
     for suffix in SUFFIXES:
         if path.endswith(suffix):
             return suffix
@@ -128,6 +134,11 @@ def check_output_path(path: str) -> str:
     """The directory ``path`` goes in, or UsageError when it cannot be a new file there.
 
     Called before the work too, so that a mistyped ``-o`` fails at once, not after encoding.
+
+    Raises
+    ------
+    UsageError
+        ``path`` is a directory, or its directory does not exist.
     """
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -221,7 +232,7 @@ def _safetensors_header(path: str, raw: bytes) -> dict:
     """``name -> (dtype name, shape, (begin, end))`` from the JSON header, each entry checked."""
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         raise UsageError(f"{path}: not a .safetensors file: the header is not JSON") from None
     if not isinstance(header, dict):
         raise UsageError(f"{path}: not a .safetensors file: the header is not a JSON object")
