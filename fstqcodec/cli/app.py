@@ -158,7 +158,7 @@ def _run_simulate(args) -> int:
 
     try:
         return run(args)
-    except ImportError as error:  # a module the list above does not name (pyyaml for one task)
+    except ModuleNotFoundError as error:  # a module the list above does not name (pyyaml for one task)
         raise UsageError(f"a module it needs is not installed ({error}); "
                          "in the source checkout: pip install '.[sim]'") from None
 
@@ -177,6 +177,11 @@ def main(argv=None) -> int:
     int
         0 on success; 2 for any mistake in the options or the files given (one line on stderr,
         ``fstq <command>: ...``); 130 when interrupted.
+
+    Raises
+    ------
+    SystemExit
+        From argparse: ``--help`` and ``--version`` (status 0), a malformed option (status 2, one line).
     """
     parser = build_parser()
     args = parser.parse_args(argv)

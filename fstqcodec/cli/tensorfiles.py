@@ -124,10 +124,17 @@ def write_atomically(path: str, write) -> None:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
         os.replace(temporary, path)
+    except OSError as error:  # a full disk, say: name the user's file, not the temporary one
+        _remove(temporary)
+        raise UsageError(f"-o {path}: cannot write ({error.strerror or error})") from None
     except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        _remove(temporary)
         raise
+
+
+def _remove(temporary: str) -> None:
+    if os.path.exists(temporary):
+        os.unlink(temporary)
 
 
 def check_output_path(path: str) -> str:
