@@ -15,7 +15,7 @@ from .stages.scales import from_bf16_bits, round_bf16
 from .wire.container import CHECKSUM_SIZE, PREAMBLE, decode_section, read_container
 from .wire.header import DTYPES, RAW_FORMATS, Layout, Schema, parse_header
 
-__all__ = ["decode_message", "inspect_message", "resolve_limits"]
+__all__ = ["decode_message", "read_message", "inspect_message", "resolve_limits"]
 
 _RAW_NUMPY = {"f16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "f32": np.dtype("<f4"), "f64": np.dtype("<f8")}
 
@@ -88,14 +88,19 @@ def _read_block_contexts(container, layout: Layout) -> np.ndarray:
     return ids
 
 
-def decode_message(data, limits: Limits | None = None, schemas=None) -> dict:
-    """Decode a message into ``name -> array`` (see :func:`fstqcodec.decode`)."""
+def read_message(data, limits: Limits | None = None, schemas=None) -> tuple:
+    """Parse and decode a message once: ``(container, layout, name -> array)``."""
     limits = resolve_limits(limits)
     container, layout = _open(data, limits, schemas)
     # Overflow and invalid operations are checked for explicitly (non-finite results are a
     # BadFormatError); a caller's np.seterr must not turn them into FloatingPointError.
     with np.errstate(all="ignore"):
-        return _decode_body(container, layout)
+        return container, layout, _decode_body(container, layout)
+
+
+def decode_message(data, limits: Limits | None = None, schemas=None) -> dict:
+    """Decode a message into ``name -> array`` (see :func:`fstqcodec.decode`)."""
+    return read_message(data, limits, schemas)[2]
 
 
 def _expected_section_length(context, element_count: int, declared: int, what: str):
@@ -110,10 +115,11 @@ def _expected_section_length(context, element_count: int, declared: int, what: s
         raise BadFormatError(
             f"{what}: {context.lanes} lanes for {element_count} symbols; at most {rans.MAX_STEPS} symbols per lane"
         )
-    # A stream holds the lane states and at most one 16-bit word per symbol.
-    bound = 4 * context.lanes + 2 * element_count
-    if declared > bound:
-        raise BadFormatError(f"{what} declares {declared} bytes, at most {bound} possible")
+    # A stream is the lane states and then whole 16-bit words, at most one per symbol; all of it
+    # is decided here, before the section is decompressed (FORMAT.md step 19a).
+    states, bound = 4 * context.lanes, 4 * context.lanes + 2 * element_count
+    if declared < states or declared > bound or (declared - states) % 2:
+        raise BadFormatError(f"{what} declares {declared} bytes, not {states} bytes of states and up to {element_count} words")
     return None
 
 

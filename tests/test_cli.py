@@ -204,15 +204,14 @@ def test_output_files_get_the_umask_mode(tmp_path, umask):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
 
 
-def test_an_existing_output_keeps_its_mode_and_a_failed_encode_leaves_nothing(tmp_path):
+def test_a_failed_encode_leaves_the_old_file_and_nothing_else(tmp_path):
     np.savez(tmp_path / "t.npz", w=np.ones(4096, np.float32))
     (tmp_path / "t.fstq").write_bytes(b"old")
-    os.chmod(tmp_path / "t.fstq", 0o640)
-    run_main("encode", tmp_path / "t.npz", "-o", tmp_path / "t.fstq")
-    assert stat.S_IMODE((tmp_path / "t.fstq").stat().st_mode) == 0o640
-    assert (tmp_path / "t.fstq").read_bytes() != b"old"
-    assert main(["encode", str(tmp_path / "t.npz"), "-o", str(tmp_path / "small.fstq"), "--max-bytes", "3"]) == 2
+    assert main(["encode", str(tmp_path / "t.npz"), "-o", str(tmp_path / "t.fstq"), "--max-bytes", "3"]) == 2
+    assert (tmp_path / "t.fstq").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.fstq", "t.npz"]
+    run_main("encode", tmp_path / "t.npz", "-o", tmp_path / "t.fstq")
+    assert fstqcodec.decode((tmp_path / "t.fstq").read_bytes())["w"].tolist() == [1.0] * 4096
 
 
 def test_inspect_says_1_block_not_1_blocks(tmp_path, capsys):
@@ -290,7 +289,7 @@ ENCODE_ERRORS = {
 def test_encode_user_errors_are_one_line_with_exit_status_2(files, case):
     args, fragments = ENCODE_ERRORS[case]
     line = check_user_error(fstq("encode", *args, cwd=files), *fragments)
-    assert ".fstq-" not in line  # never the temporary file
+    assert ".tmp" not in line  # never the temporary file
     assert not (files / "o.fstq").exists()
 
 

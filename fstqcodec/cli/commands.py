@@ -8,11 +8,12 @@ import sys
 import numpy as np
 
 from ..codec import decode, encode, inspect
+from ..files import load_file
 from ..config import EncodeConfig
 from ..errors import BudgetError, DecodeError, EncodeError
 from ..policy.budget import Budget
 from .errors import UsageError
-from .tensorfiles import TensorFile, check_output_path, check_suffix, read_tensors, write_atomically, write_tensors
+from .tensorfiles import TensorFile, check_output_path, check_suffix, read_tensors, write_output, write_tensors
 
 __all__ = ["cmd_inspect", "cmd_encode", "cmd_decode", "cmd_demo", "encode_config", "print_inspection", "plural"]
 
@@ -136,7 +137,7 @@ def cmd_encode(args) -> int:
         raise UsageError(f"{_budget_option(args)}: {error}") from None
     except EncodeError as error:
         raise UsageError(f"{args.input}: {error}") from None
-    write_atomically(args.output, lambda stream: stream.write(message))
+    write_output(args.output, message)
     raw, size = tensors.raw_bytes, len(message)
     change = f"{raw / size:.1f}x smaller" if size <= raw else f"{size / raw:.2f}x larger"
     print(f"{args.input} -> {args.output}: {plural(len(tensors.arrays), 'tensor')}, {size} bytes "
@@ -157,14 +158,12 @@ def cmd_decode(args) -> int:
     """
     check_suffix(args.output, "-o")
     check_output_path(args.output)
-    data = _read_message(args.input)
     try:
-        arrays = decode(data)
-        dtypes = {tensor["name"]: tensor["dtype"] for tensor in inspect(data)["tensors"]}
+        message = load_file(args.input)
     except DecodeError as error:
         raise _decode_error(args.input, error) from None
-    write_tensors(args.output, TensorFile(arrays, dtypes))
-    print(f"{args.input} -> {args.output}: {plural(len(arrays), 'tensor')}")
+    write_tensors(args.output, TensorFile(dict(message), dict(message.dtypes)))
+    print(f"{args.input} -> {args.output}: {plural(len(message), 'tensor')}")
     return 0
 
 

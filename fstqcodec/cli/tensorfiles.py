@@ -16,20 +16,20 @@ refused by name instead of read short.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import stat
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..files import write_atomic
 from .errors import UsageError
 
-__all__ = ["TensorFile", "NPZ_BFLOAT16", "read_tensors", "write_tensors", "write_atomically", "check_output_path", "check_suffix", "SUFFIXES"]
+__all__ = ["TensorFile", "NPZ_BFLOAT16", "read_tensors", "write_tensors", "write_output", "check_output_path", "check_suffix", "SUFFIXES"]
 
 SUFFIXES = (".npz", ".safetensors")
 
@@ -88,53 +88,37 @@ def read_tensors(path: str) -> TensorFile:
 
 
 def write_tensors(path: str, tensors: TensorFile) -> None:
-    """Write ``tensors`` as .npz or .safetensors (chosen by the suffix), atomically.
+    """Write ``tensors`` as .npz or .safetensors (chosen by the suffix), atomically (:func:`write_output`).
 
     Raises
     ------
     UsageError
-        An unknown suffix, a name the format cannot hold, or a directory that cannot be written.
+        An unknown suffix, a name the format cannot hold, or a file that cannot be written.
     """
     if check_suffix(path, "-o") == ".safetensors":
-        chunks = _safetensors_chunks(path, tensors)
-        write_atomically(path, lambda stream: stream.writelines(chunks))
+        data = b"".join(_safetensors_chunks(path, tensors))
     else:
-        write_atomically(path, lambda stream: _write_npz(stream, tensors))
+        stream = io.BytesIO()
+        _write_npz(stream, tensors)
+        data = stream.getvalue()
+    write_output(path, data)
 
 
-def write_atomically(path: str, write) -> None:
-    """Write through a temporary file in the same directory and rename it over ``path``.
+def write_output(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` with :func:`fstqcodec.files.write_atomic`.
 
-    Nothing half-written is ever left under ``path``. The file gets the mode a plain ``open``
-    would give it: an existing file's mode, otherwise 0666 less the umask (``mkstemp`` alone
-    would leave 0600).
+    Nothing half-written is left under ``path``, and the file gets the mode the umask gives.
 
     Raises
     ------
     UsageError
-        The directory does not exist or cannot be written, naming ``path`` (not the temporary file).
+        The file cannot be written, naming ``path`` (never the temporary file).
     """
-    directory = check_output_path(path)
+    check_output_path(path)
     try:
-        handle, temporary = tempfile.mkstemp(prefix=".fstq-", suffix=".tmp", dir=directory)
-    except OSError as error:
-        raise UsageError(f"-o {path}: cannot write in {directory} ({error.strerror})") from None
-    try:
-        os.fchmod(handle, _new_file_mode(path))
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(temporary, path)
-    except OSError as error:  # a full disk, say: name the user's file, not the temporary one
-        _remove(temporary)
+        write_atomic(path, data)
+    except OSError as error:  # a full disk, a read-only directory
         raise UsageError(f"-o {path}: cannot write ({error.strerror or error})") from None
-    except BaseException:
-        _remove(temporary)
-        raise
-
-
-def _remove(temporary: str) -> None:
-    if os.path.exists(temporary):
-        os.unlink(temporary)
 
 
 def check_output_path(path: str) -> str:
@@ -153,15 +137,6 @@ def check_output_path(path: str) -> str:
     if not os.path.isdir(directory):
         raise UsageError(f"-o {path}: directory {directory} does not exist")
     return directory
-
-
-def _new_file_mode(path: str) -> int:
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0o022)  # the only way to read the umask is to set it; put it back at once
-        os.umask(umask)
-        return 0o666 & ~umask
 
 
 def _bfloat16_values(bits: np.ndarray) -> np.ndarray:
