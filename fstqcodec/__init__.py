@@ -6,6 +6,7 @@ decoder safe on untrusted bytes. ``import fstqcodec`` needs only numpy, msgpack 
 the adapters (``fstqcodec.torch``, ``fstqcodec.peft``, ``fstqcodec.flower``) import their frameworks.
 """
 
+from .aggregate import Rejection, StreamingAggregator
 from .codec import decode, encode, inspect
 from .config import FEDERATED_FISHER_POWER, EncodeConfig
 from .errors import (
@@ -35,6 +36,8 @@ __all__ = [
     "encode",
     "decode",
     "inspect",
+    "StreamingAggregator",
+    "Rejection",
     "Budget",
     "EncodeConfig",
     "FEDERATED_FISHER_POWER",
