@@ -49,7 +49,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import make_reply
 from nvflare.app_common.app_constant import AppConstants
 
-from .aggregate import Rejection, _Rejected, decode_expected, expected_tensors
+from .aggregate import Rejection, _mismatch, _Rejected, decode_expected, expected_tensors
 from .codec import decode, encode
 from .config import FEDERATED_FISHER_POWER, EncodeConfig
 from .feedback import ErrorFeedback
@@ -230,7 +230,7 @@ class FstqModelSender(DXOFilter):
             return None  # the same task data, already compressed for another client
         floating, others = _split_floating(dxo.data)
         if self.encode_config is None:
-            state["expected"] = expected_tensors(floating)
+            state["expected"] = _expected_on_the_wire(floating)
             state["reference"] = floating
             return None
         with self._cache_lock:
@@ -240,7 +240,7 @@ class FstqModelSender(DXOFilter):
                 message = encode(floating, config=self.encode_config)
                 decoded = decode(message)
                 cached = state["downlink"] = (dxo.data, message)
-                state["expected"] = expected_tensors(decoded)
+                state["expected"] = _expected_on_the_wire(decoded)
                 state["reference"] = decoded
         meta = dict(dxo.meta)
         meta[PAYLOAD_KEY] = {"message_bytes": len(cached[1])}
@@ -282,9 +282,7 @@ class FstqUpdateDecoder(DXOFilter):
         self.rejections: list[Rejection] = []
 
     def process(self, shareable, fl_ctx):
-        site = _peer_name(fl_ctx)
-        round_number = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND, shareable.get_header(AppConstants.CURRENT_ROUND))
-        self._round_site = (round_number, site)
+        round_number, site = _round_and_site(shareable, fl_ctx)
         try:
             return super().process(shareable, fl_ctx)
         except _Dropped as dropped:
@@ -316,15 +314,15 @@ class FstqUpdateDecoder(DXOFilter):
             arrays = {name: (reference[name] + value).astype(reference[name].dtype) for name, value in update.items()}
         others = {k: v for k, v in dxo.data.items() if k != PAYLOAD_KEY}
         meta = {k: v for k, v in dxo.meta.items() if k != PAYLOAD_KEY}
-        round_number, site = self._round_site
+        round_number, site = _round_and_site(shareable, fl_ctx)
         self._record(round_number, site, {"accepted": True, "message_bytes": len(message), "weight": meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND)}, update)
         return DXO(dxo.data_kind, data={**arrays, **others}, meta=meta)
 
     @staticmethod
     def _check_plain(floating: dict, expected: dict) -> None:
-        from .aggregate import _mismatch
-
-        problem = _mismatch([(name, tuple(a.shape), a.dtype.name) for name, a in floating.items()], expected)
+        # Names and shapes: an uncompressed result may keep the model's own float dtype.
+        described = [(name, tuple(a.shape), expected.get(name, (None, a.dtype.name))[1]) for name, a in floating.items()]
+        problem = _mismatch(described, expected)
         if problem is not None:
             raise _Dropped("TensorMismatch", problem)
         for name, array in floating.items():
@@ -341,6 +339,13 @@ class FstqUpdateDecoder(DXOFilter):
             np.savez(os.path.join(self.record_dir, f"round{round_number}-{site}.npz"), **update)
 
 
-def _peer_name(fl_ctx) -> str:
+def _round_and_site(shareable, fl_ctx) -> tuple:
+    """The round a result belongs to (its contribution cookie) and the site that sent it."""
     peer = fl_ctx.get_peer_context()
-    return peer.get_identity_name() if peer is not None else "?"
+    site = peer.get_identity_name() if peer is not None else "?"
+    return shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND, shareable.get_header(AppConstants.CURRENT_ROUND)), site
+
+
+def _expected_on_the_wire(arrays: dict) -> dict:
+    """What results must carry: the client's error feedback encodes float16/bfloat16 as float32."""
+    return {name: (shape, "float64" if dtype == "float64" else "float32") for name, (shape, dtype) in expected_tensors(arrays).items()}
