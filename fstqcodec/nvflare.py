@@ -231,7 +231,8 @@ class FstqModelSender(DXOFilter):
         floating, others = _split_floating(dxo.data)
         if self.encode_config is None:
             state["expected"] = _expected_on_the_wire(floating)
-            state["reference"] = floating
+            # A copy: the workflow may update its global model in place before a late result.
+            state["reference"] = {name: np.array(array, copy=True) for name, array in floating.items()}
             return None
         with self._cache_lock:
             # One encoding per model: every client of the round gets the same bytes.

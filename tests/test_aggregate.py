@@ -151,3 +151,17 @@ def test_memory_stays_near_one_model_whatever_the_number_of_clients():
     # of 2**20 elements, a fixed 8 MiB that weighs less on larger models).
     assert peak_many < 5 * model_bytes, (peak_many, model_bytes)
     assert peak_many < 1.1 * peak_few, (peak_few, peak_many)
+
+
+def test_decoding_in_threads_gives_the_same_arrays():
+    # The C rANS loops run without the GIL: concurrent decodes must not disturb each other.
+    from concurrent.futures import ThreadPoolExecutor
+
+    messages = [fstqcodec.encode(update(seed), budget=fstqcodec.Budget(bits_per_param=3.0)) for seed in range(6)]
+    assert any(context[0] == "rans" for context in fstqcodec.inspect(messages[0])["contexts"])
+    serial = [fstqcodec.decode(m) for m in messages]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(fstqcodec.decode, messages * 4))
+    for index, arrays in enumerate(parallel):
+        for name, array in serial[index % len(messages)].items():
+            np.testing.assert_array_equal(arrays[name], array)
