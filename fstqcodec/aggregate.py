@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing
+import queue
 from collections.abc import Mapping
 
 import numpy as np
@@ -411,7 +412,14 @@ class StreamingAggregator:
             tasks.put(None)
         rejected, sums = [], 0
         while sums < len(processes):
-            item = results.get()
+            try:
+                item = results.get(timeout=1.0)
+            except queue.Empty:
+                # A worker killed (out of memory, a signal) never sends its sum: do not wait forever.
+                dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a decoding worker exited with status {dead[0]}") from None
+                continue
             if item[0] == "sum":
                 self._sum.merge(item[1], item[2], item[3])
                 sums += 1

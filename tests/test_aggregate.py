@@ -165,3 +165,12 @@ def test_decoding_in_threads_gives_the_same_arrays():
     for index, arrays in enumerate(parallel):
         for name, array in serial[index % len(messages)].items():
             np.testing.assert_array_equal(arrays[name], array)
+
+
+def test_a_killed_worker_is_reported_not_waited_for():
+    aggregator = fstqcodec.StreamingAggregator(MODEL, workers=1)
+    worker = aggregator._pool[2][0]
+    worker.kill()
+    worker.join()
+    with pytest.raises(RuntimeError, match="decoding worker exited"):
+        aggregator.close()
