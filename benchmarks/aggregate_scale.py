@@ -21,7 +21,7 @@ Runs, in one process:
 The streaming mean is checked against a float64 reference built from the distinct decoded updates.
 
 Run: python benchmarks/aggregate_scale.py [--clients 1000] [--decode-all 100] [--distinct 20]
-Writes benchmarks/aggregate_scale.json.
+Writes benchmarks/aggregate_scale.json (``--parallel-only``: run 4 alone, print, write nothing).
 """
 
 from __future__ import annotations
@@ -181,6 +181,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--decode-all", type=int, default=100)
     parser.add_argument("--distinct", type=int, default=20)
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "aggregate_scale.json"))
+    parser.add_argument("--parallel-only", action="store_true", help="only run 4 (workers, threads); write nothing")
     args = parser.parse_args(argv)
     MiB = float(1 << 20)
 
@@ -191,6 +192,9 @@ def main(argv=None) -> dict:
     print(f"model: {parameters:,} parameters ({model_mib:.0f} MiB float32), {len(model)} tensors; message {message_size:,} bytes "
           f"({8 * message_size / parameters:.3f} bit/param); {args.distinct} distinct updates encoded in {encode_seconds:.1f} s")
     del model
+    if args.parallel_only:
+        parallel_runs(shape, replies, reference_mean(decoded, weight_of))
+        return {}
 
     (mean, aggregator), _, stream_peak = traced(lambda: stream(shape, replies))
     del mean
