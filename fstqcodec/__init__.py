@@ -7,7 +7,7 @@ the adapters (``fstqcodec.torch``, ``fstqcodec.peft``, ``fstqcodec.flower``) imp
 """
 
 from .aggregate import Rejection, StreamingAggregator
-from .codec import decode, encode, inspect
+from .codec import decode, encode, inspect, open  # noqa: A004 (fstqcodec.open, like safe_open)
 from .config import FEDERATED_FISHER_POWER, EncodeConfig
 from .errors import (
     BadFormatError,
@@ -24,7 +24,9 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .feedback import ErrorFeedback
+from .files import load_file, save_file
 from .limits import DEFAULT_LIMITS, MINIMUM_LIMITS, Limits
+from .message import Message
 from .policy.budget import Budget
 from .wire.container import VERSION_MAJOR, VERSION_MINOR
 from .wire.header import Schema
@@ -35,7 +37,12 @@ FORMAT_VERSION = (VERSION_MAJOR, VERSION_MINOR)
 __all__ = [
     "encode",
     "decode",
+    # "open" is public (fstqcodec.open) but left out here, so that `from fstqcodec import *`
+    # does not shadow the builtin open.
     "inspect",
+    "save_file",
+    "load_file",
+    "Message",
     "StreamingAggregator",
     "Rejection",
     "Budget",
