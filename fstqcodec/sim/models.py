@@ -22,6 +22,7 @@ __all__ = [
     "load_lora_classifier",
     "TokenizedData",
     "tokenize",
+    "NewHeadReportFilter",
 ]
 
 # Models that ship inside PyPI packages: name -> (distribution, directory inside it). They load with
