@@ -13,7 +13,7 @@ from .limits import DEFAULT_LIMITS, Limits
 from .stages import bitpack, rans
 from .stages.scales import from_bf16_bits, round_bf16
 from .wire.container import CHECKSUM_SIZE, PREAMBLE, decode_section, read_container
-from .wire.header import DTYPES, RAW_FORMATS, Layout, parse_header
+from .wire.header import DTYPES, RAW_FORMATS, Layout, Schema, parse_header
 
 __all__ = ["decode_message", "inspect_message", "resolve_limits"]
 
@@ -28,14 +28,21 @@ def resolve_limits(limits) -> Limits:
     return limits
 
 
-def _check_schemas(schemas):
-    from .wire.header import Schema
+def _check_schemas(schemas) -> tuple:
+    """``schemas`` (None, a Schema or an iterable of them) as a tuple of Schema.
 
-    if schemas is None or isinstance(schemas, Schema):
-        return schemas
+    Raises
+    ------
+    TypeError
+        If anything but Schema objects is given.
+    """
+    if schemas is None:
+        return ()
+    if isinstance(schemas, Schema):
+        return (schemas,)
     if isinstance(schemas, (str, bytes)):
         raise TypeError("schemas must be a fstqcodec.Schema or an iterable of them")
-    schemas = list(schemas)
+    schemas = tuple(schemas)
     for schema in schemas:
         if not isinstance(schema, Schema):
             raise TypeError(f"schemas must be fstqcodec.Schema objects, got {type(schema).__name__}")
