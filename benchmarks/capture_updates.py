@@ -7,6 +7,7 @@ the round's global adapter (see benchmarks/real_corpus.py for the file layout).
 
     python benchmarks/capture_updates.py                 # the committed corpus (~10 min on 2 cores)
     python benchmarks/capture_updates.py --only bbc-s2   # one regime
+    python benchmarks/capture_updates.py --fixtures      # tests/data fixtures from the corpus
 
 Regimes: ``bbc-s2`` (the default loop: BBC, 2 local steps), ``bbc-s10`` (10 local steps),
 ``drugreview-s8`` (the medical task at the 8 local steps it learns with); each captured at an early
@@ -23,7 +24,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from real_corpus import CORPUS_DIR, Capture, save_capture  # noqa: E402
+from real_corpus import CORPUS_DIR, Capture, load_capture, save_capture, save_fixture  # noqa: E402
+
+#: Test fixtures (tests/data/...): client 0 of a late-round capture of two tasks.
+FIXTURES = {"real_update_bbc.npz": "bbc-s2-r10.npz", "real_update_drugreview.npz": "drugreview-s8-r06.npz"}
 
 #: name -> (task, local steps, rounds captured)
 REGIMES = {
@@ -152,7 +156,13 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=sorted(REGIMES), action="append")
     parser.add_argument("--keep", type=int, default=3, help="clients kept per capture (default 3)")
     parser.add_argument("--out", type=pathlib.Path, default=CORPUS_DIR)
+    parser.add_argument("--fixtures", action="store_true", help="write the test fixtures from the corpus")
     args = parser.parse_args(argv)
+    if args.fixtures:
+        tests_data = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data"
+        for fixture, capture in FIXTURES.items():
+            save_fixture(tests_data / fixture, load_capture(args.out / capture), 0)
+        return 0
     import torch
 
     torch.set_num_threads(1)

@@ -31,7 +31,7 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["Capture", "load_capture", "save_capture", "corpus_files", "CORPUS_DIR"]
+__all__ = ["Capture", "load_capture", "save_capture", "save_fixture", "corpus_files", "CORPUS_DIR"]
 
 CORPUS_DIR = pathlib.Path(__file__).resolve().parent / "real_updates"
 _ZERO_CODE = 255
@@ -102,3 +102,15 @@ def load_capture(path) -> Capture:
 def corpus_files(directory=CORPUS_DIR) -> list[pathlib.Path]:
     """The corpus's captures, sorted by name."""
     return sorted(pathlib.Path(directory).glob("*.npz"))
+
+
+def save_fixture(path, capture: Capture, client: int) -> None:
+    """One client's update as a test fixture (tests/data): ``names``, ``x_{t}`` (float16 update)
+    and ``s_{t}`` (float16 ``sqrt(F / max F)``; the test squares it back)."""
+    update, fisher = capture.updates[client], capture.fishers[client]
+    top = max(float(np.max(f)) for f in fisher.values()) or 1.0
+    arrays = {"names": np.array(capture.names)}
+    for t, name in enumerate(capture.names):
+        arrays[f"x_{t}"] = update[name].astype(np.float16)
+        arrays[f"s_{t}"] = np.sqrt(fisher[name] / top).astype(np.float16)
+    np.savez_compressed(path, **arrays)

@@ -8,10 +8,10 @@ import math
 import numpy as np
 
 from ..errors import BudgetError
-from ..policy.allocation import BlockStats
+from ..policy.allocation import BlockStats, shape_sample
 from ..wire.header import DTYPES
 from .assembly import assemble
-from .plans import Plan, absmax_rows, lossless_plan, rd_plan
+from .plans import Plan, absmax_rows, dtype_max_rows, lossless_plan, rd_plan
 from .source import Input
 
 __all__ = ["encode_to_budget", "block_stats", "LOW_WATER"]
@@ -33,9 +33,10 @@ def _value_scale(absmax: np.ndarray) -> float:
     return 2.0 ** -math.frexp(top)[1]
 
 
-def block_stats(source: Input, weights: dict) -> BlockStats:
+def block_stats(source: Input, weights: dict, *, sign: bool = True) -> BlockStats:
     """Per-block statistics for the allocation (in float64; the sums in float32 on values
-    rescaled by a power of two when their magnitude is extreme)."""
+    rescaled by a power of two when their magnitude is extreme). ``sign``: whether the two-level
+    sign quantizer is a candidate (it needs centroid codebooks, so nearest rounding)."""
     matrix = source.matrix
     n = source.counts
     absmax = absmax_rows(matrix).astype(np.float64)
@@ -43,28 +44,46 @@ def block_stats(source: Input, weights: dict) -> BlockStats:
     work = matrix if scale == 1.0 else matrix * np.float32(scale)
     unscale = 1.0 / (scale * scale)
     sum_squares = np.einsum("ij,ij->i", work, work).astype(np.float64) * unscale if len(n) else np.zeros(0)
+    sum_abs = np.abs(work).sum(axis=1, dtype=np.float64) / scale if len(n) else np.zeros(0)
     mean_square = sum_squares / np.maximum(n, 1)
+    mean_abs = sum_abs / np.maximum(n, 1)
     if all(np.ndim(weights[name]) == 0 for name in source.names):
         weight = np.array([weights[s.name] for s in source.specs], dtype=np.float64)[source.block_tensor]
         energy = weight * sum_squares
+        # sum w (|x| - m)**2 with m the block's mean |x|, the sign quantizer's error.
+        sign_error = weight * np.maximum(sum_squares - n * mean_abs * mean_abs, 0.0)
     else:
-        weight = np.empty(len(n), dtype=np.float64)
-        energy = np.empty(len(n), dtype=np.float64)
+        weight, energy, sign_error = (np.empty(len(n), dtype=np.float64) for _ in range(3))
         for t, spec in enumerate(source.specs):
             lo, hi = int(source.first_block[t]), int(source.first_block[t + 1])
             w = weights[spec.name]
             if np.ndim(w) == 0:
                 weight[lo:hi] = w
                 energy[lo:hi] = w * sum_squares[lo:hi]
+                sign_error[lo:hi] = w * np.maximum(sum_squares[lo:hi] - n[lo:hi] * mean_abs[lo:hi] ** 2, 0.0)
                 continue
             # Weights arrive normalised to a maximum of 1 (policy.fisher), so float32 holds them.
             w = np.pad(np.asarray(w, dtype=np.float32).reshape(-1), (0, (-spec.size) % source.block_size))
             w = w.reshape(-1, source.block_size)
-            weight[lo:hi] = w.sum(axis=1, dtype=np.float64) / np.maximum(n[lo:hi], 1)
+            w_sum = w.sum(axis=1, dtype=np.float64)
+            weight[lo:hi] = w_sum / np.maximum(n[lo:hi], 1)
             energy[lo:hi] = np.einsum("ij,ij,ij->i", w, work[lo:hi], work[lo:hi]).astype(np.float64) * unscale
+            w_abs = np.einsum("ij,ij->i", w, np.abs(work[lo:hi])).astype(np.float64) / scale
+            m = mean_abs[lo:hi]
+            sign_error[lo:hi] = np.maximum(energy[lo:hi] - 2 * m * w_abs + m * m * w_sum, 0.0)
     raw_bits = np.array([16 if s.dtype == "bfloat16" else 8 * DTYPES[s.dtype].itemsize for s in source.specs], dtype=np.int64)
-    return BlockStats(count=n, weight=weight, mean_square=mean_square, weighted_energy=energy, absmax=absmax, raw_bits=raw_bits[source.block_tensor])
-
+    sample = shape_sample(matrix, n, mean_square)
+    sign = sign and sample is not None
+    if sign:
+        # A sign block decodes to its context's centroids times its scale, which can exceed the
+        # block's largest |x|: keep blocks near their dtype's largest value off the sign quantizer.
+        near_limit = absmax > dtype_max_rows(source, np.arange(len(n))) / 4
+        sign_error = np.where(near_limit, np.inf, sign_error)
+    return BlockStats(
+        count=n, weight=weight, mean_square=mean_square, weighted_energy=energy, absmax=absmax,
+        raw_bits=raw_bits[source.block_tensor], shape_sample=sample,
+        mean_abs=mean_abs, sign_distortion=sign_error if sign else None,
+    )
 
 
 def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str, seed: int, **options) -> bytes:
@@ -88,7 +107,7 @@ def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str,
         if len(lossless) <= limit:
             return lossless
     source.check_quantizable()
-    stats = block_stats(source, weights)
+    stats = block_stats(source, weights, sign=rounding == "nearest")
     fixed_bits = 8.0 * len(smallest)
     target = max(8.0 * limit * _AIM - fixed_bits, 0.0)
     best, best_size = smallest, len(smallest)
