@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 
 import numpy as np
@@ -52,49 +51,51 @@ def _as_array(name: str, value):
     return dtype_name, array
 
 
+def _flat_tensor(name, value, nonfinite: str) -> tuple[str, tuple, np.ndarray]:
+    """(dtype name, shape, flat array) of one input tensor, its name and values checked."""
+    _check_name(name)
+    dtype_name, array = _as_array(name, value)
+    if array.ndim > DEFAULT_LIMITS.max_ndim:
+        raise EncodeError(
+            f"tensor {name!r} has {array.ndim} dimensions; decoders refuse more than {DEFAULT_LIMITS.max_ndim} by default",
+            tensor=name,
+        )
+    shape = tuple(int(d) for d in array.shape)
+    array = np.ascontiguousarray(array).reshape(-1)
+    finite = np.isfinite(array)
+    if not finite.all():
+        if nonfinite == "error":
+            bad = int(array.size - np.count_nonzero(finite))
+            raise EncodeError(
+                f"tensor {name!r} holds {bad} non-finite values (NaN or inf); "
+                "pass nonfinite='zero' to replace them with zeros",
+                tensor=name,
+            )
+        array = np.where(finite, array, 0).astype(array.dtype)
+    return dtype_name, shape, array
+
+
 class Input:
     """The tensors to encode, flattened into one padded (blocks x block_size) float32 matrix.
+
+    ``block_size`` and ``nonfinite`` come validated from an :class:`fstqcodec.EncodeConfig`.
 
     Raises
     ------
     EncodeError
         Bad names, unsupported dtypes, non-finite values (unless ``nonfinite="zero"``).
+    TypeError
+        If ``tensors`` is not a mapping.
     """
 
     def __init__(self, tensors, block_size: int, nonfinite: str):
         if not isinstance(tensors, Mapping):
             raise TypeError(f"tensors must be a mapping of names to arrays, got {type(tensors).__name__}")
-        try:
-            block_size = operator.index(block_size) if not isinstance(block_size, bool) else None
-        except TypeError:
-            block_size = None
-        if block_size is None or not 1 <= block_size <= 65536:
-            raise ValueError("block_size must be an int in [1, 65536]")
-        if nonfinite not in ("error", "zero"):
-            raise ValueError(f"nonfinite must be 'error' or 'zero', got {nonfinite!r}")
         self.block_size = block_size
         self.specs: list[TensorSpec] = []
         self.arrays: list[np.ndarray] = []  # flat, at their own dtype (bfloat16 as float32 values)
         for name, value in tensors.items():
-            _check_name(name)
-            dtype_name, array = _as_array(name, value)
-            if array.ndim > DEFAULT_LIMITS.max_ndim:
-                raise EncodeError(
-                    f"tensor {name!r} has {array.ndim} dimensions; decoders refuse more than {DEFAULT_LIMITS.max_ndim} by default",
-                    tensor=name,
-                )
-            shape = tuple(int(d) for d in array.shape)
-            array = np.ascontiguousarray(array).reshape(-1)
-            finite = np.isfinite(array)
-            if not finite.all():
-                if nonfinite == "error":
-                    bad = int(array.size - np.count_nonzero(finite))
-                    raise EncodeError(
-                        f"tensor {name!r} holds {bad} non-finite values (NaN or inf); "
-                        "pass nonfinite='zero' to replace them with zeros",
-                        tensor=name,
-                    )
-                array = np.where(finite, array, 0).astype(array.dtype)
+            dtype_name, shape, array = _flat_tensor(name, value, nonfinite)
             self.specs.append(TensorSpec(name, dtype_name, shape, block_size))
             self.arrays.append(array)
         if len(self.specs) > DEFAULT_LIMITS.max_tensors:
@@ -102,16 +103,7 @@ class Input:
         self.names = [s.name for s in self.specs]
         self.elements = sum(s.size for s in self.specs)
         self.raw_bytes = sum(s.size * (2 if s.dtype == "bfloat16" else DTYPES[s.dtype].itemsize) for s in self.specs)
-        counts = []
-        for spec in self.specs:
-            full, tail = divmod(spec.size, block_size)
-            counts.append(np.full(full, block_size, dtype=np.int64))
-            if tail:
-                counts.append(np.array([tail], dtype=np.int64))
-        self.counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-        self.block_tensor = np.repeat(np.arange(len(self.specs)), [s.num_blocks for s in self.specs])
-        self.first_block = np.concatenate([[0], np.cumsum([s.num_blocks for s in self.specs])]).astype(np.int64)
-        self.aligned = all(s.size % block_size == 0 for s in self.specs)
+        self._index_blocks()
         flats = [a.astype(np.float32, copy=False) for a in self.arrays]
         if not self.aligned:
             flats = [np.pad(f, (0, (-len(f)) % block_size)) for f in flats]
@@ -122,6 +114,19 @@ class Input:
         else:
             flat = np.concatenate(flats)
         self.matrix = flat.reshape(-1, block_size)
+
+    def _index_blocks(self) -> None:
+        """Per block its element count and tensor; per tensor its first block."""
+        counts = []
+        for spec in self.specs:
+            full, tail = divmod(spec.size, self.block_size)
+            counts.append(np.full(full, self.block_size, dtype=np.int64))
+            if tail:
+                counts.append(np.array([tail], dtype=np.int64))
+        self.counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+        self.block_tensor = np.repeat(np.arange(len(self.specs)), [s.num_blocks for s in self.specs])
+        self.first_block = np.concatenate([[0], np.cumsum([s.num_blocks for s in self.specs])]).astype(np.int64)
+        self.aligned = all(s.size % self.block_size == 0 for s in self.specs)
 
     def check_quantizable(self) -> None:
         """Lossy coding works in float32: refuse float64 values beyond its range.
