@@ -33,7 +33,7 @@ def _value_scale(absmax: np.ndarray) -> float:
     return 2.0 ** -math.frexp(top)[1]
 
 
-def block_stats(source: Input, weights: dict, *, sign: bool = True) -> BlockStats:
+def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockStats:
     """Per-block statistics for the allocation (in float64; the sums in float32 on values
     rescaled by a power of two when their magnitude is extreme). ``sign``: whether the two-level
     sign quantizer is a candidate (it needs centroid codebooks, so nearest rounding)."""
