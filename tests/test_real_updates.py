@@ -12,7 +12,7 @@ import fstqcodec
 from fstqcodec.sim import peers
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
-FIXTURES = ("real_update_bbc.npz",)
+FIXTURES = ("real_update_bbc.npz", "real_update_drugreview.npz")
 BUDGETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -46,11 +46,12 @@ def _load(which: str):
 
 def test_fixtures_look_like_adamw_updates():
     # The property that broke the Gaussian model: after a few Adam steps |x| is about the same
-    # everywhere (a Gaussian has mean |x| / rms = 0.80).
-    for name in FIXTURES:
+    # everywhere (a Gaussian has mean |x| / rms = 0.80; measured: BBC after 2 steps 0.94, the
+    # medical task after 8 steps 0.84).
+    for name, least in zip(FIXTURES, (0.92, 0.82)):
         update, _ = load_fixture(name)
         flat = np.concatenate([v.ravel() for v in update.values()]).astype(np.float64)
-        assert np.abs(flat).mean() / np.sqrt(np.mean(flat * flat)) > 0.88, name
+        assert np.abs(flat).mean() / np.sqrt(np.mean(flat * flat)) > least, name
 
 
 @pytest.mark.parametrize("which", _inputs())
