@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..policy.allocation import DROP, QUANTIZE, RAW_EXACT, SIGN, BlockStats, allocate
+from ..policy.allocation import DROP, QUANTIZE, RAW_EXACT, SIGN, SIGN_SHARED, BlockStats, allocate
 from ..stages.codebooks import resolve_codebook
 from ..stages.scales import from_bf16_bits, to_bf16_bits
 from .source import Input
@@ -190,14 +190,15 @@ def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: s
     """Quantize as the Fisher-weighted allocation says for a model cost of ``target_bits``."""
     allocation = allocate(stats, target_bits)
     mode = allocation.mode.astype(np.int8, copy=True)
-    sign_rows = np.flatnonzero(allocation.mode == SIGN)
+    sign_rows = np.flatnonzero((allocation.mode == SIGN) | (allocation.mode == SIGN_SHARED))
     mode[sign_rows] = QUANTIZE
     grid = _grid_rows(source, stats, allocation, mode, rounding, rng)
     if grid is None and not len(sign_rows):
         return Plan(mode=mode)
     parts = [] if grid is None else [grid]
     if len(sign_rows):
-        parts.insert(0, _sign_rows(source, stats, sign_rows))
+        shared = allocation.mode[sign_rows] == SIGN_SHARED
+        parts.insert(0, _sign_rows(source, np.where(shared, stats.tensor_mean_abs[sign_rows], stats.mean_abs[sign_rows]), sign_rows))
     rows = np.concatenate([p[0] for p in parts])
     order = np.argsort(rows, kind="stable")
     rows, scale_bits, scales, codes, row_class, largest = (
@@ -220,9 +221,9 @@ def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: s
 _SIGN_SCALE_GRID_PER_OCTAVE = 8
 
 
-def _sign_rows(source: Input, stats: BlockStats, rows: np.ndarray) -> tuple:
-    """(rows, scale bits, scales, codes, classes, largest, class widths) of the sign blocks."""
-    mean_abs = stats.mean_abs[rows]
+def _sign_rows(source: Input, mean_abs: np.ndarray, rows: np.ndarray) -> tuple:
+    """(rows, scale bits, scales, codes, classes, largest, class widths) of the sign blocks,
+    whose scales are ``mean_abs`` (snapped)."""
     snapped = np.exp2(np.round(np.log2(mean_abs) * _SIGN_SCALE_GRID_PER_OCTAVE) / _SIGN_SCALE_GRID_PER_OCTAVE)
     scale_bits = to_bf16_bits(snapped.astype(np.float32), mode="nearest")
     codes = np.where(source.matrix[rows] < 0, -1, 0).astype(np.int8)

@@ -28,13 +28,14 @@ import numpy as np
 
 __all__ = [
     "BlockStats", "Allocation", "gaussian_tables", "empirical_tables", "shape_sample", "allocate",
-    "DROP", "QUANTIZE", "RAW_EXACT", "SIGN",
+    "DROP", "QUANTIZE", "RAW_EXACT", "SIGN", "SIGN_SHARED",
 ]
 
 #: SIGN: one bit per element (its sign) and one scale, about the block's mean |x|: the least-squares
 #: two-level quantizer, which a uniform grid with a zero level cannot be (it is sent as a width-1
 #: context with a two-level codebook).
-DROP, QUANTIZE, RAW_EXACT, SIGN = 0, 1, 3, 4
+#: SIGN_SHARED: the same with the tensor's mean |x| as the scale (equal scales cost almost nothing).
+DROP, QUANTIZE, RAW_EXACT, SIGN, SIGN_SHARED = 0, 1, 3, 4, 5
 
 #: Largest code magnitude of the widest (8-bit) uniform grid: codes span [-128, 127].
 MAX_CODE = 127
@@ -206,6 +207,8 @@ class BlockStats:
         Mean of ``|x|`` over the block (a SIGN block's scale).
     sign_distortion : float64 array or None
         ``sum F (|x| - mean|x|)**2`` when SIGN is a candidate (inf where it may not be), else None.
+    tensor_mean_abs, shared_sign_distortion : float64 arrays or None
+        The same with the mean |x| of the block's tensor (SIGN_SHARED).
     """
 
     count: np.ndarray
@@ -217,11 +220,13 @@ class BlockStats:
     shape_sample: np.ndarray | None = None
     mean_abs: np.ndarray | None = None
     sign_distortion: np.ndarray | None = None
+    tensor_mean_abs: np.ndarray | None = None
+    shared_sign_distortion: np.ndarray | None = None
 
 
 @dataclasses.dataclass
 class Allocation:
-    """The choice per block: ``mode`` (DROP, QUANTIZE, RAW_EXACT, SIGN) and, for QUANTIZE, the
+    """The choice per block: ``mode`` (DROP, QUANTIZE, RAW_EXACT, SIGN, SIGN_SHARED) and, for QUANTIZE, the
     target step ``step`` and dead-zone offset ``deadzone``; ``model_bits`` is what the model
     expects the blocks to cost, ``lam`` the Lagrange multiplier (distortion per bit)."""
 
@@ -235,6 +240,8 @@ class Allocation:
 #: Model cost of a quantized block's side information: its bfloat16 scale after zstd and its
 #: context id (bits). Measured on typical messages; the size loop corrects any error.
 SCALE_BITS = 10.0
+#: Model cost of a SIGN_SHARED block's scale, one of a run of equal values after zstd (bits).
+SHARED_SCALE_BITS = 1.0
 #: Model cost of a dropped block's context id after zstd (bits).
 DROP_BITS = 0.3
 
@@ -303,6 +310,8 @@ class _Evaluator:
         if self.stats.sign_distortion is not None:
             sign, sign_bits = self.stats.sign_distortion, n + SCALE_BITS
             candidates.append((SIGN, sign / lam + sign_bits, sign_bits, sign))
+            shared, shared_bits = self.stats.shared_sign_distortion, n + SHARED_SCALE_BITS
+            candidates.append((SIGN_SHARED, shared / lam + shared_bits, shared_bits, shared))
         candidates.append((RAW_EXACT, self.exact_bits, self.exact_bits, np.zeros(len(n))))
         for candidate, cost, candidate_bits, candidate_distortion in candidates:
             better = cost < best_cost
