@@ -67,3 +67,65 @@ def test_flwr_run_trains_with_a_compressed_uplink_and_leaves_nothing_running(tmp
 def test_run_config_refuses_methods_the_app_does_not_run():
     with pytest.raises(ValueError, match="fstq"):
         engine.run_config_for({"methods": ("fp32", "fstq")}, "/tmp/out")
+
+
+# ------------------------------------------------------------------------------------------
+# Per-node budgets from each node's link (deadline-s > 0)
+# ------------------------------------------------------------------------------------------
+
+LINK_RUN_CONFIG = {"deadline-s": 2.0, "latency-s": 0.05, "median-uplink-mbps": 1.0,
+                   "bandwidth-sigma": 1.0, "min-budget-bytes": 2048, "seed": 3}
+
+
+def _links_module():
+    pytest.importorskip("flwr", minversion="1.22")
+    pytest.importorskip("torch")  # the app's task module, where the seed derivation lives
+    from fstq_flower_app import links
+
+    return links
+
+
+def _link_replies(links, node_configs: dict[int, dict]):
+    """Each node's answer to the link query, as the server receives it."""
+    import test_flower
+    from flwr.app import MessageType, RecordDict
+    from flwr.app.message import make_message
+
+    replies = []
+    for node, node_config in node_configs.items():
+        query = make_message(test_flower.metadata(MessageType.QUERY, dst=node), RecordDict())
+        answer = links.answer_link_query(query, node_config, LINK_RUN_CONFIG)
+        replies.append(make_message(test_flower.metadata(MessageType.QUERY, src=node, dst=0), answer.content))
+    return replies
+
+
+def test_each_node_gets_the_budget_the_in_process_loop_gives_its_client():
+    from fstqcodec.sim.bandwidth import LinkModel
+    from fstqcodec.sim.loop import SimConfig, _seed_for
+
+    links = _links_module()
+    clients = 4
+    nodes = {1000 + 7 * partition: {"partition-id": partition, "num-partitions": clients}
+             for partition in range(clients)}
+    budget = links.link_budget(_link_replies(links, nodes), LINK_RUN_CONFIG)
+
+    # What `fstq simulate --deadline-s 2` gives client i (loop.py: the link model it draws, the floor).
+    sim = SimConfig(clients=clients, seed=3, deadline_s=2.0)
+    drawn = LinkModel(sim.median_uplink_mbps, sim.median_downlink_mbps, sim.bandwidth_sigma,
+                      sim.latency_s, seed=_seed_for(sim.seed, 2)).draw(clients)
+    expected = [max(sim.min_budget_bytes, drawn.budget_bytes(i, sim.deadline_s)) for i in range(clients)]
+    got = [budget(node, 1).max_bytes for node in nodes]
+    assert all(abs(g - e) <= 1 for g, e in zip(got, expected)), (got, expected)
+    assert len(set(got)) > 1  # the links differ, and so do the budgets
+
+
+def test_a_node_that_declares_its_uplink_gets_its_budget_from_it():
+    links = _links_module()
+    budget = links.link_budget(
+        _link_replies(links, {5: {"uplink-mbps": 0.04}, 6: {"uplink-mbps": 0.001}}), LINK_RUN_CONFIG)
+    assert budget(5, 1).max_bytes == int(0.04e6 * 1.95 // 8)  # the deadline less the latency
+    assert budget(6, 1).max_bytes == 2048  # the floor: 0.001 Mbit/s would carry 243 bytes
+    with pytest.raises(ValueError, match="uplink-mbps"):
+        links.node_uplink_bps({"uplink-mbps": 0}, LINK_RUN_CONFIG)
+    with pytest.raises(ValueError, match="latency"):
+        links.link_budget([], {**LINK_RUN_CONFIG, "deadline-s": 0.05})

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fstqcodec.flower import FISHER_RECORD, FstqMod
+from fstq_flower_app.links import answer_link_query
 from fstq_flower_app.task import Settings, workbench
 
 # FstqMod first: it is the outermost mod, so any clipping or DP mod added after it sees plain arrays.
@@ -40,3 +41,9 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report this node's uplink bandwidth (asked before round 1 when ``deadline-s > 0``)."""
+    return answer_link_query(msg, context.node_config, context.run_config)

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 import fstqcodec
 from fstqcodec.flower import FstqStrategy
+from fstq_flower_app.links import ask_for_links
 from fstq_flower_app.task import Settings, workbench
 
 app = ServerApp()
@@ -33,6 +34,14 @@ def main(grid: Grid, context: Context) -> None:
     settings = Settings.from_run_config(config, num_partitions=clients)
     bench = workbench(settings)
     downlink = {"none": None, "lossless": "lossless"}[str(config["downlink"])]
+    # deadline-s > 0: each node's own budget, its uplink x the deadline; else budget-bpp for all.
+    per_node = ask_for_links(grid, config, clients) if float(config["deadline-s"]) > 0 else None
+    encoder = fstqcodec.EncodeConfig(
+        budget=None if per_node else fstqcodec.Budget(bits_per_param=float(config["budget-bpp"])),
+        block_size=int(config["block-size"]),
+        fisher_power=float(config["fisher-power"]),
+        seed=settings.seed,
+    )
     strategy = FstqStrategy(
         FedAvg(
             fraction_train=float(config["fraction-train"]),
@@ -40,11 +49,9 @@ def main(grid: Grid, context: Context) -> None:
             min_train_nodes=max(1, round(float(config["fraction-train"]) * clients)),
             min_available_nodes=clients,
         ),
-        budget=fstqcodec.Budget(bits_per_param=float(config["budget-bpp"])),
+        encoder,
+        budget=per_node,
         downlink=downlink,
-        block_size=int(config["block-size"]),
-        fisher_power=float(config["fisher-power"]),
-        seed=settings.seed,
     )
 
     accuracy: dict[int, float] = {}
