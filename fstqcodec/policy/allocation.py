@@ -124,6 +124,9 @@ def _best_per_u(entropy: np.ndarray, distortion: np.ndarray) -> dict:
 #: tables' entropies at fine steps need many values, and on small messages the size loop cannot
 #: fill the budget across the jumps a sign context's own table and codebook make.
 EMPIRICAL_MIN_ELEMENTS = 16384
+#: Largest code magnitude of a context of width 4, the widest that carries centroid codebooks
+#: (encoder.assembly): wider contexts decode to grid points, which the measured tables account for.
+CENTROID_TOP_CODE = 7.5
 #: The measured tables come from at most about this many elements (a fixed stride over the blocks).
 EMPIRICAL_SAMPLE_ELEMENTS = 1 << 18
 
@@ -150,13 +153,16 @@ def empirical_tables(sample: np.ndarray) -> dict:
     learning rate, a block's values sit near +-rms with no tails, and a Gaussian model promises
     rate at coarse steps (its tails) where every code of such a block is zero. Measuring the
     dead-zone quantizer on the blocks' own normalised values gives the rate (entropy of the codes,
-    one bit for each non-zero code's sign) and the distortion (centroid reconstruction) they get.
+    one bit for each non-zero code's sign) and the distortion they get (centroid reconstruction
+    where codes fit 4 bits, grid points beyond, as the encoder decodes them).
     Above ``r = 16`` the high-rate forms hold: rate grows by log2 r, distortion is 1 / (12 r**2).
     """
     values = np.asarray(sample, dtype=np.float64)
     first = np.concatenate([[0.0], np.cumsum(values)])
     second = np.concatenate([[0.0], np.cumsum(values * values)])
     total, energy = len(values), second[-1]
+    # A typical block's largest |x| / rms: its largest code is about r times this.
+    top_value = float(values[min(total - 1, int(0.999 * total))])
     measured = _LOG2_R < math.log2(_HIGH_RATE_R)
     r = 2.0 ** _LOG2_R[measured]
     top = int(math.ceil(float(values[-1]) * r[-1])) + 2
@@ -173,7 +179,12 @@ def empirical_tables(sample: np.ndarray) -> dict:
             p = count / total
             bits = -np.sum(np.where(count > 0, p * np.log2(np.where(count > 0, p, 1.0)), 0.0), axis=1)
         entropy[measured, j] = bits + (1.0 - p[:, 0])  # a sign bit per non-zero code
-        distortion[measured, j] = (s2[:, 0] + np.sum(within[:, 1:], axis=1)) / energy
+        # Codes wider than the centroid codebooks' 4 bits decode to the grid point k / r.
+        level = k[None, : count.shape[1] - 1] / r[:, None]
+        on_grid = s2[:, 1:] - 2 * level * s1[:, 1:] + level * level * count[:, 1:]
+        centroids = r * top_value <= CENTROID_TOP_CODE
+        off_zero = np.where(centroids[:, None], within[:, 1:], on_grid)
+        distortion[measured, j] = (s2[:, 0] + np.sum(off_zero, axis=1)) / energy
     last = int(np.flatnonzero(measured)[-1])
     high = ~measured
     differential = entropy[last, 0] - _LOG2_R[last]
