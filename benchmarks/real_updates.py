@@ -38,8 +38,7 @@ from real_corpus import corpus_files, load_capture  # noqa: E402
 
 import fstqcodec  # noqa: E402
 from fstqcodec.sim import peers  # noqa: E402
-from fstqcodec.sim.methods import Schema as SimSchema  # noqa: E402
-from fstqcodec.sim.methods import make_method  # noqa: E402
+from fstqcodec.sim.methods import UpdateLayout, make_method  # noqa: E402
 
 RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -76,8 +75,8 @@ def _sim_method(name, only_rate=None):
     def encode(capture, client, rate, schema):
         if only_rate is not None and rate != only_rate:
             return None
-        sim_schema = SimSchema({n: capture.updates[client][n].shape for n in capture.names})
-        method = make_method(name, sim_schema, bits_per_param=rate)
+        layout = UpdateLayout({n: capture.updates[client][n].shape for n in capture.names})
+        method = make_method(name, layout, fstqcodec.EncodeConfig(budget=fstqcodec.Budget(bits_per_param=rate)))
         message = method.encode(capture.updates[client], fisher=None, state=method.new_client_state(), seed=client)
         return message, method.decode(message)
     return encode

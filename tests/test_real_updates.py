@@ -146,3 +146,38 @@ def test_eden_rejects_bad_input_and_bytes():
         peers.eden_decode(message[:-1])
     with pytest.raises(ValueError, match="not an eden"):
         peers.eden_decode(b"XX" + message[2:])
+
+
+# ------------------------------------------------------------------------------------------
+# The peers as methods of the reference loop
+
+
+@pytest.mark.parametrize("bits_per_param,expected_bits", [(0.3, 0.3), (2.0, 2.0)])
+def test_eden_method_spends_its_rate_and_is_unbiased(bits_per_param, expected_bits):
+    from fstqcodec.sim.methods import UpdateLayout, make_method
+
+    update, _ = load_fixture("real_update_bbc.npz")
+    layout = UpdateLayout({n: v.shape for n, v in update.items()})
+    method = make_method("eden", layout, fstqcodec.EncodeConfig(budget=fstqcodec.Budget(bits_per_param=bits_per_param)))
+    message = method.encode(update, fisher=None, state=method.new_client_state(), seed=11)
+    assert 8 * len(message) / layout.total == pytest.approx(expected_bits, rel=0.06)
+    decoded = method.decode(message)
+    flat, out = layout.flatten(update).astype(np.float64), layout.flatten(decoded).astype(np.float64)
+    # EDEN's unbiased scale: the decoded update projects onto the update with its full length.
+    assert out @ flat == pytest.approx(flat @ flat, rel=0.05)
+    assert sum(method.anatomy(message).values()) == len(message)
+
+
+def test_signsgd_ef_keeps_what_the_message_missed():
+    from fstqcodec.sim.methods import UpdateLayout, make_method
+
+    update, _ = load_fixture("real_update_drugreview.npz")
+    layout = UpdateLayout({n: v.shape for n, v in update.items()})
+    method = make_method("signsgd-ef", layout, fstqcodec.EncodeConfig(budget=fstqcodec.Budget(bits_per_param=0.3)))
+    state = method.new_client_state()
+    first = method.decode(method.encode(update, fisher=None, state=state, seed=0))
+    np.testing.assert_allclose(state["residual"], layout.flatten(update) - layout.flatten(first), atol=1e-7)
+    assert len(method.encode(update, fisher=None, state=state, seed=1)) == 7 + 4 * len(layout.names) + sum(
+        -(-layout.sizes[n] // 8) for n in layout.names)
+    with pytest.raises(ValueError):
+        method.decode(b"PE\x01" + b"\0" * 10)

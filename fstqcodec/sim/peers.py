@@ -32,12 +32,13 @@ import struct
 
 import numpy as np
 
-__all__ = ["sign_encode", "sign_decode", "eden_encode", "eden_decode", "lloyd_max_gaussian", "CHUNK"]
+__all__ = ["sign_encode", "sign_decode", "eden_encode", "eden_decode", "lloyd_max_gaussian", "CHUNK", "EDEN_HEADER_SIZE"]
 
 CHUNK = 4096
 _MAGIC = b"PE"
 _SIGN, _EDEN = 1, 2
 _EDEN_HEAD = struct.Struct("<2sBBBfQQ")
+EDEN_HEADER_SIZE = _EDEN_HEAD.size
 _SCALE_KINDS = ("unbiased", "ls")
 
 
