@@ -32,6 +32,7 @@ __all__ = [
     "random_scores",
     "first_layer_attention_scores",
     "select_tokens",
+    "reduce_batch",
     "keep_ratio_for_speedup",
     "PrunedClassifier",
 ]
@@ -273,6 +274,35 @@ def select_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, scores:
         "attention_mask": valid.to(attention_mask.dtype),
         "position_ids": positions.masked_fill(~valid, 0),
     }
+
+
+def reduce_batch(batch: Mapping[str, torch.Tensor], scores: torch.Tensor, keep_ratio: float, *,
+                 special_ids: Iterable[int] = (), pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """A training batch cut to the highest-scoring tokens of each sequence (training-side selection).
+
+    ``input_ids`` and ``attention_mask`` are replaced by the kept tokens (with ``position_ids``);
+    other per-token entries (``token_type_ids``) follow the selection; per-example entries such as
+    ``labels`` pass through. With ``scores`` from :func:`prior_scores` the selection costs a lookup;
+    with :func:`random_scores` it is the random ablation.
+
+    Raises
+    ------
+    ValueError
+        As :func:`select_tokens`.
+    """
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    kept = select_tokens(ids, mask, scores, keep_ratio, special_ids=special_ids, pad_id=pad_id)
+    out = {}
+    for key, value in batch.items():
+        if key in ("input_ids", "attention_mask", "position_ids"):
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == ids.shape:
+            value = value.gather(1, kept["position_ids"]).masked_fill(kept["attention_mask"] == 0, 0)
+        out[key] = value
+    out.update(kept)
+    return out
 
 
 def _encoder_flops(length: float, hidden: int, intermediate: int, layers: int) -> float:

@@ -136,3 +136,14 @@ def test_keep_ratio_for_speedup_inverts_the_flops_model():
     assert 0.5 < half < 0.6  # attention is quadratic: halving the tokens more than halves the work
     with pytest.raises(ValueError, match="speedup must be >= 1"):
         tokens.keep_ratio_for_speedup(config, 0.5, length=16)
+
+
+def test_reduce_batch_keeps_labels_and_trains_on_fewer_tokens():
+    model, (ids, mask) = tiny_classifier(), batch()
+    reduced = tokens.reduce_batch({"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])},
+                                  tokens.prior_scores(good_prior(), ids), 0.4, special_ids=[CLS, SEP])
+    assert reduced["labels"].tolist() == [0, 1] and reduced["input_ids"].shape == (2, 4)
+    model(**reduced).loss.backward()  # position_ids are accepted by the model in training too
+    typed = tokens.reduce_batch({"input_ids": ids, "token_type_ids": (ids >= 20).long()},
+                                torch.zeros(ids.shape), 1.0)
+    torch.testing.assert_close(typed["token_type_ids"], (ids >= 20).long() * mask)
