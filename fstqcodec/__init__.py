@@ -6,7 +6,7 @@ decoder safe on untrusted bytes. ``import fstqcodec`` needs only numpy, msgpack 
 the adapters (``fstqcodec.torch``, ``fstqcodec.peft``, ``fstqcodec.flower``) import their frameworks.
 """
 
-from .codec import decode, encode, inspect
+from .codec import decode, encode, inspect, open  # noqa: A004 (fstqcodec.open, like safe_open)
 from .config import FEDERATED_FISHER_POWER, EncodeConfig
 from .errors import (
     BadFormatError,
@@ -23,7 +23,9 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .feedback import ErrorFeedback
+from .files import load_file, save_file
 from .limits import DEFAULT_LIMITS, MINIMUM_LIMITS, Limits
+from .message import Message
 from .policy.budget import Budget
 from .wire.container import VERSION_MAJOR, VERSION_MINOR
 from .wire.header import Schema
@@ -34,7 +36,12 @@ FORMAT_VERSION = (VERSION_MAJOR, VERSION_MINOR)
 __all__ = [
     "encode",
     "decode",
+    # "open" is public (fstqcodec.open) but left out here, so that `from fstqcodec import *`
+    # does not shadow the builtin open.
     "inspect",
+    "save_file",
+    "load_file",
+    "Message",
     "Budget",
     "EncodeConfig",
     "FEDERATED_FISHER_POWER",

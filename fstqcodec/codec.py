@@ -1,4 +1,4 @@
-"""The public one-shot API: ``encode``, ``decode``, ``inspect`` (bytes in, bytes out)."""
+"""The public one-shot API: ``encode``, ``decode``, ``open``, ``inspect`` (bytes in, bytes out)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import numpy as np
 from . import decoder, encoder
 from .config import DEFAULT_BLOCK_SIZE, EncodeConfig
 from .limits import Limits
+from .message import Message
 from .errors import EncodeError
 from .policy.fisher import normalize_fisher
 from .wire.header import Schema
 
-__all__ = ["encode", "decode", "inspect"]
+__all__ = ["encode", "decode", "open", "inspect"]
 
 _DEFAULT_CONFIG = EncodeConfig()
 
@@ -48,7 +49,9 @@ def encode(
         magnitude: for updates from an Adam-like optimizer, whose steps have about the same size
         in every coordinate, a coordinate's first-order gain is proportional to ``|g_i|``, and
         0.5 spreads the bits over more of them (it reached the target with 20% less uplink in the
-        reference loop; README, "Reference loop"). 0 is uniform importance.
+        reference loop; README, "Reference loop"). 0 is uniform importance. The federated
+        entry points (``fstqcodec.peft.client_message``, ``fstq simulate``) default to
+        :data:`fstqcodec.FEDERATED_FISHER_POWER` (0.5) instead.
     budget : Budget or int, optional
         Size limit of the whole message, every byte counted (an int is a number of bytes).
         None means lossless.
@@ -160,7 +163,8 @@ def _schema_difference(specs, expected) -> str:
 def decode(data, *, limits: Limits | None = None, schemas=None) -> dict:
     """Decode a message into ``name -> numpy array`` with the original names, shapes and dtypes.
 
-    bfloat16 tensors come back as float32 arrays holding bfloat16 values (numpy has no bfloat16).
+    bfloat16 tensors come back as float32 arrays holding bfloat16 values (numpy has no bfloat16);
+    :func:`open` also returns each tensor's declared dtype and the message's ``meta``.
 
     Parameters
     ----------
@@ -185,6 +189,47 @@ def decode(data, *, limits: Limits | None = None, schemas=None) -> dict:
         If ``data`` is not bytes-like or ``limits`` is not a Limits.
     """
     return decoder.decode_message(data, limits, schemas)
+
+
+def open(data, *, limits: Limits | None = None, schemas=None) -> Message:  # noqa: A001 (like safetensors' safe_open)
+    """Decode a message into its tensors together with what it declares about them.
+
+    Parses the message once. Unlike :func:`decode`, the result keeps each tensor's declared dtype
+    (``"bfloat16"`` included, although numpy holds bfloat16 values in float32 arrays) and the
+    message's ``meta``.
+
+    Parameters
+    ----------
+    data : bytes-like
+        A message, possibly hostile.
+    limits : Limits, optional
+        As for :func:`decode`.
+    schemas : Schema or iterable of Schema, optional
+        As for :func:`decode`.
+
+    Returns
+    -------
+    Message
+        A mapping of names to arrays with ``dtypes``, ``shapes``, ``meta``, ``version`` and ``size``.
+
+    Raises
+    ------
+    DecodeError
+        As :func:`decode`: a subclass naming what is wrong, for any input bytes.
+    TypeError
+        If ``data`` is not bytes-like, ``limits`` is not a Limits or ``schemas`` not Schemas.
+
+    Examples
+    --------
+    >>> import numpy as np, fstqcodec
+    >>> message = fstqcodec.encode({"w": np.ones((2, 3), np.float16)}, meta={"round": 7})
+    >>> opened = fstqcodec.open(message)
+    >>> opened.dtypes, opened.shapes, opened.meta
+    ({'w': 'float16'}, {'w': (2, 3)}, {'round': 7})
+    """
+    container, layout, arrays = decoder.read_message(data, limits, schemas)
+    dtypes = {spec.name: spec.dtype for spec in layout.tensors}
+    return Message(arrays, dtypes, dict(layout.meta), (container.major, container.minor), len(container.data))
 
 
 def inspect(data, *, limits: Limits | None = None, schemas=None) -> dict:

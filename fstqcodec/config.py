@@ -11,7 +11,7 @@ from .policy.budget import Budget
 from .policy.fisher import check_fisher_power
 from .stages.codebooks import resolve_codebook
 
-__all__ = ["EncodeConfig", "DEFAULT_BLOCK_SIZE", "FEDERATED_FISHER_POWER"]
+__all__ = ["EncodeConfig", "DEFAULT_BLOCK_SIZE", "FEDERATED_FISHER_POWER", "resolve_config"]
 
 DEFAULT_BLOCK_SIZE = 64
 
@@ -142,6 +142,29 @@ class EncodeConfig:
     def encode_kwargs(self) -> dict:
         """The keyword arguments of :func:`fstqcodec.encode` that this config stands for."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def resolve_config(config: "EncodeConfig | None", options: dict, *, defaults: dict | None = None) -> EncodeConfig:
+    """The one config an adapter works with: ``config``, or one built from keyword ``options``.
+
+    ``defaults`` fills the options a caller left out (the federated entry points default
+    ``fisher_power`` to :data:`FEDERATED_FISHER_POWER`); it does not apply to a given ``config``.
+
+    Raises
+    ------
+    TypeError
+        If ``config`` is not an EncodeConfig, if both ``config`` and options are given, or an
+        option is unknown.
+    ValueError
+        On an invalid option value.
+    """
+    if config is None:
+        return EncodeConfig(**{**(defaults or {}), **options})
+    if not isinstance(config, EncodeConfig):
+        raise TypeError(f"config must be a fstqcodec.EncodeConfig, got {type(config).__name__}")
+    if options:
+        raise TypeError(f"give the encoder options either in config or as keyword arguments, not both ({', '.join(sorted(options))})")
+    return config
 
 
 def _budget(budget):

@@ -13,9 +13,9 @@ from .limits import DEFAULT_LIMITS, Limits
 from .stages import bitpack, rans
 from .stages.scales import from_bf16_bits, round_bf16
 from .wire.container import CHECKSUM_SIZE, PREAMBLE, decode_section, read_container
-from .wire.header import DTYPES, RAW_FORMATS, Layout, parse_header
+from .wire.header import DTYPES, RAW_FORMATS, Layout, Schema, parse_header
 
-__all__ = ["decode_message", "inspect_message", "resolve_limits"]
+__all__ = ["decode_message", "read_message", "inspect_message", "resolve_limits"]
 
 _RAW_NUMPY = {"f16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "f32": np.dtype("<f4"), "f64": np.dtype("<f8")}
 
@@ -28,14 +28,21 @@ def resolve_limits(limits) -> Limits:
     return limits
 
 
-def _check_schemas(schemas):
-    from .wire.header import Schema
+def _check_schemas(schemas) -> tuple:
+    """``schemas`` (None, a Schema or an iterable of them) as a tuple of Schema.
 
-    if schemas is None or isinstance(schemas, Schema):
-        return schemas
+    Raises
+    ------
+    TypeError
+        If anything but Schema objects is given.
+    """
+    if schemas is None:
+        return ()
+    if isinstance(schemas, Schema):
+        return (schemas,)
     if isinstance(schemas, (str, bytes)):
         raise TypeError("schemas must be a fstqcodec.Schema or an iterable of them")
-    schemas = list(schemas)
+    schemas = tuple(schemas)
     for schema in schemas:
         if not isinstance(schema, Schema):
             raise TypeError(f"schemas must be fstqcodec.Schema objects, got {type(schema).__name__}")
@@ -81,14 +88,19 @@ def _read_block_contexts(container, layout: Layout) -> np.ndarray:
     return ids
 
 
-def decode_message(data, limits: Limits | None = None, schemas=None) -> dict:
-    """Decode a message into ``name -> array`` (see :func:`fstqcodec.decode`)."""
+def read_message(data, limits: Limits | None = None, schemas=None) -> tuple:
+    """Parse and decode a message once: ``(container, layout, name -> array)``."""
     limits = resolve_limits(limits)
     container, layout = _open(data, limits, schemas)
     # Overflow and invalid operations are checked for explicitly (non-finite results are a
     # BadFormatError); a caller's np.seterr must not turn them into FloatingPointError.
     with np.errstate(all="ignore"):
-        return _decode_body(container, layout)
+        return container, layout, _decode_body(container, layout)
+
+
+def decode_message(data, limits: Limits | None = None, schemas=None) -> dict:
+    """Decode a message into ``name -> array`` (see :func:`fstqcodec.decode`)."""
+    return read_message(data, limits, schemas)[2]
 
 
 def _expected_section_length(context, element_count: int, declared: int, what: str):

@@ -11,7 +11,8 @@ removed, ``modules_to_save`` heads under their base name), so a message decodes 
 - :func:`state_names`, :func:`adapter_fisher`: the Fisher of :class:`fstqcodec.torch.FisherAccumulator`
   keyed like the adapter's state dict.
 - :class:`FisherCallback`: a ``transformers.TrainerCallback`` accumulating the Fisher during training.
-- :func:`client_message`: (global adapter, local adapter, Fisher, budget, error feedback) -> bytes.
+- :func:`client_message`: (global adapter, local adapter, Fisher, config, error feedback) -> bytes;
+  its ``fisher_power`` defaults to :data:`fstqcodec.FEDERATED_FISHER_POWER`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import TrainerCallback
 
 import fstqcodec
+from fstqcodec.config import resolve_config
 from fstqcodec.torch import FisherAccumulator, to_numpy
 
 __all__ = [
@@ -234,9 +236,16 @@ class FisherCallback(TrainerCallback):
 
 
 def client_message(global_state: Mapping[str, torch.Tensor], local_state: Mapping[str, torch.Tensor], *,
-                   fisher: Mapping[str, Any] | None = None, budget: Any = None,
-                   error_feedback: Any = None, **options: Any) -> bytes:
+                   fisher: Mapping[str, Any] | None = None, error_feedback: fstqcodec.ErrorFeedback | None = None,
+                   config: fstqcodec.EncodeConfig | None = None, meta: dict | None = None,
+                   schema: fstqcodec.Schema | None = None, **options: Any) -> bytes:
     """The uplink message of a client: its adapter's change since the global adapter, encoded.
+
+    The encoder's options come from one :class:`fstqcodec.EncodeConfig`: ``config``, else the
+    keyword ``options``, else the ``error_feedback``'s own config. Built from keyword options,
+    ``fisher_power`` defaults to :data:`fstqcodec.FEDERATED_FISHER_POWER` (0.5), the weighting the
+    reference loop measured best for federated updates, not to :func:`fstqcodec.encode`'s 1
+    (README, "How it works"); a ``config`` is used as it is.
 
     Parameters
     ----------
@@ -246,13 +255,18 @@ def client_message(global_state: Mapping[str, torch.Tensor], local_state: Mappin
         The adapter after local training.
     fisher : Mapping[str, numpy.ndarray], optional
         Importance keyed like the states (:meth:`FisherCallback.fisher` or :func:`adapter_fisher`).
-    budget : fstqcodec.Budget, optional
-        ``None`` encodes losslessly.
     error_feedback : fstqcodec.ErrorFeedback, optional
         The client's error-feedback memory; when given, what this message loses is carried into
         the next one.
+    config : fstqcodec.EncodeConfig, optional
+        The encoder's options (``budget`` None encodes losslessly).
+    meta : dict, optional
+        Small scalar metadata carried in the header.
+    schema : fstqcodec.Schema, optional
+        As for :func:`fstqcodec.encode`.
     **options
-        Passed to :func:`fstqcodec.encode`.
+        The keyword options of :func:`fstqcodec.encode` (``budget``, ``block_size``,
+        ``fisher_power``...), instead of ``config``.
 
     Returns
     -------
@@ -261,13 +275,18 @@ def client_message(global_state: Mapping[str, torch.Tensor], local_state: Mappin
     Raises
     ------
     ValueError
-        If the states do not match.
+        If the states do not match, or an option is invalid.
+    TypeError
+        If both ``config`` and keyword options are given.
     fstqcodec.EncodeError
         If the codec refuses the update.
     """
+    if config is None and not options and error_feedback is not None and error_feedback.config is not None:
+        config = error_feedback.config
+    config = resolve_config(config, options, defaults={"fisher_power": fstqcodec.FEDERATED_FISHER_POWER})
     update = adapter_update(global_state, local_state)
     if fisher is not None:
         fisher = {name: (to_numpy(v) if isinstance(v, torch.Tensor) else v) for name, v in fisher.items()}
     if error_feedback is not None:
-        return error_feedback.encode(update, fisher=fisher, budget=budget, **options)
-    return fstqcodec.encode(update, fisher=fisher, budget=budget, **options)
+        return error_feedback.encode(update, fisher=fisher, config=config, meta=meta, schema=schema)
+    return fstqcodec.encode(update, fisher=fisher, config=config, meta=meta, schema=schema)

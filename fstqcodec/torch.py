@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import fstqcodec
+from fstqcodec.config import resolve_config
 
 __all__ = [
     "encode",
@@ -67,7 +68,8 @@ def _importance_to_numpy(value: Any) -> Any:
 
 
 def encode(tensors: Mapping[str, torch.Tensor], *, fisher: Mapping[str, Any] | None = None,
-           **options: Any) -> bytes:
+           config: fstqcodec.EncodeConfig | None = None, meta: dict | None = None,
+           schema: fstqcodec.Schema | None = None, **options: Any) -> bytes:
     """Encode a name -> tensor mapping with :func:`fstqcodec.encode`.
 
     Parameters
@@ -77,8 +79,17 @@ def encode(tensors: Mapping[str, torch.Tensor], *, fisher: Mapping[str, Any] | N
         declared as bfloat16 in the message so :func:`decode` gives bfloat16 back.
     fisher : Mapping[str, torch.Tensor or numpy.ndarray or float], optional
         Non-negative importance per element (same shapes) or per tensor (scalars).
+    config : fstqcodec.EncodeConfig, optional
+        The encoder's options in one object. ``fisher_power`` defaults to 1, as in
+        :func:`fstqcodec.encode`; for federated updates use
+        ``fisher_power=fstqcodec.FEDERATED_FISHER_POWER`` (README, "How it works").
+    meta : dict, optional
+        Small scalar metadata carried in the header.
+    schema : fstqcodec.Schema, optional
+        As for :func:`fstqcodec.encode`.
     **options
-        Passed to :func:`fstqcodec.encode` (``budget``, ``block_size``, ``seed``, ``rounding``...).
+        The keyword options of :func:`fstqcodec.encode` (``budget``, ``block_size``, ``seed``...),
+        instead of ``config``.
 
     Returns
     -------
@@ -88,10 +99,12 @@ def encode(tensors: Mapping[str, torch.Tensor], *, fisher: Mapping[str, Any] | N
     Raises
     ------
     TypeError
-        If ``tensors`` is not a mapping of torch tensors of a supported dtype.
+        If ``tensors`` is not a mapping of torch tensors of a supported dtype, or both ``config``
+        and keyword options are given.
     fstqcodec.EncodeError
         If the codec refuses the input (non-finite values, a budget too small, ...).
     """
+    config = resolve_config(config, options)
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a mapping of name -> torch.Tensor, got {type(tensors).__name__}")
     arrays: dict[str, Any] = {}
@@ -103,36 +116,27 @@ def encode(tensors: Mapping[str, torch.Tensor], *, fisher: Mapping[str, Any] | N
             arrays[name] = to_numpy(tensor)
     if fisher is not None:
         fisher = {name: _importance_to_numpy(value) for name, value in fisher.items()}
-    return fstqcodec.encode(arrays, fisher=fisher, **options)
-
-
-def _declared_dtypes(data: bytes) -> dict[str, str]:
-    """Tensor name -> wire dtype name, read from the message header."""
-    info = fstqcodec.inspect(data)
-    declared: dict[str, str] = {}
-    for entry in info.get("tensors", []):
-        if isinstance(entry, Mapping):
-            declared[str(entry["name"])] = str(entry["dtype"])
-        else:  # [name, dtype, shape, ...]
-            declared[str(entry[0])] = str(entry[1])
-    return declared
+    return fstqcodec.encode(arrays, fisher=fisher, config=config, meta=meta, schema=schema)
 
 
 def decode(data: bytes, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-           limits: Any = None) -> dict[str, torch.Tensor]:
-    """Decode a message into torch tensors.
+           limits: Any = None, schemas: Any = None) -> dict[str, torch.Tensor]:
+    """Decode a message into torch tensors of the dtypes it declares (bfloat16 included).
+
+    The message is parsed once (:func:`fstqcodec.open`).
 
     Parameters
     ----------
     data : bytes
-        The message (untrusted input is fine: it is validated by :func:`fstqcodec.decode`).
+        The message (untrusted input is fine: it is validated like :func:`fstqcodec.decode`).
     device : str or torch.device
         Where the tensors go.
     dtype : torch.dtype, optional
-        Cast every tensor to this dtype; by default each keeps the dtype declared in the message
-        (bfloat16 included).
-    limits : optional
-        Decoder limits, passed to :func:`fstqcodec.decode`.
+        Cast every tensor to this dtype; by default each keeps the dtype declared in the message.
+    limits : fstqcodec.Limits, optional
+        Decoder limits.
+    schemas : fstqcodec.Schema or iterable of them, optional
+        Resolve messages encoded with ``schema=``.
 
     Returns
     -------
@@ -143,13 +147,11 @@ def decode(data: bytes, *, device: str | torch.device = "cpu", dtype: torch.dtyp
     fstqcodec.DecodeError
         If the message is malformed or exceeds the limits.
     """
-    arrays = fstqcodec.decode(data, limits=limits)
-    declared = _declared_dtypes(data) if dtype is None else {}
+    message = fstqcodec.open(data, limits=limits, schemas=schemas)
     out: dict[str, torch.Tensor] = {}
-    for name, array in arrays.items():
-        target = dtype or _DTYPE_BY_NAME.get(declared.get(name, ""), None)
+    for name, array in message.items():
         tensor = torch.from_numpy(np.ascontiguousarray(array))
-        out[name] = tensor.to(device=device, dtype=target or tensor.dtype)
+        out[name] = tensor.to(device=device, dtype=dtype or _DTYPE_BY_NAME[message.dtypes[name]])
     return out
 
 

@@ -16,6 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 import fstqcodec
 from fstqcodec.stages.codebooks import NF4
+from fstqcodec.stages.scales import from_bf16_bits, to_bf16_bits
 from common import (
     bits_of,
     budget_bytes,
@@ -589,6 +590,26 @@ def test_custom_codebook():
     decoded = fstqcodec.decode(fstqcodec.encode({"x": x}, codebook=levels))["x"]
     error = np.abs(decoded.astype(np.float64) - x).reshape(-1)
     assert np.all(error <= fixed_rate_bound(x, 64, 0.375, 1.0))
+
+
+@pytest.mark.parametrize("count", [128, 256])
+def test_codebook_of_up_to_256_levels_round_trips(count):
+    # Level indices above 127 do not fit an int8: 256 levels once failed with a bare ValueError.
+    levels = np.linspace(-1, 1, count)
+    x = lora_update(np.random.default_rng(count), (32, 64))
+    message = fstqcodec.encode({"x": x}, codebook=levels)
+    assert fstqcodec.inspect(message)["width_histogram"] == {int(np.log2(count)): 32}
+    decoded = fstqcodec.decode(message)["x"]
+    error = np.abs(decoded.astype(np.float64) - x).reshape(-1)
+    assert np.all(error <= fixed_rate_bound(x, 64, 1 / (count - 1), 1.0))
+    # Every decoded value is a level times its block's scale (absmax rounded up to bfloat16),
+    # and the levels at both ends, indices 0 and count - 1, are used.
+    scale_bits = to_bf16_bits(np.abs(x).reshape(-1, 64).max(axis=1).astype(np.float32), mode="up")
+    normalized = decoded.reshape(-1, 64).astype(np.float64) / from_bf16_bits(scale_bits).astype(np.float64)[:, None]
+    index = np.argmin(np.abs(normalized[..., None] - levels.astype(np.float32)[None, None, :]), axis=-1)
+    np.testing.assert_allclose(normalized, levels.astype(np.float32)[index], rtol=0, atol=1e-6)
+    assert index.max() == count - 1 and index.min() == 0
+    assert fstqcodec.open(message).dtypes == {"x": "float32"}
 
 
 @pytest.mark.parametrize("options", [{"bits": 2}, {"bits": 8}, {"codebook": "nf4"}], ids=["bits2", "bits8", "nf4"])

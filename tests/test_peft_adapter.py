@@ -102,16 +102,21 @@ def test_update_and_apply_update_reconstruct_the_local_adapter():
         fp.apply_update(server_model, {"nope": np.zeros(1, np.float32)})
 
 
-def test_fisher_keys_match_adapter_and_client_message_respects_budget():
+@pytest.fixture(scope="module")
+def trained():
+    """(global adapter, local adapter after a few steps, the Fisher of those steps)."""
     model = _peft_model()
     global_state = fp.adapter_state(model)
     accumulator = ft.FisherAccumulator(model)
     _train(model)
-    fisher = fp.adapter_fisher(accumulator, model)
+    return global_state, fp.adapter_state(model), fp.adapter_fisher(accumulator, model)
+
+
+def test_fisher_keys_match_adapter_and_client_message_respects_budget(trained):
+    global_state, local_state, fisher = trained
     assert set(fisher) == set(global_state)
     assert all(fisher[n].shape == tuple(global_state[n].shape) for n in fisher)
     assert all(np.all(f >= 0) for f in fisher.values()) and any(f.max() > 0 for f in fisher.values())
-    local_state = fp.adapter_state(model)
     parameters = sum(t.numel() for t in global_state.values())
     feedback = fstqcodec.ErrorFeedback()
     budget = fstqcodec.Budget(bits_per_param=4.0)  # a small model: the header needs ~300 bytes
@@ -121,6 +126,28 @@ def test_fisher_keys_match_adapter_and_client_message_respects_budget():
     update = fp.adapter_update(global_state, local_state)
     for name in update:  # error feedback keeps exactly what the message lost
         np.testing.assert_allclose(feedback.residual[name], update[name] - decoded[name], atol=1e-7)
+
+
+def test_client_message_defaults_to_the_federated_fisher_power_and_takes_one_config(trained):
+    global_state, local_state, fisher = trained
+    update = fp.adapter_update(global_state, local_state)
+    budget = fstqcodec.Budget(bits_per_param=4.0)  # a small model: the header needs ~300 bytes
+    federated = fstqcodec.EncodeConfig(budget=budget, fisher_power=fstqcodec.FEDERATED_FISHER_POWER)
+    by_options = fp.client_message(global_state, local_state, fisher=fisher, budget=budget)
+    assert by_options == fstqcodec.encode(update, fisher=fisher, config=federated)
+    assert by_options != fstqcodec.encode(update, fisher=fisher, budget=budget)  # encode keeps power 1
+    assert fp.client_message(global_state, local_state, fisher=fisher, config=federated) == by_options
+    pure = federated.replace(fisher_power=1.0)
+    assert fp.client_message(global_state, local_state, fisher=fisher, config=pure) == fstqcodec.encode(
+        update, fisher=fisher, config=pure
+    )
+    # Without options, the error feedback's own config applies.
+    feedback = fstqcodec.ErrorFeedback(pure)
+    assert fp.client_message(global_state, local_state, fisher=fisher, error_feedback=feedback) == fstqcodec.encode(
+        update, fisher=fisher, config=pure
+    )
+    with pytest.raises(TypeError, match="not both"):
+        fp.client_message(global_state, local_state, config=federated, budget=budget)
 
 
 def test_fisher_callback_accumulates_during_trainer_training(tmp_path):

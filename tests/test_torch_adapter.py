@@ -44,6 +44,37 @@ def test_budgeted_encode_accepts_torch_fisher():
     assert ft.decode(message)["w"].shape == (64, 64)
 
 
+def test_decode_parses_once_and_returns_declared_bfloat16(monkeypatch):
+    tensors = _tensors()
+    message = ft.encode(tensors, meta={"round": 2})
+    assert fstqcodec.open(message).dtypes == {"w32": "float32", "w16": "float16", "wbf16": "bfloat16"}
+    calls = []
+    real_read_container = fstqcodec.decoder.read_container
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_read_container(*args, **kwargs)
+
+    monkeypatch.setattr(fstqcodec.decoder, "read_container", counting)
+    decoded = ft.decode(message)
+    assert len(calls) == 1, "the message must be parsed once"
+    assert decoded["wbf16"].dtype == torch.bfloat16 and torch.equal(decoded["wbf16"], tensors["wbf16"])
+
+
+def test_encode_takes_one_config_or_keyword_options():
+    tensors = {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(1))}
+    fisher = {"w": torch.rand(64, 64, generator=torch.Generator().manual_seed(2))}
+    config = fstqcodec.EncodeConfig(budget=fstqcodec.Budget(bits_per_param=1), fisher_power=0.5, seed=3)
+    by_config = ft.encode(tensors, fisher=fisher, config=config)
+    assert by_config == ft.encode(tensors, fisher=fisher, **config.encode_kwargs())
+    assert by_config == fstqcodec.encode({"w": tensors["w"].numpy()}, fisher={"w": fisher["w"].numpy()}, config=config)
+    assert by_config != ft.encode(tensors, fisher=fisher, config=config.replace(fisher_power=1.0))
+    with pytest.raises(TypeError, match="not both"):
+        ft.encode(tensors, config=config, bits=4)
+    with pytest.raises(TypeError):
+        ft.encode(tensors, config={"bits": 4})
+
+
 def test_encode_rejects_integer_tensors_and_non_mappings():
     with pytest.raises(TypeError):
         ft.encode({"ids": torch.arange(5)})

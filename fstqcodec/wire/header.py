@@ -380,10 +380,7 @@ def _parse_meta(raw) -> dict:
 def _resolve_schema(digest, schemas) -> list:
     if not isinstance(digest, bytes) or len(digest) != SCHEMA_DIGEST_SIZE:
         _fail(f"schema must be a {SCHEMA_DIGEST_SIZE}-byte binary digest")
-    candidates = [] if schemas is None else [schemas] if isinstance(schemas, Schema) else list(schemas)
-    for schema in candidates:
-        if not isinstance(schema, Schema):
-            raise TypeError(f"schemas must be fstqcodec.Schema objects, got {type(schema).__name__}")
+    for schema in schemas:
         if schema.digest == digest:
             return _tensor_entries(schema.tensors)
     raise UnknownSchemaError(
@@ -392,10 +389,11 @@ def _resolve_schema(digest, schemas) -> list:
     )
 
 
-def parse_header(header: dict, limits: Limits, *, body_offset: int, body_length: int, schemas=None) -> Layout:
+def parse_header(header: dict, limits: Limits, *, body_offset: int, body_length: int, schemas: tuple = ()) -> Layout:
     """Validate an untrusted header map (spec 5, steps 10-14).
 
-    ``schemas`` (a :class:`Schema` or several) resolves a header that names its tensors by digest.
+    ``schemas`` (a tuple of :class:`Schema`, type-checked by the caller) resolves a header that
+    names its tensors by digest.
 
     Raises
     ------

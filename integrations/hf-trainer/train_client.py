@@ -59,6 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="local training steps")
     parser.add_argument("--bits-per-param", type=float, default=0.5, help="uplink budget")
+    parser.add_argument("--fisher-power", type=float, default=fstqcodec.FEDERATED_FISHER_POWER,
+                        help="weigh the error by Fisher ** this (default: fstqcodec.FEDERATED_FISHER_POWER, "
+                             "what the reference loop measured best for federated updates; fstqcodec.encode's is 1)")
     parser.add_argument("--eval-size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -87,10 +90,12 @@ def main() -> None:
                 callbacks=[fisher_callback]).train()
 
     # Client side: update = local - global, Fisher-weighted allocation under the budget.
-    error_feedback = fstqcodec.ErrorFeedback()  # keep this object across rounds
+    config = fstqcodec.EncodeConfig(budget=fstqcodec.Budget(bits_per_param=args.bits_per_param),
+                                    fisher_power=args.fisher_power)
+    error_feedback = fstqcodec.ErrorFeedback(config)  # keep this object across rounds
     message = fstq_peft.client_message(
         global_state, fstq_peft.adapter_state(client_model), fisher=fisher_callback.fisher(),
-        budget=fstqcodec.Budget(bits_per_param=args.bits_per_param), error_feedback=error_feedback,
+        error_feedback=error_feedback,
     )
     parameters = sum(t.numel() for t in global_state.values())
     print(f"uplink message: {len(message)} bytes for {parameters} parameters "

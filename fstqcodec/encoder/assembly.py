@@ -1,0 +1,134 @@
+"""Assembly: a plan in, a message out (contexts, code streams, sections, header, container)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import EncodeError
+from ..policy.allocation import DROP, RAW_EXACT
+from ..stages import bitpack, rans
+from ..wire.container import ENCODING_NONE, ENCODING_ZSTD, write_container, zstd_compress
+from ..wire.header import RAW_FORMATS, Context, Layout, Schema, build_header
+from .contexts import centroid_levels, group_classes
+from .plans import Plan
+from .source import Input
+
+__all__ = ["assemble"]
+
+#: The raw format that holds a tensor dtype's values exactly.
+RAW_FORMAT_OF_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
+#: A section is stored zstd-encoded only if that makes it at least this much smaller.
+_ZSTD_MIN_GAIN = 0.98
+#: Contexts of at most this width and at least this many elements carry their bins' centroids as
+#: an explicit codebook (2**width float32 levels): at low rates a bin's centroid sits well inside
+#: it, and decoding to it instead of the bin's middle cuts the error for a few bytes.
+_CENTROID_MAX_WIDTH = 4
+_CENTROID_MIN_ELEMENTS = 512
+
+
+def _maybe_zstd(payload: bytes, kind: str) -> tuple[list, bytes]:
+    """A section table entry and the stored bytes, zstd-encoded when that is clearly smaller."""
+    if len(payload) >= 64:
+        compressed = zstd_compress(payload)
+        if len(compressed) < len(payload) * _ZSTD_MIN_GAIN:
+            return [kind, len(compressed), ENCODING_ZSTD, len(payload)], compressed
+    return [kind, len(payload), ENCODING_NONE, len(payload)], payload
+
+
+class _Contexts:
+    """The contexts of a message under construction: each with its code stream, and the context
+    of every block."""
+
+    def __init__(self, num_blocks: int):
+        self.contexts: list[Context] = []
+        self.streams: list[bytes] = []
+        self.codebooks: list[np.ndarray] = []
+        self.of_block = np.zeros(num_blocks, dtype=np.uint8)
+
+    def add(self, context: Context, stream: bytes, rows) -> None:
+        self.of_block[rows] = len(self.contexts)
+        self.contexts.append(context)
+        self.streams.append(stream)
+
+
+def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: bool, schema: Schema | None = None) -> bytes:
+    """Turn a plan into a message: a zero context, raw contexts by format, then the quantized
+    contexts, each section zstd-encoded where that pays.
+
+    Raises
+    ------
+    EncodeError
+        If the plan needs more contexts than the format's 256.
+    """
+    built = _Contexts(len(plan.mode))
+    dropped = plan.mode == DROP
+    if np.any(dropped):
+        built.add(Context("zero"), b"", dropped)
+    _add_raw_contexts(built, source, plan)
+    if len(plan.quantized_rows):
+        _add_quantized_contexts(built, source, plan)
+    if len(built.contexts) > 256:
+        raise EncodeError(f"{len(built.contexts)} contexts exceed the format's 256")
+    section_table, body_parts = [], []
+    for kind, payload in (("blocks", built.of_block.tobytes()), ("scales", plan.scale_bits.astype("<u2").tobytes())):
+        entry, stored = _maybe_zstd(payload, kind)
+        section_table.append(entry)
+        body_parts.append(stored)
+    for context, stream in zip(built.contexts, built.streams):
+        if context.kind == "rans":  # rANS output is incompressible: do not spend time on zstd
+            entry, stored = ["codes", len(stream), ENCODING_NONE, len(stream)], stream
+        else:
+            entry, stored = _maybe_zstd(stream, "codes")
+        section_table.append(entry)
+        body_parts.append(stored)
+    layout = Layout(tensors=source.specs, contexts=built.contexts, codebooks=built.codebooks, meta=meta or {})
+    header = build_header(layout, section_table, schema=schema)
+    return write_container(header, b"".join(body_parts), compress_header=compress_header)
+
+
+def _add_raw_contexts(built: _Contexts, source: Input, plan: Plan) -> None:
+    """One raw context per format (each block raw at its tensor's dtype), in the format's order."""
+    raw = np.flatnonzero(plan.mode == RAW_EXACT)
+    if not len(raw):
+        return
+    formats = np.array([RAW_FORMAT_OF_DTYPE[s.dtype] for s in source.specs])[source.block_tensor[raw]]
+    for fmt in sorted(set(formats.tolist()), key=list(RAW_FORMATS).index):
+        rows = raw[formats == fmt]
+        built.add(Context("raw", width=8 * RAW_FORMATS[fmt], raw_format=fmt), source.raw_values(rows, fmt).tobytes(), rows)
+
+
+def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan) -> None:
+    """One context per group of classes, with its coder, and centroid codebooks where they pay."""
+    group_of_class, groups = group_classes(plan)
+    context_of_row = group_of_class[plan.row_class]
+    if plan.codebook is not None:
+        built.codebooks.append(plan.codebook)
+    for g, (width, counts, choice, classes) in enumerate(groups):
+        members = np.flatnonzero(context_of_row == g)
+        rows = plan.quantized_rows[members]
+        flat = source.flatten_rows(plan.codes[members], rows)
+        if plan.codebook is not None:
+            codebook_index = 0
+            symbols = flat.view(np.uint8)
+        else:
+            codebook_index = None
+            symbols = (flat.astype(np.int16) + (1 << (width - 1))).astype(np.uint8)
+            if plan.class_sums is not None and width <= _CENTROID_MAX_WIDTH and len(symbols) >= _CENTROID_MIN_ELEMENTS:
+                codebook_index = len(built.codebooks)
+                built.codebooks.append(centroid_levels(plan, classes, width))
+        if choice["kind"] == "rans":
+            first, last = choice["first"], choice["last"]
+            stream = rans.encode(symbols, choice["freqs"], choice["prob_bits"], choice["lanes"])
+            context = Context(
+                "rans",
+                width=width,
+                codebook=codebook_index,
+                lanes=choice["lanes"],
+                prob_bits=choice["prob_bits"],
+                first_symbol=first,
+                freqs=tuple(int(f) for f in choice["freqs"][first : last + 1]),
+            )
+        else:
+            stream = bitpack.pack(symbols, width)
+            context = Context("packed", width=width, codebook=codebook_index)
+        built.add(context, stream, rows)

@@ -1,0 +1,113 @@
+"""The budget loop: allocate, assemble, and correct the allocation's target from the real
+message size until the message fills the budget."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import BudgetError
+from ..policy.allocation import BlockStats
+from ..wire.header import DTYPES
+from .assembly import assemble
+from .plans import Plan, absmax_rows, lossless_plan, rd_plan
+from .source import Input
+
+__all__ = ["encode_to_budget", "block_stats", "LOW_WATER"]
+
+#: The size loop accepts a message in [LOW_WATER * budget, budget] ...
+LOW_WATER = 0.96
+#: ... and aims a little below the budget, so that the first try usually lands inside.
+_AIM = 0.985
+_MAX_SIZE_ITERATIONS = 8
+
+
+def _value_scale(absmax: np.ndarray) -> float:
+    """A power of two that brings the largest |x| near 1, where squares cannot overflow or
+    underflow in float32 (they do beyond about 1e19 and below about 1e-19). Multiplying by a
+    power of two is exact, and only ratios matter to the allocation."""
+    top = float(absmax.max()) if len(absmax) else 0.0
+    if top == 0.0 or 2.0**-40 < top < 2.0**40:
+        return 1.0
+    return 2.0 ** -math.frexp(top)[1]
+
+
+def block_stats(source: Input, weights: dict) -> BlockStats:
+    """Per-block statistics for the allocation (in float64; the sums in float32 on values
+    rescaled by a power of two when their magnitude is extreme)."""
+    matrix = source.matrix
+    n = source.counts
+    absmax = absmax_rows(matrix).astype(np.float64)
+    scale = _value_scale(absmax)
+    work = matrix if scale == 1.0 else matrix * np.float32(scale)
+    unscale = 1.0 / (scale * scale)
+    sum_squares = np.einsum("ij,ij->i", work, work).astype(np.float64) * unscale if len(n) else np.zeros(0)
+    mean_square = sum_squares / np.maximum(n, 1)
+    if all(np.ndim(weights[name]) == 0 for name in source.names):
+        weight = np.array([weights[s.name] for s in source.specs], dtype=np.float64)[source.block_tensor]
+        energy = weight * sum_squares
+    else:
+        weight = np.empty(len(n), dtype=np.float64)
+        energy = np.empty(len(n), dtype=np.float64)
+        for t, spec in enumerate(source.specs):
+            lo, hi = int(source.first_block[t]), int(source.first_block[t + 1])
+            w = weights[spec.name]
+            if np.ndim(w) == 0:
+                weight[lo:hi] = w
+                energy[lo:hi] = w * sum_squares[lo:hi]
+                continue
+            # Weights arrive normalised to a maximum of 1 (policy.fisher), so float32 holds them.
+            w = np.pad(np.asarray(w, dtype=np.float32).reshape(-1), (0, (-spec.size) % source.block_size))
+            w = w.reshape(-1, source.block_size)
+            weight[lo:hi] = w.sum(axis=1, dtype=np.float64) / np.maximum(n[lo:hi], 1)
+            energy[lo:hi] = np.einsum("ij,ij,ij->i", w, work[lo:hi], work[lo:hi]).astype(np.float64) * unscale
+    raw_bits = np.array([16 if s.dtype == "bfloat16" else 8 * DTYPES[s.dtype].itemsize for s in source.specs], dtype=np.int64)
+    return BlockStats(count=n, weight=weight, mean_square=mean_square, weighted_energy=energy, absmax=absmax, raw_bits=raw_bits[source.block_tensor])
+
+
+
+def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str, seed: int, **options) -> bytes:
+    """The best message the allocation finds within ``limit`` bytes.
+
+    Raises
+    ------
+    BudgetError
+        If even the smallest message (every block dropped) exceeds ``limit``.
+    """
+    smallest = assemble(source, Plan.dropped(len(source.counts)), **options)
+    if len(smallest) > limit:
+        raise BudgetError(
+            f"budget of {limit} bytes is below the smallest message for these tensors ({len(smallest)} bytes: "
+            "header, names and block table); raise the budget or send fewer tensors",
+            budget=limit,
+            minimum=len(smallest),
+        )
+    if limit >= source.raw_bytes // 2:
+        lossless = assemble(source, lossless_plan(source), **options)
+        if len(lossless) <= limit:
+            return lossless
+    source.check_quantizable()
+    stats = block_stats(source, weights)
+    fixed_bits = 8.0 * len(smallest)
+    target = max(8.0 * limit * _AIM - fixed_bits, 0.0)
+    best, best_size = smallest, len(smallest)
+    fits, overshoots = 0.0, math.inf  # bracket on the model target
+    for _ in range(_MAX_SIZE_ITERATIONS):
+        plan = rd_plan(source, stats, target, rounding=rounding, rng=np.random.default_rng(seed))
+        message = assemble(source, plan, **options)
+        size = len(message)
+        if size <= limit:
+            if size > best_size:
+                best, best_size = message, size
+            if size >= LOW_WATER * limit:
+                break
+            fits = max(fits, target)
+        else:
+            overshoots = min(overshoots, target)
+        # Scale the target by how far the real size is from the aim, kept inside the bracket.
+        proposal = target * (8.0 * limit * _AIM - fixed_bits) / max(8.0 * size - fixed_bits, 1.0)
+        if not fits < proposal < overshoots:
+            proposal = 0.5 * (fits + overshoots) if math.isfinite(overshoots) else 2 * max(target, 1.0)
+        target = proposal
+    return best

@@ -1,0 +1,97 @@
+"""The invariants that ``fstqcodec.encoder.Plan``'s docstring states, checked on every plan builder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fstqcodec import encoder
+from fstqcodec.encoder.budget import block_stats
+from fstqcodec.encoder.plans import rd_plan
+from fstqcodec.policy.allocation import DROP, QUANTIZE, RAW_EXACT
+from fstqcodec.policy.fisher import normalize_fisher
+
+
+def _source(seed: int, block_size: int = 64) -> encoder.Input:
+    """Tensors whose sizes are not multiples of the block size (padding), of three dtypes, with
+    block scales over four orders of magnitude and an all-zero tensor."""
+    rng = np.random.default_rng(seed)
+    scale = np.exp(3 * rng.standard_normal((40, 1)))
+    tensors = {
+        "a": (rng.standard_normal((40, 100)) * scale).astype(np.float32),
+        "b": rng.standard_normal(333).astype(np.float16),
+        "c": rng.standard_normal((7, 9)) * 1e-3,
+        "zero": np.zeros(130, np.float32),
+    }
+    return encoder.Input(tensors, block_size, "error")
+
+
+def check_plan_invariants(plan: encoder.Plan, source: encoder.Input) -> None:
+    """Assert every invariant of the Plan docstring."""
+    assert plan.mode.shape == (len(source.counts),)
+    assert set(np.unique(plan.mode)) <= {DROP, QUANTIZE, RAW_EXACT}
+    rows = plan.quantized_rows
+    assert np.array_equal(rows, np.flatnonzero(plan.mode == QUANTIZE))
+    assert plan.codes.shape == (len(rows), source.block_size) or len(rows) == 0
+    scales = (plan.scale_bits.astype(np.uint32) << 16).view(np.float32)
+    assert np.all(np.isfinite(scales)) and np.all(scales > 0)
+    if not len(rows):
+        return
+    width = plan.class_width[plan.row_class]
+    assert np.all((width >= 2) & (width <= 8))
+    padding = np.arange(source.block_size)[None, :] >= source.counts[rows][:, None]
+    if plan.codebook is None:
+        codes = plan.codes.astype(np.int64)
+        low, high = -(1 << (width - 1)), (1 << (width - 1)) - 1
+        assert np.all((codes >= low[:, None]) & (codes <= high[:, None]))
+        assert np.all(codes[padding] == 0)
+        index = codes + 128
+    else:
+        levels = plan.codebook
+        assert len(levels) == 1 << int(round(np.log2(len(levels)))) and np.all(np.diff(levels) > 0)
+        index = plan.codes.view(np.uint8).astype(np.int64)
+        assert np.all(index < (1 << width)[:, None])
+        assert np.all(index[padding] == int(np.argmin(np.abs(levels))))
+    occurring = np.zeros_like(plan.class_hist, dtype=bool)
+    occurring[np.repeat(plan.row_class, source.block_size)[~padding.reshape(-1)], index[~padding]] = True
+    assert np.all(plan.class_hist[occurring] > 0), "a code that occurs has a count"
+    if not plan.force_packed:
+        return
+    # Fixed-rate plans count exactly, padding excluded.
+    exact = np.zeros_like(plan.class_hist)
+    np.add.at(exact, (np.repeat(plan.row_class, source.block_size)[~padding.reshape(-1)], index[~padding]), 1)
+    assert np.array_equal(plan.class_hist, exact)
+    assert (plan.class_sums is None) == (plan.class_sampled is None)
+
+
+def test_lossless_plan_invariants():
+    source = _source(0)
+    plan = encoder.lossless_plan(source)
+    check_plan_invariants(plan, source)
+    assert not np.any(source.matrix[plan.mode == DROP].view(np.uint32))  # only all-zero blocks drop
+    assert not np.any(plan.mode == QUANTIZE)
+
+
+@pytest.mark.parametrize("options", [{"bits": 2}, {"bits": 8}, {"codebook": "nf4"}, {"codebook": np.linspace(-1, 1, 256)}])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fixed_plan_invariants(options, rounding):
+    source = _source(1)
+    bits = options.get("bits")
+    plan = encoder.fixed_plan(source, bits=bits, codebook=options.get("codebook"), rounding=rounding,
+                              rng=np.random.default_rng(0))
+    check_plan_invariants(plan, source)
+    assert plan.force_packed and len(plan.quantized_rows) == np.count_nonzero(source.block_tensor != 3)
+
+
+@pytest.mark.parametrize("target_bits_per_element", [0.05, 0.5, 2.0, 6.0])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_rd_plan_invariants(target_bits_per_element, rounding):
+    source = _source(2)
+    weights = normalize_fisher(None, source.names, {s.name: s.shape for s in source.specs}, 1.0)
+    stats = block_stats(source, weights)
+    plan = rd_plan(source, stats, target_bits_per_element * source.elements, rounding=rounding,
+                   rng=np.random.default_rng(0))
+    check_plan_invariants(plan, source)
+    assert len(plan.quantized_rows) > 0 and len(plan.class_width) > 1  # something to check
+    assert (plan.class_sums is not None) == (rounding == "nearest" and len(plan.quantized_rows) > 0)
+    assert encoder.assemble(source, plan, meta=None, compress_header=True)  # the plan assembles
