@@ -5,7 +5,7 @@ training split at 256 tokens; the token-importance prior is accumulated from the
 (``fstqcodec.torch.token_fisher``) of training articles; which part of the prior ranks tokens
 (vocabulary id, position, both) is chosen on training articles the head did not see. Then, on the
 whole held-out split, each method runs end to end (raw text in, tokeniser, selection, model, labels
-out) at each keep ratio, timed against the unpruned model in the same run, interleaved, repeated.
+out) at each keep ratio (with plain truncation to the first tokens beside them), timed against the unpruned model in the same run, interleaved, repeated.
 
     python benchmarks/token_pruning.py            # about 20 minutes on 2 busy cores
 
@@ -36,6 +36,7 @@ from fstqcodec.sim.data import load_task, train_test_split  # noqa: E402
 from fstqcodec.sim.models import resolve_model_path  # noqa: E402
 from fstqcodec.torch import token_fisher  # noqa: E402
 
+METHODS = ("fisher", "random", "attention", "truncate")
 RESULTS = pathlib.Path(__file__).resolve().parent / "token_pruning_results"
 
 
@@ -116,6 +117,8 @@ def make_scorer(method, model, prior, use, seed):
         return lambda ids, mask: tokens.random_scores(ids, generator=generator)
     if method == "attention":
         return lambda ids, mask: tokens.first_layer_attention_scores(model, ids, mask)
+    if method == "truncate":  # the first tokens: plain truncation to the kept length
+        return lambda ids, mask: -torch.arange(ids.shape[1], dtype=torch.float32).expand(ids.shape)
     raise ValueError(method)
 
 
@@ -158,7 +161,7 @@ def choose_use(model, tokenizer, prior, texts, labels, args):
 def run_grid(model, tokenizer, prior, use, texts, labels, args):
     """Every method and ratio on every held-out batch, interleaved batch by batch (rotating the order)
     so that the load of a shared machine falls alike on all; repeated ``args.repeats`` times."""
-    configs = [("full", 1.0)] + [(m, r) for r in args.ratios for m in ("fisher", "random", "attention")]
+    configs = [("full", 1.0)] + [(m, r) for r in args.ratios for m in METHODS]
     scorers = {c: None if c[0] == "full" else make_scorer(c[0], model, prior, use, args.seed) for c in configs}
     rows = {c: {"method": c[0], "keep_ratio": c[1], "seconds": [0.0] * args.repeats, "batch_seconds": [],
                 "predicted": [], "kept": 0, "total": 0} for c in configs}
@@ -225,7 +228,7 @@ def plot(rows, path):
 
     full = next(r for r in rows if r["method"] == "full")
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, style in (("fisher", "o-"), ("random", "s--"), ("attention", "^:")):
+    for method, style in (("fisher", "o-"), ("random", "s--"), ("attention", "^:"), ("truncate", "d-.")):
         chosen = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["keep_ratio"])
         chosen = [full] + chosen
         axes[0].plot([r["keep_ratio"] for r in chosen], [100 * r["accuracy"] for r in chosen], style, label=method)
@@ -259,6 +262,7 @@ def main(argv=None):
         test = test[:args.test_limit]
     texts = lambda idx: [task.texts[i] for i in idx]  # noqa: E731
     labels = torch.as_tensor(task.labels)
+    torch.manual_seed(args.seed)  # the new classifier's initial weights
     model, tokenizer = load_model()
     timings = {}
 
