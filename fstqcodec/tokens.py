@@ -28,6 +28,7 @@ __all__ = [
     "POSITION_KEY",
     "TokenPriorAccumulator",
     "check_prior",
+    "average_priors",
     "prior_scores",
     "random_scores",
     "first_layer_attention_scores",
@@ -168,6 +169,41 @@ def check_prior(prior: Mapping[str, object], *, vocab_size: int, max_positions: 
         bad = int(np.count_nonzero(~np.isfinite(value)))
         if bad:
             raise ValueError(f"prior {key!r} has {bad} non-finite value(s) (NaN or infinity)")
+
+
+def average_priors(priors: Iterable[Mapping[str, object]], weights: Iterable[float] | None = None) -> dict[str, np.ndarray]:
+    """The server's side: a weighted element-wise mean of clients' priors (decoded messages).
+
+    The log-priors average to a geometric mean of the clients' relative importances; an id a client
+    never saw counts as neutral (0) in its prior.
+
+    Raises
+    ------
+    ValueError
+        If there are no priors, the weights do not match them or are not positive, or the priors
+        differ in keys or shapes or hold non-finite values.
+    """
+    priors = [dict(prior) for prior in priors]
+    if not priors:
+        raise ValueError("no priors to average")
+    weights = np.ones(len(priors)) if weights is None else np.asarray(list(weights), dtype=np.float64)
+    if weights.shape != (len(priors),) or not (weights > 0).all() or not np.isfinite(weights).all():
+        raise ValueError(f"need one positive finite weight per prior ({len(priors)}), got {weights.tolist()}")
+    keys = sorted(priors[0])
+    out = {}
+    for key in keys:
+        arrays = []
+        for number, prior in enumerate(priors):
+            if sorted(prior) != keys:
+                raise ValueError(f"prior {number} has keys {sorted(prior)}, prior 0 has {keys}")
+            array = np.asarray(_to_numpy(prior[key]), dtype=np.float64)
+            if array.shape != np.shape(priors[0][key]):
+                raise ValueError(f"prior {number}: {key!r} has shape {array.shape}, prior 0 {np.shape(priors[0][key])}")
+            if not np.isfinite(array).all():
+                raise ValueError(f"prior {number}: {key!r} has non-finite values")
+            arrays.append(array)
+        out[key] = (np.tensordot(weights, np.stack(arrays), axes=1) / weights.sum()).astype(np.float32)
+    return out
 
 
 def _to_numpy(value: object) -> object:

@@ -147,3 +147,17 @@ def test_reduce_batch_keeps_labels_and_trains_on_fewer_tokens():
     typed = tokens.reduce_batch({"input_ids": ids, "token_type_ids": (ids >= 20).long()},
                                 torch.zeros(ids.shape), 1.0)
     torch.testing.assert_close(typed["token_type_ids"], (ids >= 20).long() * mask)
+
+
+def test_server_averages_client_priors_sent_through_the_codec():
+    first, second = good_prior(), good_prior()
+    second[tokens.VOCAB_KEY] = second[tokens.VOCAB_KEY] + 2.0
+    received = [fstqcodec.decode(fstqcodec.encode(p)) for p in (first, second)]
+    averaged = tokens.average_priors(received, weights=[1, 3])
+    np.testing.assert_allclose(averaged[tokens.VOCAB_KEY], first[tokens.VOCAB_KEY] + 1.5, rtol=1e-6)
+    tokens.check_prior(averaged, vocab_size=VOCAB, max_positions=POSITIONS, use="both")
+    short = {tokens.VOCAB_KEY: np.zeros(3, np.float32), tokens.POSITION_KEY: first[tokens.POSITION_KEY]}
+    with pytest.raises(ValueError, match="prior 1: 'token_prior.vocab' has shape \\(3,\\)"):
+        tokens.average_priors([first, short])
+    with pytest.raises(ValueError, match="one positive finite weight per prior"):
+        tokens.average_priors([first, second], weights=[1, 0])
