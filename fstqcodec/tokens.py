@@ -27,6 +27,7 @@ __all__ = [
     "VOCAB_KEY",
     "POSITION_KEY",
     "TokenPriorAccumulator",
+    "TokenPriorRecorder",
     "check_prior",
     "average_priors",
     "prior_scores",
@@ -77,8 +78,11 @@ class TokenPriorAccumulator:
 
     @torch.no_grad()
     def observe(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                scores: torch.Tensor) -> None:
+                scores: torch.Tensor, *, position_ids: torch.Tensor | None = None) -> None:
         """Add one batch: its token ids, mask and ``(batch, sequence)`` token-Fisher scores.
+
+        ``position_ids`` gives each token's position when the batch was already reduced (default:
+        ``0 .. sequence - 1``).
 
         Raises
         ------
@@ -107,7 +111,9 @@ class TokenPriorAccumulator:
         relative = torch.where(real, scores / mean.clamp(min=1e-30), torch.zeros_like(scores))
         self.vocab_sums.index_add_(0, ids[real], relative[real])
         self.vocab_counts.index_add_(0, ids[real], torch.ones_like(relative[real]))
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        positions = torch.arange(ids.shape[1]).expand_as(ids) if position_ids is None else position_ids.cpu().long()
+        if positions.shape != ids.shape or ((positions < 0) | (positions >= self.position_sums.numel()))[real].any():
+            raise ValueError(f"position_ids must be {tuple(ids.shape)} and below {self.position_sums.numel()}")
         self.position_sums.index_add_(0, positions[real], relative[real])
         self.position_counts.index_add_(0, positions[real], torch.ones_like(relative[real]))
         self.sequences += int(real.any(dim=1).sum())
@@ -135,6 +141,78 @@ class TokenPriorAccumulator:
             VOCAB_KEY: shrunk_log(self.vocab_sums, self.vocab_counts),
             POSITION_KEY: shrunk_log(self.position_sums, self.position_counts),
         }
+
+
+class TokenPriorRecorder:
+    """Accumulates the prior during training, from the backward passes training runs anyway.
+
+    Hooks the model's forward (to see each batch's ``input_ids``, ``attention_mask`` and
+    ``position_ids``, passed as keyword arguments as ``transformers`` and ``peft`` models take them)
+    and its input-embedding output (whose gradient gives the token Fisher, as
+    :class:`fstqcodec.torch.TokenFisherRecorder` does). Forward passes without gradients
+    (evaluation) are not recorded.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A ``transformers`` model or ``peft.PeftModel`` (``config`` and ``get_input_embeddings()``).
+    smoothing : float
+        As :class:`TokenPriorAccumulator`.
+
+    Raises
+    ------
+    TypeError
+        If the model has no ``config`` or input embeddings.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, smoothing: float = 1.0):
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(model, "get_input_embeddings"):
+            raise TypeError(f"{type(model).__name__} has no config or get_input_embeddings()")
+        self.accumulator = TokenPriorAccumulator(config.vocab_size, config.max_position_embeddings,
+                                                 smoothing=smoothing)
+        self._batch: dict[str, torch.Tensor | None] | None = None
+        self._handles = [
+            model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
+            model.get_input_embeddings().register_forward_hook(self._watch_embeddings),
+        ]
+
+    def _capture_inputs(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._batch = None if ids is None or not torch.is_grad_enabled() else {
+            "input_ids": ids, "attention_mask": kwargs.get("attention_mask"),
+            "position_ids": kwargs.get("position_ids")}
+        return None
+
+    def _watch_embeddings(self, module, inputs, output):
+        if self._batch is None or not isinstance(output, torch.Tensor):
+            return None
+        batch, self._batch = self._batch, None
+        if not output.requires_grad:
+            output = output.detach().requires_grad_(True)
+
+        def record(grad: torch.Tensor) -> None:
+            self.accumulator.observe(batch["input_ids"], batch["attention_mask"],
+                                     grad.detach().float().pow(2).sum(dim=-1), position_ids=batch["position_ids"])
+
+        output.register_hook(record)
+        return output
+
+    def prior(self) -> dict[str, np.ndarray]:
+        """The prior from every recorded backward (see :meth:`TokenPriorAccumulator.prior`)."""
+        return self.accumulator.prior()
+
+    def remove(self) -> None:
+        """Detach the hooks; the prior stays readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "TokenPriorRecorder":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
 
 
 def check_prior(prior: Mapping[str, object], *, vocab_size: int, max_positions: int | None = None,

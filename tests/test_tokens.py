@@ -161,3 +161,23 @@ def test_server_averages_client_priors_sent_through_the_codec():
         tokens.average_priors([first, short])
     with pytest.raises(ValueError, match="one positive finite weight per prior"):
         tokens.average_priors([first, second], weights=[1, 0])
+
+
+def test_recorder_builds_the_prior_from_training_backward_passes_only():
+    model, (ids, mask) = tiny_classifier(), batch()
+    labels = torch.tensor([0, 1])
+    with tokens.TokenPriorRecorder(model) as recorder:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)  # evaluation: not recorded
+        with pytest.raises(RuntimeError, match="no token Fisher observed"):
+            recorder.prior()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        reduced = tokens.reduce_batch({"input_ids": ids, "attention_mask": mask, "labels": labels},
+                                      torch.zeros(ids.shape), 0.5, special_ids=[CLS, SEP])
+        model(**reduced).loss.backward()  # a reduced batch records at its original positions
+    prior = recorder.prior()
+    seen = sorted(set(ids[mask.bool()].tolist()) - set(reduced["input_ids"][reduced["attention_mask"].bool()].tolist()))
+    assert recorder.accumulator.sequences == 4
+    assert np.all(prior[tokens.VOCAB_KEY][seen] != 0.0)
+    assert np.all(prior[tokens.VOCAB_KEY][30:] == 0.0)
+    assert recorder.accumulator.position_counts[9] == 2  # SEP of row 0 counted at position 9 twice
