@@ -13,6 +13,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define RANS_L (1u << 16)
 
@@ -67,17 +68,19 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
             PyErr_NoMemory();
             goto done_buffers;
         }
+        int zero_frequency = 0;
         for (lane = 0; lane < lanes; lane++) state[lane] = RANS_L;
         lane = n > 0 ? (n - 1) % lanes : 0;
+        /* The coding loop touches only C memory and the held buffer: other threads (a server
+         * encoding or decoding several messages at once) may run meanwhile. */
+        Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t i = n - 1; i >= 0; i--) {
             unsigned s = sym[i];
             uint64_t x = state[lane];
             uint32_t f;
             if (s >= alphabet || (f = freq[s]) == 0) {
-                free(state);
-                free(words);
-                fail("format", "symbol with zero frequency");
-                goto done_buffers;
+                zero_frequency = 1;
+                break;
             }
             if (x >= ((uint64_t)f << (32 - prob_bits))) {
                 words[count++] = (uint16_t)(x & 0xFFFF);
@@ -86,6 +89,13 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
             x = ((x / f) << prob_bits) + (x % f) + cum[s];
             state[lane] = (uint32_t)x;
             lane = lane == 0 ? lanes - 1 : lane - 1;
+        }
+        Py_END_ALLOW_THREADS
+        if (zero_frequency) {
+            free(state);
+            free(words);
+            fail("format", "symbol with zero frequency");
+            goto done_buffers;
         }
         result = PyBytes_FromStringAndSize(NULL, 4 * lanes + 2 * count);
         if (result) {
@@ -156,8 +166,11 @@ static PyObject *rans_decode(PyObject *self, PyObject *args) {
         result = PyBytes_FromStringAndSize(NULL, count);
         if (!result) goto done;
         {
+            /* The new bytes object is not shared yet, so the loop runs without the GIL. */
             unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+            int out_of_words = 0;
             lane = 0;
+            Py_BEGIN_ALLOW_THREADS
             for (Py_ssize_t i = 0; i < count; i++) {
                 uint32_t x = state[lane];
                 uint32_t slot = x & mask;
@@ -166,15 +179,20 @@ static PyObject *rans_decode(PyObject *self, PyObject *args) {
                 x = freq[s] * (x >> prob_bits) + slot - cum[s];
                 if (x < RANS_L) {
                     if (position >= total_words) {
-                        Py_CLEAR(result);
-                        fail("format", "rANS stream runs out of words before its last symbol");
-                        goto done;
+                        out_of_words = 1;
+                        break;
                     }
                     x = (x << 16) | ((uint32_t)word[2 * position] | ((uint32_t)word[2 * position + 1] << 8));
                     position++;
                 }
                 state[lane] = x;
                 if (++lane == lanes) lane = 0;
+            }
+            Py_END_ALLOW_THREADS
+            if (out_of_words) {
+                Py_CLEAR(result);
+                fail("format", "rANS stream runs out of words before its last symbol");
+                goto done;
             }
         }
         if (position != total_words) {
@@ -198,12 +216,222 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Byte-order checks of FORMAT.md 5.1 (msgpack header subset) and 11 (zstd frame structure), the
+ * same walks as fstqcodec/wire/msgpack_subset.py and zstd_frame.py at native speed: a hostile
+ * header or frame can hold millions of items or blocks in a few hundred compressed bytes.
+ * Errors: ValueError(code, message, extra) with code "format", "limit", "truncated" or
+ * "trailing"; extra is a byte offset, the container count ("limit") or the bytes left over.
+ */
+
+#define MSGPACK_MAX_DEPTH 16
+
+typedef struct {
+    uint64_t remaining;
+    PyObject *keys; /* set of key bytes for maps, NULL for arrays */
+} scan_frame;
+
+static int is_str_type(unsigned b) { return (b >= 0xa0 && b <= 0xbf) || b == 0xd9 || b == 0xda || b == 0xdb; }
+static int is_one_byte(unsigned b) { return b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3; }
+
+static uint64_t read_be(const unsigned char *p, int size) {
+    uint64_t value = 0;
+    for (int i = 0; i < size; i++) value = (value << 8) | p[i];
+    return value;
+}
+
+static int fixed_size(unsigned b) {
+    static const int sizes[10] = {4, 8, 1, 2, 4, 8, 1, 2, 4, 8}; /* 0xca .. 0xd3 */
+    return sizes[b - 0xca];
+}
+
+/* Pops finished containers; returns 1 once the header map itself is complete. */
+static int close_finished(scan_frame *stack, int *depth) {
+    while (*depth && stack[*depth - 1].remaining == 0) {
+        Py_CLEAR(stack[*depth - 1].keys);
+        (*depth)--;
+        if (*depth == 0) return 1;
+        stack[*depth - 1].remaining--;
+    }
+    return 0;
+}
+
+/* Returns 1 if the str payload is a new key (and records it), 0 if repeated, -1 on a Python error. */
+static int add_key(PyObject *keys, const unsigned char *payload, Py_ssize_t length) {
+    PyObject *key = PyBytes_FromStringAndSize((const char *)payload, length);
+    int present;
+    if (!key) return -1;
+    present = PySet_Contains(keys, key);
+    if (present == 0 && PySet_Add(keys, key) < 0) present = -1;
+    Py_DECREF(key);
+    return present < 0 ? -1 : !present;
+}
+
+static PyObject *msgpack_scan(PyObject *self, PyObject *args) {
+    Py_buffer buffer;
+    Py_ssize_t budget, containers = 0, pos = 0, extra = 0;
+    scan_frame stack[MSGPACK_MAX_DEPTH];
+    int depth = 0, python_error = 0;
+    const char *code = "format", *message = NULL;
+    if (!PyArg_ParseTuple(args, "y*n", &buffer, &budget)) return NULL;
+    const unsigned char *data = (const unsigned char *)buffer.buf;
+    Py_ssize_t size = buffer.len;
+    if (size == 0 || !((data[0] >= 0x80 && data[0] <= 0x8f) || data[0] == 0xde || data[0] == 0xdf)) {
+        message = "the header is not a map";
+        goto done;
+    }
+    for (;;) {
+        scan_frame *top = depth ? &stack[depth - 1] : NULL;
+        if (top && !top->keys) {
+            while (top->remaining && pos < size && is_one_byte(data[pos])) {
+                pos++;
+                top->remaining--;
+            }
+            if (top->remaining == 0) {
+                if (close_finished(stack, &depth)) break;
+                continue;
+            }
+        }
+        if (pos >= size) { message = "an object ends past the last byte"; extra = pos; goto done; }
+        Py_ssize_t start = pos;
+        unsigned b = data[pos++];
+        int is_key = top && top->keys && top->remaining % 2 == 0;
+        extra = start;
+        if (is_key && !is_str_type(b)) { message = "a map key is not a str"; goto done; }
+        if (b == 0xc1 || (b >= 0xc7 && b <= 0xc9) || (b >= 0xd4 && b <= 0xd8)) {
+            message = "an extension type or the never-used type byte 0xc1";
+            goto done;
+        }
+        if (is_one_byte(b)) {
+        } else if (b >= 0xca && b <= 0xd3) {
+            if (size - pos < fixed_size(b)) { message = "a number ends past the last byte"; goto done; }
+            pos += fixed_size(b);
+        } else if (is_str_type(b) || (b >= 0xc4 && b <= 0xc6)) {
+            int field = (b == 0xd9 || b == 0xc4) ? 1 : (b == 0xda || b == 0xc5) ? 2 : (b == 0xdb || b == 0xc6) ? 4 : 0;
+            if (size - pos < field) { message = "a str/bin length field ends past the last byte"; goto done; }
+            uint64_t length = field ? read_be(data + pos, field) : (uint64_t)(b & 0x1f);
+            pos += field;
+            if (length > (uint64_t)(size - pos)) { message = "a str or bin declares more bytes than are left"; goto done; }
+            if (is_str_type(b)) {
+                PyObject *text = PyUnicode_DecodeUTF8((const char *)data + pos, (Py_ssize_t)length, "strict");
+                if (!text) {
+                    if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) { python_error = 1; goto done; }
+                    PyErr_Clear();
+                    message = "a str is not valid UTF-8";
+                    goto done;
+                }
+                Py_DECREF(text);
+                if (is_key) {
+                    int added = add_key(top->keys, data + pos, (Py_ssize_t)length);
+                    if (added < 0) { python_error = 1; goto done; }
+                    if (!added) { message = "a map holds the same key twice"; goto done; }
+                }
+            }
+            pos += (Py_ssize_t)length;
+        } else {
+            int is_map = (b >= 0x80 && b <= 0x8f) || b == 0xde || b == 0xdf;
+            int field = (b == 0xdc || b == 0xde) ? 2 : (b == 0xdd || b == 0xdf) ? 4 : 0;
+            if (size - pos < field) { message = "an array/map length field ends past the last byte"; goto done; }
+            uint64_t count = field ? read_be(data + pos, field) : (uint64_t)(b & 0x0f);
+            pos += field;
+            if (depth + 1 > MSGPACK_MAX_DEPTH) { message = "a container deeper than 16"; goto done; }
+            uint64_t items = is_map ? 2 * count : count;
+            if (items > (uint64_t)(size - pos)) { message = "a container declares more objects than bytes are left"; goto done; }
+            if (++containers > budget) { code = "limit"; message = "too many arrays and maps"; extra = containers; goto done; }
+            stack[depth].remaining = items;
+            stack[depth].keys = NULL;
+            if (is_map && !(stack[depth].keys = PySet_New(NULL))) { python_error = 1; goto done; }
+            depth++;
+            if (items == 0 && close_finished(stack, &depth)) break;
+            continue;
+        }
+        top->remaining--;
+        if (close_finished(stack, &depth)) break;
+    }
+    if (pos != size) { code = "trailing"; message = "bytes after the header map"; extra = size - pos; }
+done:
+    for (int i = 0; i < depth; i++) Py_CLEAR(stack[i].keys);
+    PyBuffer_Release(&buffer);
+    if (python_error) return NULL;
+    if (message) return fail_extra(code, message, extra);
+    Py_RETURN_NONE;
+}
+
+#define ZSTD_MAX_WINDOW (8u << 20)
+#define ZSTD_MAX_BLOCK (128u << 10)
+
+static uint64_t read_le(const unsigned char *p, int size) {
+    uint64_t value = 0;
+    for (int i = size - 1; i >= 0; i--) value = (value << 8) | p[i];
+    return value;
+}
+
+static PyObject *zstd_walk(PyObject *self, PyObject *args) {
+    Py_buffer buffer;
+    unsigned long long declared;
+    const char *code = "format", *message = NULL;
+    Py_ssize_t pos = 5, extra = 0;
+    if (!PyArg_ParseTuple(args, "y*K", &buffer, &declared)) return NULL;
+    const unsigned char *s = (const unsigned char *)buffer.buf;
+    Py_ssize_t size = buffer.len;
+    static const unsigned char magic[4] = {0x28, 0xb5, 0x2f, 0xfd};
+    static const int dictionary_sizes[4] = {0, 1, 2, 4};
+    if (size < 4 || memcmp(s, magic, 4) != 0) { message = "not a zstd frame (bad or missing frame magic)"; goto done; }
+    if (size < 5) { code = "truncated"; message = "zstd frame ends inside its frame header"; extra = size; goto done; }
+    unsigned descriptor = s[4];
+    int content_size_flag = descriptor >> 6, single_segment = (descriptor >> 5) & 1, has_checksum = (descriptor >> 2) & 1;
+    uint64_t window = 0;
+    if ((descriptor >> 3) & 1) { message = "zstd frame header sets its reserved bit"; extra = 4; goto done; }
+    if (content_size_flag == 0 && !single_segment) { message = "zstd frame does not declare its content size"; extra = 4; goto done; }
+    if (!single_segment) {
+        if (size < pos + 1) { code = "truncated"; message = "zstd frame ends inside its frame header"; extra = size; goto done; }
+        uint64_t base = (uint64_t)1 << (10 + (s[pos] >> 3));
+        window = base + (base >> 3) * (s[pos] & 7);
+        if (window > ZSTD_MAX_WINDOW) { message = "zstd window exceeds 8 MiB"; extra = pos; goto done; }
+        pos += 1;
+    }
+    int dictionary_size = dictionary_sizes[descriptor & 3];
+    if (size < pos + dictionary_size) { code = "truncated"; message = "zstd frame ends inside its frame header"; extra = size; goto done; }
+    if (read_le(s + pos, dictionary_size)) { message = "zstd frame names a dictionary"; extra = pos; goto done; }
+    pos += dictionary_size;
+    int content_size_bytes = content_size_flag == 0 ? single_segment : content_size_flag == 1 ? 2 : content_size_flag == 2 ? 4 : 8;
+    if (size < pos + content_size_bytes) { code = "truncated"; message = "zstd frame ends inside its frame header"; extra = size; goto done; }
+    uint64_t content_size = read_le(s + pos, content_size_bytes) + (content_size_bytes == 2 ? 256 : 0);
+    if (content_size != declared) { message = "zstd frame content size differs from the declared length"; extra = pos; goto done; }
+    pos += content_size_bytes;
+    if (single_segment) window = content_size;
+    uint64_t block_max = window < ZSTD_MAX_BLOCK ? window : ZSTD_MAX_BLOCK;
+    for (;;) {
+        if (size - pos < 3) { code = "truncated"; message = "zstd frame ends inside a block header"; extra = size; goto done; }
+        uint32_t header = (uint32_t)read_le(s + pos, 3);
+        unsigned block_type = (header >> 1) & 3;
+        uint32_t block_size = header >> 3;
+        if (block_type == 3) { message = "zstd block of the reserved type 3"; extra = pos; goto done; }
+        if (block_size > block_max) { message = "zstd block larger than Block_Maximum_Size"; extra = pos; goto done; }
+        Py_ssize_t content = block_type == 1 ? 1 : (Py_ssize_t)block_size;
+        if (size - pos - 3 < content) { code = "truncated"; message = "zstd frame ends inside a block"; extra = size; goto done; }
+        pos += 3 + content;
+        if (header & 1) break;
+    }
+    if (has_checksum) {
+        if (size - pos < 4) { code = "truncated"; message = "zstd frame ends inside its content checksum"; extra = size; goto done; }
+        pos += 4;
+    }
+    if (pos < size) { code = "trailing"; message = "bytes follow the zstd frame"; extra = size - pos; }
+done:
+    PyBuffer_Release(&buffer);
+    if (message) return fail_extra(code, message, extra);
+    return PyLong_FromSsize_t(pos);
+}
+
 static PyMethodDef methods[] = {
     {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
+    {"msgpack_scan", msgpack_scan, METH_VARARGS, "msgpack_scan(header_bytes, container_budget) -> None (FORMAT.md 5.1)"},
+    {"zstd_walk", zstd_walk, METH_VARARGS, "zstd_walk(stored, declared_length) -> frame length (FORMAT.md 11, pass 1)"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups", "C accelerator for fstqcodec's rANS stage.", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups", "C accelerator for fstqcodec: rANS, header and zstd frame checks.", -1, methods};
 
 PyMODINIT_FUNC PyInit__speedups(void) { return PyModule_Create(&module); }

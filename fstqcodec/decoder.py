@@ -115,10 +115,11 @@ def _expected_section_length(context, element_count: int, declared: int, what: s
         raise BadFormatError(
             f"{what}: {context.lanes} lanes for {element_count} symbols; at most {rans.MAX_STEPS} symbols per lane"
         )
-    # A stream holds the lane states and at most one 16-bit word per symbol.
-    bound = 4 * context.lanes + 2 * element_count
-    if declared > bound:
-        raise BadFormatError(f"{what} declares {declared} bytes, at most {bound} possible")
+    # A stream is the lane states and then whole 16-bit words, at most one per symbol; all of it
+    # is decided here, before the section is decompressed (FORMAT.md step 19a).
+    states, bound = 4 * context.lanes, 4 * context.lanes + 2 * element_count
+    if declared < states or declared > bound or (declared - states) % 2:
+        raise BadFormatError(f"{what} declares {declared} bytes, not {states} bytes of states and up to {element_count} words")
     return None
 
 

@@ -22,8 +22,8 @@ the manifest (``schemas``), so that a decoder can be given it.
 Invalid vectors are mostly built by hand with :func:`frame`, which writes a correct preamble and
 CRC-32, so that each one fails for the intended reason and not with a checksum error. The script
 checks that ``fstqcodec.decode`` raises the named error for every invalid vector, except those in
-:data:`REFERENCE_DECODER_GAPS`, where the reference decoder is known not to conform yet (FORMAT.md,
-Appendix B).
+:data:`REFERENCE_DECODER_GAPS`, where the reference decoder would be known not to conform (FORMAT.md,
+Appendix B records the reference implementation's state; there are none).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ TENSOR_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64
 SCHEMA_DIGEST_SIZE = 16
 RANS_MAX_STEPS = 1 << 16  # symbols per lane of one rANS context
 
-#: Invalid vectors the reference decoder does not reject as the spec requires (see the report in
-#: FORMAT.md, Appendix B). The test suite marks them as expected failures.
+#: Invalid vectors the reference decoder does not reject as the spec requires (FORMAT.md, Appendix B,
+#: would list them). The test suite marks them as expected failures.
 REFERENCE_DECODER_GAPS: dict = {}
 
 
@@ -569,6 +569,48 @@ def valid_vectors():
         "rans_65536_steps",
         "Hand-built: one rANS context of 1 lane coding 65536 symbols (two blocks of 32768), the most one lane may "
         "code; a one-symbol table at prob_bits 16, so the stream is the 4-byte final state.",
+        message,
+    )
+
+    # ---- boundaries fixed by document revision 2 (FORMAT.md 5.1, 7, 11) --------------------
+    header, body, _ = base_message()
+    yield (
+        "header_depth_16",
+        "The base message with an unknown key whose value is 15 nested arrays: containers at depths 2 to 16, the "
+        "deepest a header may hold (Section 5.1 rule 6).",
+        frame(with_extra_key(header, "x-deep", b"\x91" * 14 + b"\x90"), body),
+    )
+    raw_payload = np.array([1.5, -2.25, 1e-40, 3.0e38], dtype="<f4").tobytes()
+    window_8mib = ZSTD_MAGIC + bytes([0x80, 0x68]) + struct.pack("<I", 16) + zstd_block(1, 0, 16) + raw_payload
+    yield (
+        "zstd_window_8mib",
+        "The base message with its raw codes section stored as a hand-made zstd frame that is not single-segment and "
+        "declares a Window_Size of exactly 8 MiB (descriptor 0x68), the largest allowed (Section 11 pass 1 item 2).",
+        replace_section(header, body, 3, window_8mib, "zstd", 16),
+    )
+    dictionary_zero = ZSTD_MAGIC + bytes([0x21, 0x00, 16]) + zstd_block(1, 0, 16) + raw_payload
+    yield (
+        "zstd_dictionary_id_zero",
+        "The base message with its raw codes section stored as a single-segment zstd frame whose 1-byte Dictionary_ID "
+        "field is present and 0 (no dictionary), which is allowed (Section 11 pass 1 item 2).",
+        replace_section(header, body, 3, dictionary_zero, "zstd", 16),
+    )
+    # level * scale rounded to binary32 first, then to the tensor dtype (Section 7): the exact
+    # products 2.0009766221... and 0.5019531548... round differently when converted directly.
+    level_h, level_b = np.float32(73.17857360839844), np.float32(0.1673177182674408)
+    _, _, message = build(
+        [["h", "float16", [1], 1], ["b", "bfloat16", [1], 1]],
+        [["packed", 1, 0]],
+        [0, 0],
+        [0x3CE0, 0x4040],
+        [pack_codes([0, 1], 1)],
+        codebooks=[[level_h, level_b]],
+    )
+    yield (
+        "product_rounded_to_binary32_first",
+        "Hand-built: codebook levels times bfloat16 scales whose binary32 products are ties in float16 (2.0009765625 -> "
+        "0x4000) and in bfloat16 (0.501953125 -> 0x3F00); converting the exact products directly would give 0x4001 "
+        "and 0x3F01 (Section 7: the product is a binary32 value).",
         message,
     )
 
@@ -1110,6 +1152,252 @@ def invalid_vectors():
     )
 
 
+    # --- error precedence fixed by document revision 2 ------------------------------------
+    yield from precedence_vectors(base_header, base_body, variant, with_context, raw_payload, stream)
+
+
+def precedence_vectors(base_header, base_body, variant, with_context, raw_payload, stream):
+    """Invalid vectors with two candidate errors, where the rule of FORMAT.md 13.2 picks one."""
+    yield from msgpack_precedence_vectors(base_header, base_body)
+    yield from zstd_precedence_vectors(base_header, base_body, raw_payload)
+    yield (
+        "critical_unknown_then_not_a_string",
+        "'critical' is ['x-unknown', 5]: an unknown name, then an entry that is not a str.",
+        "BadFormatError",
+        "Every entry's type is checked before any name is looked up, so the class does not depend on the keys a decoder "
+        "implements (step 9).",
+        variant(critical=["x-unknown", 5]),
+    )
+    rans_context = base_header["contexts"][3]
+    yield (
+        "rans_lanes_over_limit_then_bad_prob_bits",
+        "rANS context with 65537 lanes and prob_bits 17.",
+        "LimitExceededError",
+        "A context's fields are checked in index order: lanes (index 3) before prob_bits (index 4) (step 13).",
+        with_context(3, rans_context[:3] + [65537, 17, 0, [2**17]]),
+    )
+    yield (
+        "rans_bad_width_then_lanes_over_limit",
+        "rANS context of width 9 with 65537 lanes.",
+        "BadFormatError",
+        "A context's fields are checked in index order: width (index 1) before lanes (index 3) (step 13).",
+        with_context(3, ["rans", 9, None, 65537, 4, 0, [16]]),
+    )
+    codebook_contexts = [["zero"], ["raw", "f32"], ["packed", 3, 0], rans_context]
+    yield (
+        "codebook_over_limit_then_not_power_of_two",
+        "One codebook of 65537 zero levels (zstd-encoded header).",
+        "LimitExceededError",
+        "Within a codebook entry the running level count (max_codebook_entries, 65536) is checked before the level count "
+        "is checked to be a power of two in [2, 256] (step 12).",
+        frame(dict(base_header, contexts=codebook_contexts, codebooks=[bytes(4 * 65537)]), base_body, header_encoding=1),
+    )
+    yield (
+        "codebook_bad_entry_then_over_limit",
+        "Codebooks of 3 levels and then 65536 levels (zstd-encoded header).",
+        "BadFormatError",
+        "Codebook entries are checked in index order: entry 0 has 3 levels before entry 1 passes max_codebook_entries "
+        "(step 12).",
+        frame(dict(base_header, contexts=codebook_contexts, codebooks=[bytes(12), bytes(4 * 65536)]), base_body, header_encoding=1),
+    )
+    tensors, contexts = [["r", "float32", [64], 64]], [["rans", 2, None, 2, 4, 0, [4, 5, 4, 3]]]
+    header, body, _ = build(tensors, contexts, [0], [0x3F80], [stream])
+    yield (
+        "rans_odd_length_zstd_truncated",
+        "A 2-lane rANS section declaring an odd decoded length, stored as a zstd frame cut short.",
+        "BadFormatError",
+        "The whole length rule of Section 6 (4*lanes + 2*m, m <= n_k) is checked before the section is decompressed "
+        "(step 19a before 19b's TruncatedError).",
+        replace_section(header, body, 2, zstd_frame(stream + b"\x00")[:-3], "zstd", len(stream) + 1),
+    )
+    yield (
+        "rans_shorter_than_states_zstd_truncated",
+        "A 2-lane rANS section declaring 6 decoded bytes (less than its 8 bytes of states), stored as a zstd frame cut short.",
+        "BadFormatError",
+        "decoded_length >= 4*lanes is checked before the section is decompressed (step 19a before 19b).",
+        replace_section(header, body, 2, zstd_frame(stream[:6])[:-2], "zstd", 6),
+    )
+    yield (
+        "bfloat16_nan_all_ones",
+        "A bfloat16 tensor holding a raw f32 NaN with bit pattern 0xFFFFFFFF.",
+        "BadFormatError",
+        "A NaN stays non-finite through the conversion to bfloat16 (the rounding formula of Section 7 is for finite values; "
+        "applied to 0xFFFFFFFF in 32-bit arithmetic it would wrap to +0.0) (step 21).",
+        build([["b", "bfloat16", [2], 4]], [["raw", "f32"]], [0], [], [struct.pack("<II", 0x3F800000, 0xFFFFFFFF)])[2],
+    )
+
+
+def msgpack_precedence_vectors(base_header, base_body):
+    """Section 5.1: checks in byte order; a container's header is checked, then counted, when read."""
+    base_containers = count_containers(base_header)
+    yield (
+        "header_not_a_map_then_trailing",
+        "Header bytes: the msgpack array [1, 2, 3] followed by a nil.",
+        "BadFormatError",
+        "The first byte must start a map; that is checked before the end of the object is looked for (5.1 rules 1 "
+        "and 2, step 8).",
+        frame(packb([1, 2, 3]) + b"\xc0", base_body),
+    )
+    yield (
+        "header_depth_17",
+        "The base header with an unknown key whose value is 16 nested arrays (the deepest at depth 17).",
+        "BadFormatError",
+        "Containers deeper than 16 are rejected (5.1 rule 6, step 8).",
+        frame(with_extra_key(base_header, "x-deep", b"\x91" * 15 + b"\x90"), base_body),
+    )
+    present = 200_000
+    yield (
+        "header_length_past_end_before_count",
+        f"The base header plus a key whose array32 declares {present + 1} elements, followed by the {present} bytes "
+        "of empty arrays that end the header (zstd-encoded header).",
+        "BadFormatError",
+        "A container's declared length is checked against the bytes left when its header is read, before the "
+        "containers inside it are counted (5.1 rules 1 and 8, step 8); counting first would give LimitExceededError.",
+        frame(with_extra_key(base_header, "x", b"\xdd" + (present + 1).to_bytes(4, "big") + b"\x90" * present), base_body, header_encoding=1),
+    )
+    elements = CONTAINER_BUDGET - base_containers
+    yield (
+        "header_count_before_later_defect",
+        f"The base header ({base_containers} arrays and maps) plus a key whose array holds {elements - 1} empty arrays "
+        "and a one-element array holding a str that is not UTF-8 (zstd-encoded header).",
+        "LimitExceededError",
+        "Containers are counted when their header is read: the last array is container number "
+        f"{CONTAINER_BUDGET + 1}, past 2*max_tensors + 3*max_contexts + 4096 = {CONTAINER_BUDGET}, before its invalid "
+        "str is read (5.1 rule 8, step 8); counting containers when they end would reach the str first.",
+        frame(
+            with_extra_key(base_header, "x", b"\xdd" + elements.to_bytes(4, "big") + b"\x90" * (elements - 1) + b"\x91\xa1\xff"),
+            base_body,
+            header_encoding=1,
+        ),
+    )
+    # Each pair: a 3-letter key and an array16 of 1000 empty arrays (1001 containers in 1007 bytes).
+    per_pair = 1001
+    pairs = -(-(CONTAINER_BUDGET + 1 - base_containers - 1) // per_pair)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
+    body_bytes = b"".join(packb("k" + alphabet[i // 64] + alphabet[i % 64]) + b"\xdc" + (per_pair - 1).to_bytes(2, "big") + b"\x90" * (per_pair - 1) for i in range(pairs))
+    declared = len(body_bytes) // 2 + 1
+    assert declared <= len(body_bytes) < 2 * declared
+    yield (
+        "header_map_length_counts_pairs",
+        f"The base header plus a key whose map32 declares {declared} pairs, followed by {pairs} pairs (a 3-letter key and "
+        f"an array of 1000 empty arrays each, {len(body_bytes)} bytes) that end the header (zstd-encoded header).",
+        "BadFormatError",
+        "A map's length counts key-value pairs: 2 * length objects need at least 2 * length bytes, more than are left "
+        "(5.1 rule 1, step 8); reading the length as a count of objects would pass this check, parse on and count past "
+        "the container bound (LimitExceededError).",
+        frame(with_extra_key(base_header, "x", b"\xdf" + declared.to_bytes(4, "big") + body_bytes), base_body, header_encoding=1),
+    )
+
+
+def zstd_precedence_vectors(base_header, base_body, raw_payload):
+    """Section 11: the frame's structure in byte order (truncated or bad format), then its content."""
+    single_16 = ZSTD_MAGIC + bytes([0x20, 16])  # single-segment, 1-byte Frame_Content_Size 16
+
+    def codes_section(name, description, error, why, stored):
+        return name, description, error, why, replace_section(base_header, base_body, 3, stored, "zstd", 16)
+
+    yield codes_section(
+        "section_zstd_cut_in_magic",
+        "The raw codes section (zstd, 16 bytes declared) holds the first 3 bytes of the frame magic.",
+        "BadFormatError",
+        "Stored bytes that do not begin with the 4-byte magic are not a frame (Section 11 pass 1 item 1, step 19b).",
+        ZSTD_MAGIC[:3],
+    )
+    yield codes_section(
+        "section_zstd_magic_only",
+        "The raw codes section (zstd) holds the 4-byte frame magic and nothing else.",
+        "TruncatedError",
+        "After the magic, stored bytes that end inside the frame header are a truncated frame (Section 11, step 19b).",
+        ZSTD_MAGIC,
+    )
+    yield codes_section(
+        "section_zstd_content_size_wrong_then_cut",
+        "The raw codes section (zstd, 16 bytes declared) holds a frame header declaring 17 bytes, and nothing after it.",
+        "BadFormatError",
+        "Frame header fields are checked as they are read: Frame_Content_Size differs from the declared length before "
+        "the missing blocks are noticed (Section 11 pass 1 item 2, step 19b).",
+        ZSTD_MAGIC + bytes([0x20, 17]),
+    )
+    yield codes_section(
+        "section_zstd_window_over_8mib",
+        "The raw codes section stored as a frame that is not single-segment with a Window_Size of 9 MiB (descriptor 0x69).",
+        "BadFormatError",
+        "Window_Size above 8 MiB is rejected unless the frame is single-segment (Section 11 pass 1 item 2, step 19b).",
+        ZSTD_MAGIC + bytes([0x80, 0x69]) + struct.pack("<I", 16) + zstd_block(1, 0, 16) + raw_payload,
+    )
+    yield codes_section(
+        "section_zstd_block_larger_than_rest",
+        "The raw codes section stored as a single-segment frame whose raw block declares 16 bytes with only 10 left.",
+        "TruncatedError",
+        "A block whose Block_Size is allowed but larger than the bytes left is a truncated frame (Section 11 pass 1 item 3, step 19b).",
+        single_16 + zstd_block(1, 0, 16) + raw_payload[:10],
+    )
+    yield codes_section(
+        "section_zstd_block_over_maximum",
+        "The raw codes section stored as a single-segment frame of content size 16 whose raw block declares 17 bytes, "
+        "all present.",
+        "BadFormatError",
+        "Block_Size above Block_Maximum_Size = min(Window_Size, 128 KiB), with Window_Size = Frame_Content_Size for a "
+        "single-segment frame (Section 11 pass 1 item 3, step 19b).",
+        single_16 + zstd_block(1, 0, 17) + raw_payload + b"\x00",
+    )
+    yield codes_section(
+        "section_zstd_block_over_maximum_cut",
+        "As section_zstd_block_over_maximum with Block_Size 200 and only 10 bytes after the block header.",
+        "BadFormatError",
+        "The block header is checked when it is read, before the block's bytes are found missing (Section 11 pass 1 item 3, "
+        "step 19b).",
+        single_16 + zstd_block(1, 0, 200) + raw_payload[:10],
+    )
+    yield codes_section(
+        "section_zstd_reserved_block_type_cut",
+        "The raw codes section stored as a frame whose block has the reserved Block_Type 3 and is cut short.",
+        "BadFormatError",
+        "Block_Type 3 is invalid, decided from the block header (Section 11 pass 1 item 3, step 19b).",
+        single_16 + zstd_block(1, 3, 5) + b"\x00\x00",
+    )
+    yield codes_section(
+        "section_zstd_checksum_cut",
+        "The raw codes section stored as a frame with Content_Checksum_flag set and only 2 bytes of the checksum.",
+        "TruncatedError",
+        "A frame that ends inside its Content_Checksum is truncated (Section 11 pass 1 item 4, step 19b).",
+        ZSTD_MAGIC + bytes([0x24, 16]) + zstd_block(1, 0, 16) + raw_payload + b"\x00\x00",
+    )
+    corrupt = single_16 + zstd_block(1, 2, 8) + b"\xff" * 8
+    try:
+        zstandard.ZstdDecompressor().decompressobj().decompress(corrupt)
+    except zstandard.ZstdError:
+        pass
+    else:
+        raise AssertionError("the corrupt compressed block must not decode")
+    yield codes_section(
+        "section_zstd_trailing_after_corrupt_block",
+        "The raw codes section stored as a frame whose only (compressed) block is 8 bytes of 0xFF, complete, followed "
+        "by 2 more bytes.",
+        "TrailingDataError",
+        "The frame's structure, up to bytes after its end, is checked before its content is decoded (Section 11 pass 1 "
+        "item 5 before pass 2, step 19b).",
+        corrupt + b"\x00\x00",
+    )
+    yield codes_section(
+        "section_zstd_corrupt_block_then_cut",
+        "The raw codes section stored as a frame of a complete corrupt compressed block (8 bytes of 0xFF) and then a "
+        "raw last block of 8 bytes with 3 present.",
+        "TruncatedError",
+        "Structure before content: the cut second block is found before the first block is decoded (Section 11 pass 1 item 3, "
+        "step 19b).",
+        single_16 + zstd_block(0, 2, 8) + b"\xff" * 8 + zstd_block(1, 0, 8) + b"abc",
+    )
+    header_bytes = packb(base_header)
+    yield (
+        "header_zstd_cut_in_frame_header",
+        "The stored header is a zstd frame header cut inside its 4-byte Frame_Content_Size field (8 bytes in all).",
+        "TruncatedError",
+        "Stored bytes that end inside the frame header after a complete magic are a truncated frame (Section 11, step 7).",
+        frame(header_bytes, base_body, header_encoding=1, stored_header=ZSTD_MAGIC + bytes([0x80, 0x00]) + struct.pack("<I", len(header_bytes))[:2]),
+    )
+
+
 def fake_zstd_frame(content_size: int) -> bytes:
     """A zstd frame header declaring ``content_size`` (8-byte field) followed by one empty raw block."""
     magic = struct.pack("<I", 0xFD2FB528)
@@ -1117,6 +1405,31 @@ def fake_zstd_frame(content_size: int) -> bytes:
     window = bytes([0x00])  # 1 KiB window
     last_empty_raw_block = bytes([0x01, 0x00, 0x00])
     return magic + descriptor + window + struct.pack("<Q", content_size) + last_empty_raw_block
+
+
+ZSTD_MAGIC = struct.pack("<I", 0xFD2FB528)
+CONTAINER_BUDGET = 2 * 65536 + 3 * 256 + 4096  # FORMAT.md 5.1 rule 8 at the default limits
+
+
+def zstd_block(last: int, block_type: int, size: int) -> bytes:
+    """A zstd Block_Header (RFC 8878 3.1.1.2): Last_Block, Block_Type, Block_Size, 3 bytes little-endian."""
+    return (last | (block_type << 1) | (size << 3)).to_bytes(3, "little")
+
+
+def count_containers(obj) -> int:
+    """Arrays and maps in a msgpack-ready object, itself included (FORMAT.md 5.1 rule 8)."""
+    if isinstance(obj, dict):
+        return 1 + sum(count_containers(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return 1 + sum(count_containers(v) for v in obj)
+    return 0
+
+
+def with_extra_key(header: dict, key: str, value_bytes: bytes) -> bytes:
+    """The msgpack bytes of ``header`` (a fixmap) with one more key whose value is given as raw bytes."""
+    encoded = packb(header)
+    assert 0x80 <= encoded[0] < 0x8F
+    return bytes([encoded[0] + 1]) + encoded[1:] + packb(key) + value_bytes
 
 
 def replace_section(header, body, index, stored, encoding, decoded_length):
@@ -1258,7 +1571,7 @@ def generate(out: Path) -> dict:
             "Valid vectors: decoding 'file' must give exactly 'tensors' (in this order): dtype, shape, and the "
             "little-endian bytes of the values (bfloat16 as 16-bit patterns) given as 'hex' (when short) and "
             "always as the array 'npz_key' of the file 'values' and by their sha256. Invalid vectors: decoding "
-            "must raise 'error' (a DecodeError subclass, FORMAT.md section 13.1) and nothing else. An entry with "
+            "must raise 'error' (a class of FORMAT.md section 13.1) and nothing else, with the default limits of section 14. An entry with "
             "'schemas' (valid or invalid) is decoded with those schemas known to the decoder (FORMAT.md section 5.8): "
             "each is a tensor list [[name, dtype, shape, block_size], ...] with its 16-byte 'digest' in hex. Every "
             "file's sha256 is listed."

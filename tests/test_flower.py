@@ -7,6 +7,7 @@ runtime); no Ray, no simulation. The end-to-end runs are in ``test_flower_simula
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
 import numpy as np
@@ -88,6 +89,16 @@ def request(budget=fstqcodec.Budget(ratio=8), *, error_feedback=True, seed=3, fi
     strategy = FstqStrategy(FedAvg(), budget=budget, error_feedback=error_feedback, seed=seed, fisher_power=fisher_power)
     strategy._last_accepted[1] = server_round - 1 if last_accepted is None else last_accepted
     return strategy._client_request(server_round=server_round, node_id=1)
+
+
+def encoder_of(fstq_request: ConfigRecord) -> fstqcodec.EncodeConfig:
+    """The encoder config a request carries (its JSON text, read as a client must)."""
+    return fstqcodec.EncodeConfig.from_config(json.loads(fstq_request["encoder"]))
+
+
+def with_encoder(fstq_request: ConfigRecord, **changes) -> str:
+    """The request's encoder JSON with some members replaced (raw, so it may be invalid)."""
+    return json.dumps({**json.loads(fstq_request["encoder"]), **changes})
 
 
 def train_message(global_model, fstq_request=None, message_type=MessageType.TRAIN) -> Message:
@@ -274,7 +285,7 @@ def test_the_servers_fisher_power_reaches_the_client_encoder():
         return the_message(FstqMod()(train_message(global_model, the_request), new_context(),
                                      FakeApp(step, fisher=app_fisher)))
 
-    assert request(tight, fisher_power=0.5)["fisher-power"] == 0.5
+    assert encoder_of(request(tight, fisher_power=0.5)).fisher_power == 0.5
     # Power 0 makes any Fisher uniform: the same bytes as no Fisher at all.
     assert message(0, fisher) == message(None, None)
     assert message(None, fisher) != message(None, None)
@@ -333,7 +344,7 @@ def test_mod_decodes_the_model_of_an_evaluate_message_and_compresses_nothing():
         ("negative-fisher", "negative"),
         ("newer-protocol", "protocol"),
         ("garbage-downlink", "could not read"),
-        ("unknown-budget-unit", "unknown budget unit"),
+        ("unknown-budget-unit", "cannot read the encoder config"),
         ("budget-too-small", "could not compress"),
     ],
 )
@@ -353,9 +364,9 @@ def test_mod_answers_with_an_error_reply_when_it_cannot_comply(case, reason):
     elif case == "newer-protocol":
         fstq_request["version"] = PROTOCOL_VERSION + 1
     elif case == "unknown-budget-unit":
-        fstq_request["budget-unit"] = "dollars"
+        fstq_request["encoder"] = with_encoder(fstq_request, budget={"dollars": 8})
     elif case == "budget-too-small":
-        fstq_request["budget-unit"], fstq_request["budget-value"] = "max_bytes", 8.0
+        fstq_request["encoder"] = with_encoder(fstq_request, budget={"max_bytes": 8})
     elif case == "garbage-downlink":
         msg.content["arrays"] = ArrayRecord(
             {MESSAGE_ARRAY: Array(dtype="uint8", shape=(5,), stype=STYPE_MODEL, data=b"\x00junk")}
@@ -409,9 +420,9 @@ def test_configure_train_gives_each_client_its_budget_and_leaves_shared_records_
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None))
 
     requests = {m.metadata.dst_node_id: m.content[CONFIG_RECORD] for m in messages}
-    assert requests[11]["budget-unit"] == "max_bytes" and requests[11]["budget-value"] == 10_000
-    assert requests[22]["budget-value"] == 5_000
-    assert requests[11]["seed"] != requests[22]["seed"]
+    assert encoder_of(requests[11]).budget == fstqcodec.Budget(max_bytes=10_000)
+    assert encoder_of(requests[22]).budget == fstqcodec.Budget(max_bytes=5_000)
+    assert encoder_of(requests[11]).seed != encoder_of(requests[22]).seed
     assert messages[0].content is not messages[1].content
     # The wrapped strategy's shared RecordDict and the global model itself are untouched.
     assert CONFIG_RECORD not in inner.shared
@@ -607,6 +618,10 @@ def test_link_budget_gives_each_node_what_its_link_carries_before_the_deadline()
     assert LinkBudget(lambda node: 16_000.0, deadline_s=0.5)(7, 1).max_bytes == 1000
     with pytest.raises(ValueError):
         LinkBudget({}, deadline_s=0.0)
+    floored = LinkBudget({11: 8000.0}, deadline_s=1.0, min_bytes=2048)
+    assert floored(11, 1).max_bytes == 2048  # the link carries 1000 bytes: the floor applies
+    with pytest.raises(ValueError, match="min_bytes"):
+        LinkBudget({}, deadline_s=1.0, min_bytes=0)
 
 
 class FakeGrid:

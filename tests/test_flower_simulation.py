@@ -236,9 +236,11 @@ def fedavg_of_decoded(reference: dict[str, np.ndarray], replies: list[dict]):
 
 
 def test_compressed_federation_matches_budget_and_fedavg():
+    config = fstqcodec.EncodeConfig(budget=fstqcodec.Budget(ratio=UPLINK_RATIO),
+                                    fisher_power=fstqcodec.FEDERATED_FISHER_POWER)
     strategy = WireRecordingStrategy(
         FedAvg(min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0),
-        budget=fstqcodec.Budget(ratio=UPLINK_RATIO),
+        config,
         downlink=fstqcodec.Budget(bits_per_param=8),
     )
     result = run_federation(strategy, client_app, num_supernodes=3)
@@ -275,7 +277,7 @@ def test_compressed_federation_matches_budget_and_fedavg():
 
 
 def test_server_drops_broken_replies_and_finishes_the_round():
-    strategy = WireRecordingStrategy(
+    strategy = WireRecordingStrategy(  # the keyword form of earlier versions still works
         FedAvg(min_train_nodes=7, min_available_nodes=7, fraction_evaluate=0.0),
         budget=fstqcodec.Budget(ratio=UPLINK_RATIO),
     )

@@ -28,7 +28,7 @@ GENERATOR = ROOT / "spec" / "make_vectors.py"
 MANIFEST_PATH = VECTORS / "manifest.json"
 
 #: Invalid vectors the reference decoder does not reject as FORMAT.md requires (Appendix B of the
-#: spec lists them). Strict xfail: once the decoder is fixed, the test turns red until the entry
+#: spec would list them). Strict xfail: once the decoder is fixed, the test turns red until the entry
 #: is removed from here and from REFERENCE_DECODER_GAPS in make_vectors.py.
 KNOWN_DECODER_GAPS: dict = {}
 

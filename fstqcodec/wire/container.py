@@ -18,12 +18,13 @@ import zstandard
 from ..errors import (
     BadFormatError,
     ChecksumError,
-    LimitExceededError,
     TrailingDataError,
     TruncatedError,
     UnsupportedVersionError,
 )
 from ..limits import Limits, check_limit
+from . import msgpack_subset
+from .zstd_frame import decompress_exact
 
 __all__ = [
     "MAGIC",
@@ -55,8 +56,6 @@ HEADER_ZSTD = 1
 ENCODING_NONE = "none"
 ENCODING_ZSTD = "zstd"
 SECTION_ENCODINGS = (ENCODING_NONE, ENCODING_ZSTD)
-
-_ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
 
 # A fixed zstd level keeps the bytes deterministic for a given zstandard library version.
 _ZSTD_LEVEL = 3
@@ -131,45 +130,6 @@ def write_container(header: dict, body: bytes, *, compress_header: bool) -> byte
     return b"".join(parts) + struct.pack("<I", crc)
 
 
-def _zstd_decompress_exact(stored, decoded_length: int, what: str, offset: int) -> bytes:
-    """Decompress one zstd frame that must hold exactly ``decoded_length`` bytes and nothing after it.
-
-    The caller has checked ``decoded_length`` against the limits. The frame must declare its
-    content size, equal to ``decoded_length``; this is checked from the frame header before
-    decompressing, and libzstd refuses to write past a declared content size, so a frame that
-    claims gigabytes (or lies about its size) never gets to allocate them.
-    """
-    stored = bytes(stored)
-    if stored[:4] != _ZSTD_FRAME_MAGIC:
-        # Also refuses skippable frames, whose "content size" reads as 0.
-        raise BadFormatError(f"{what}: not a zstd frame (bad frame magic)", offset=offset)
-    try:
-        declared = zstandard.frame_content_size(stored)
-    except zstandard.ZstdError:
-        raise BadFormatError(f"{what}: not a valid zstd frame header", offset=offset) from None
-    if declared != decoded_length:
-        raise BadFormatError(
-            f"{what}: zstd frame declares content size {declared if declared >= 0 else 'unknown'}, "
-            f"header declares {decoded_length}",
-            offset=offset,
-        )
-    decompressor = zstandard.ZstdDecompressor().decompressobj()
-    try:
-        out = decompressor.decompress(stored)
-    except zstandard.ZstdError as exc:
-        raise BadFormatError(f"{what}: invalid zstd data ({exc})", offset=offset) from None
-    if not decompressor.eof:
-        raise TruncatedError(f"{what}: zstd frame ends early", offset=offset + len(stored))
-    if decompressor.unused_data:
-        extra = len(decompressor.unused_data)
-        raise TrailingDataError(f"{what}: {extra} bytes follow its zstd frame", extra=extra, offset=offset)
-    if len(out) != decoded_length:
-        raise BadFormatError(
-            f"{what}: zstd data decodes to {len(out)} bytes, header declares {decoded_length}", offset=offset
-        )
-    return out
-
-
 def read_container(data, limits: Limits) -> Container:
     """Validate the framing of ``data`` (spec 5, steps 1-9) and return its parsed header.
 
@@ -230,7 +190,7 @@ def read_container(data, limits: Limits) -> Container:
     header_offset = PREAMBLE.size
     stored = view[header_offset : header_offset + header_stored]
     if header_encoding == HEADER_ZSTD:
-        header_bytes = _zstd_decompress_exact(stored, header_length, "header", header_offset)
+        header_bytes = decompress_exact(stored, header_length, "header", header_offset)
     else:
         header_bytes = bytes(stored)
     # 8. msgpack with every container length capped by the bytes present, no extension types.
@@ -249,31 +209,17 @@ def read_container(data, limits: Limits) -> Container:
     )
 
 
-def container_budget(limits: Limits) -> int:
-    """Most arrays and maps a header may hold (spec 13, step 8): two per tensor, three per
-    context, and room for the rest. Counting them while unpacking bounds the Python objects a
-    header of many tiny containers would otherwise create (64 bytes or more per header byte)."""
-    return 2 * limits.max_tensors + 3 * limits.max_contexts + 4096
-
-
 class _HeaderBuilder:
     """msgpack hooks: build maps strictly (string keys, no repeats) and count containers."""
 
-    def __init__(self, budget: int, max_tensors: int):
+    def __init__(self, budget: int):
         self.budget = budget
-        self.max_tensors = max_tensors
         self.count = 0
 
     def _counted(self):
         self.count += 1
         if self.count > self.budget:
-            raise LimitExceededError(
-                f"header holds more than {self.budget} arrays and maps, more than max_tensors={self.max_tensors} "
-                "and max_contexts allow",
-                limit_name="max_tensors",
-                limit=self.max_tensors,
-                actual=self.count,
-            )
+            raise _NotInSubset
 
     def list_hook(self, items):
         self._counted()
@@ -283,22 +229,33 @@ class _HeaderBuilder:
         self._counted()
         result = {}
         for key, value in pairs:
-            if not isinstance(key, str):
-                raise BadFormatError(f"header map key {key!r} is not a string")
-            if key in result:
-                raise BadFormatError(f"header map repeats the key {key!r}")
+            if not isinstance(key, str) or key in result:
+                raise _NotInSubset
             result[key] = value
         return result
 
 
+class _NotInSubset(Exception):
+    """The fast parse found a problem; :func:`msgpack_subset.scan` says which one comes first."""
+
+
 def _refuse_ext(code, payload):
-    raise BadFormatError(f"header uses msgpack extension type {code}, which the format forbids")
+    raise _NotInSubset
 
 
 def unpack_header(header_bytes: bytes, offset: int, limits: Limits) -> dict:
-    """Unpack the header map with bounded msgpack (spec 13, step 8)."""
+    """Unpack the header map under the msgpack subset of FORMAT.md 5.1 (step 8).
+
+    Valid headers are parsed by msgpack-python with every length capped by the header's size;
+    when that parse fails, or the map is nested too deeply, :func:`msgpack_subset.scan` walks the
+    bytes in the spec's order and raises the error of the first rule broken.
+
+    Raises
+    ------
+    BadFormatError, LimitExceededError, TrailingDataError
+    """
     n = len(header_bytes)
-    builder = _HeaderBuilder(container_budget(limits), limits.max_tensors)
+    builder = _HeaderBuilder(msgpack_subset.container_budget(limits))
     try:
         header = msgpack.unpackb(
             header_bytes,
@@ -314,18 +271,13 @@ def unpack_header(header_bytes: bytes, offset: int, limits: Limits) -> dict:
             object_pairs_hook=builder.pairs_hook,
             list_hook=builder.list_hook,
         )
-    except (BadFormatError, LimitExceededError):
-        raise
-    except msgpack.ExtraData as exc:
-        raise TrailingDataError(
-            "header holds bytes after its msgpack map", extra=len(exc.extra), offset=offset
-        ) from None
-    except (ValueError, msgpack.UnpackException, RecursionError) as exc:
-        # ValueError covers msgpack's FormatError, StackError (nesting bombs), OutOfData, and
-        # invalid UTF-8 in strings.
-        raise BadFormatError(f"header is not valid msgpack ({type(exc).__name__}: {exc})", offset=offset) from None
-    if not isinstance(header, dict):
-        raise BadFormatError(f"header must be a msgpack map, got {type(header).__name__}", offset=offset)
+    except (_NotInSubset, ValueError, msgpack.UnpackException, RecursionError):
+        # ValueError covers msgpack's ExtraData, FormatError, StackError, OutOfData and invalid UTF-8.
+        header = None
+    if not isinstance(header, dict) or msgpack_subset.too_deep(header):
+        msgpack_subset.scan(header_bytes, limits)
+        # Not reached: scan accepts exactly what the parse above accepts, depth aside.
+        raise BadFormatError("header is not valid msgpack under FORMAT.md 5.1", offset=offset)
     return header
 
 
@@ -333,5 +285,5 @@ def decode_section(container: Container, section: Section, what: str) -> bytes |
     """Return a section's decoded bytes; its decoded length was checked by the caller."""
     stored = container.data[section.offset : section.offset + section.stored_length]
     if section.encoding == ENCODING_ZSTD:
-        return _zstd_decompress_exact(stored, section.decoded_length, what, section.offset)
+        return decompress_exact(stored, section.decoded_length, what, section.offset)
     return stored

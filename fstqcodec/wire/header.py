@@ -404,9 +404,11 @@ def parse_header(header: dict, limits: Limits, *, body_offset: int, body_length:
             _fail("keys must be strings")
     critical = header.get("critical")
     if critical is not None:
-        for name in _list(critical, "critical"):
-            if not isinstance(name, str):
-                _fail("critical entries must be strings")
+        # Every entry's type first, then the names: the error class of a malformed list must not
+        # depend on which keys a decoder happens to implement (FORMAT.md step 9).
+        if not all(isinstance(name, str) for name in _list(critical, "critical")):
+            _fail("critical entries must be strings")
+        for name in critical:
             if name not in KNOWN_FIELDS:
                 raise UnsupportedFeatureError(
                     f"header field {name!r} is marked must-understand and this decoder does not know it",

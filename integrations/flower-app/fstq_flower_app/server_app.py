@@ -20,7 +20,8 @@ from flwr.serverapp.strategy import FedAvg
 
 import fstqcodec
 from fstqcodec.flower import FstqStrategy
-from fstq_flower_app.task import Settings, workbench
+from fstq_flower_app.links import ask_for_links
+from fstq_flower_app.task import config_from_run_config, workbench
 
 app = ServerApp()
 
@@ -30,9 +31,17 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation and write the per-round record."""
     config = context.run_config
     clients = int(config["clients"])
-    settings = Settings.from_run_config(config, num_partitions=clients)
+    settings = config_from_run_config(config)
     bench = workbench(settings)
     downlink = {"none": None, "lossless": "lossless"}[str(config["downlink"])]
+    # deadline-s > 0: each node's own budget, its uplink x the deadline; else budget-bpp for all.
+    per_node = ask_for_links(grid, config, clients) if float(config["deadline-s"]) > 0 else None
+    encoder = fstqcodec.EncodeConfig(
+        budget=None if per_node else fstqcodec.Budget(bits_per_param=float(config["budget-bpp"])),
+        block_size=int(config["block-size"]),
+        fisher_power=float(config["fisher-power"]),
+        seed=settings.seed,
+    )
     strategy = FstqStrategy(
         FedAvg(
             fraction_train=float(config["fraction-train"]),
@@ -40,11 +49,9 @@ def main(grid: Grid, context: Context) -> None:
             min_train_nodes=max(1, round(float(config["fraction-train"]) * clients)),
             min_available_nodes=clients,
         ),
-        budget=fstqcodec.Budget(bits_per_param=float(config["budget-bpp"])),
+        encoder,
+        budget=per_node,
         downlink=downlink,
-        block_size=int(config["block-size"]),
-        fisher_power=float(config["fisher-power"]),
-        seed=settings.seed,
     )
 
     accuracy: dict[int, float] = {}
@@ -107,7 +114,7 @@ def write_results(out_dir, config, settings, strategy, accuracy, finished_at) ->
         "config": {
             **{key.replace("-", "_"): config[key] for key in config},
             **dataclasses.asdict(settings),
-            "clients": settings.num_partitions,
+            "clients": settings.clients,
             "rounds": int(config["num-server-rounds"]),
             "trainable_parameters": parameters,
             "uplink_bytes_rule": "Flower's ArrayRecord.count_bytes() of every train reply",

@@ -1,0 +1,333 @@
+"""Client side of the fstq Flower protocol: :class:`FstqMod` (``spec/FLOWER.md``).
+
+Imports nothing from ``flwr.serverapp`` nor from :mod:`fstqcodec.flower.strategy`, so a client
+process loads no server code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+
+import fstqcodec
+
+from .protocol import (
+    CONFIG_RECORD,
+    FISHER_RECORD,
+    MOD_FAILED_PRECONDITION,
+    RESIDUAL_STATE,
+    STYPE_MODEL,
+    STYPE_UPDATE,
+    ProtocolError,
+    TrainRequest,
+    check_same_tensors,
+    check_version,
+    matching_tensors,
+    message_bytes,
+    message_record,
+    numpy_record,
+    plain_tensors,
+    update_dtype,
+)
+
+__all__ = ["FstqMod"]
+
+logger = logging.getLogger("flwr").getChild("fstqcodec")
+
+#: What a client mod calls next: the next mod, or the app (Flower's ``ClientAppCallable``, restated
+#: here because its module is not part of Flower's stable ``flwr.app`` surface).
+ClientAppCallable = Callable[[Message, Context], Message]
+
+
+class FstqMod:
+    """Client mod that sends fstq-compressed updates when the server asks for them.
+
+    On every message it decodes a compressed global model (an ``ArrayRecord`` whose ``Array`` has
+    ``stype`` :data:`STYPE_MODEL`) into plain arrays before the app sees it. On a train message
+    whose ``ConfigRecord "fstq"`` asks for compression, it then lets the app train and replaces the
+    reply's model ``ArrayRecord`` by one fstq message of ``trained - received``, encoded under the
+    budget the server chose for this client. Without that record the reply passes unchanged.
+
+    Error feedback (when the server enables it): what the message lost is kept in
+    ``context.state[state_key]`` (an ``ArrayRecord``) and added to the next round's update, so the
+    compression error is not lost but delayed. The residual is discarded when the model's tensor
+    names or shapes change. The mod keeps the whole of :meth:`fstqcodec.ErrorFeedback.state`
+    (the last message's update under ``state_key + ".sent"``, the residual before it under
+    ``state_key + ".before"``, its round under ``state_key + ".sent-round"``): if the server's
+    next request says that round's reply was never accepted (lost, late, or dropped as broken),
+    that update goes back into the residual instead of being lost.
+
+    The encoder's options (budget, block size, seed, Fisher power, ...) come from the server's
+    request; a request that leaves ``fisher_power`` out gets
+    :data:`fstqcodec.FEDERATED_FISHER_POWER`.
+
+    Place it first (outermost) in ``ClientApp(mods=[...])``, outside clipping or local-DP mods,
+    so that those see plain arrays. It cannot be combined with secure aggregation (SecAgg+), which
+    needs the plain arrays on the wire. Flower's ``message_size_mod`` placed before it logs the
+    compressed sizes that travel; placed after it, the plain sizes the app handles.
+
+    Only floating-point arrays can be sent this way (an integer buffer in the model makes the mod
+    answer with an error reply naming it).
+
+    Parameters
+    ----------
+    limits : fstqcodec.Limits or None
+        Limits for decoding the server's compressed model; ``None`` means the library's safe
+        defaults.
+    fisher_record : str
+        Name of the ``ArrayRecord`` in the app's reply that holds its diagonal Fisher estimate
+        (same names and shapes as the model). It is consumed and removed from the reply.
+    state_key : str
+        Key of the error-feedback residual in ``Context.state``.
+
+    Examples
+    --------
+    >>> from flwr.clientapp import ClientApp
+    >>> app = ClientApp(mods=[FstqMod()])  # doctest: +SKIP
+
+    An app with a PEFT model hands its Fisher to the mod (``integrations/flower-app`` does)::
+
+        accumulator = fstqcodec.torch.FisherAccumulator(model)      # before local training
+        fisher = fstqcodec.peft.adapter_fisher(accumulator, model)  # after it
+        content["fisher"] = ArrayRecord({k: Array(v) for k, v in fisher.items()})
+    """
+
+    def __init__(
+        self,
+        *,
+        limits: fstqcodec.Limits | None = None,
+        fisher_record: str = FISHER_RECORD,
+        state_key: str = RESIDUAL_STATE,
+    ) -> None:
+        self.limits = limits
+        self.fisher_record = fisher_record
+        self.state_key = state_key
+
+    def __repr__(self) -> str:
+        return (
+            f"FstqMod(limits={self.limits!r}, fisher_record={self.fisher_record!r}, "
+            f"state_key={self.state_key!r})"
+        )
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        """Decode the downlink, run the app, and compress its update if the server asked.
+
+        Parameters
+        ----------
+        msg : Message
+            The message from the ServerApp.
+        ctxt : Context
+            The ClientApp's context; its ``state`` keeps the error-feedback residual.
+        call_next : ClientAppCallable
+            The next mod, or the app itself.
+
+        Returns
+        -------
+        Message
+            The app's reply, its model replaced by an fstq message when compression was asked
+            for; or an error reply (``MOD_FAILED_PRECONDITION``) saying why the mod could not do
+            what was asked (an undecodable model, a reply with other tensors than the model, an
+            update the encoder refuses such as one with NaNs, ...).
+        """
+        if not msg.has_content():
+            return call_next(msg, ctxt)
+        try:
+            request = _read_request(msg)
+            content = self._unpack_incoming(msg.content)
+        except (fstqcodec.DecodeError, ProtocolError) as err:
+            return _error_reply(msg, f"FstqMod could not read the server's message: {err}")
+        if request is None:
+            return _call_with_content(call_next, msg, ctxt, content)
+        try:
+            _, received = _the_model(content, "the train message")
+        except ProtocolError as err:
+            return _error_reply(msg, f"FstqMod: {err}")
+
+        reply = _call_with_content(call_next, msg, ctxt, content)
+        if reply.has_error():
+            return reply
+        try:
+            return self._compress_reply(reply, ctxt, received, request)
+        except (ProtocolError, fstqcodec.EncodeError, fstqcodec.DecodeError) as err:
+            # DecodeError here would mean the encoder wrote a message it cannot read back (a
+            # core bug); report it to the server instead of crashing the node.
+            return _error_reply(msg, f"FstqMod could not compress the update: {err}")
+
+    def _unpack_incoming(self, content: RecordDict) -> RecordDict:
+        """The content with compressed models decoded and the request record taken out."""
+        unpacked = RecordDict()
+        for key, record in content.items():
+            if key == CONFIG_RECORD and isinstance(record, ConfigRecord):
+                continue  # consumed here: the app sees the message it would have seen
+            if isinstance(record, ArrayRecord):
+                data = message_bytes(record, STYPE_MODEL)
+                if data is not None:
+                    record = numpy_record(fstqcodec.decode(data, limits=self.limits))
+            unpacked[key] = record
+        return unpacked
+
+    def _compress_reply(
+        self, reply: Message, ctxt: Context, received: dict[str, np.ndarray], request: TrainRequest
+    ) -> Message:
+        """Replace the reply's model by one fstq message of ``trained - received``."""
+        model_key, trained = self._trained_model(reply, received)
+        update = {
+            name: np.subtract(trained[name], reference, dtype=update_dtype(reference.dtype))
+            for name, reference in received.items()
+        }
+        fisher = self._app_fisher(reply, received)
+        if request.error_feedback:
+            feedback = self._load_feedback(ctxt, update, request)
+            data = feedback.encode(update, fisher=fisher, config=request.encoder)
+            self._save_feedback(ctxt, feedback, request.server_round)
+        else:
+            self._forget_feedback(ctxt)  # a stale residual must not leak into a later run
+            data = fstqcodec.encode(update, fisher=fisher, config=request.encoder)
+
+        compressed = RecordDict()
+        for key, record in reply.content.items():
+            if key == self.fisher_record and isinstance(record, ArrayRecord):
+                continue  # Fisher stays on the client
+            compressed[key] = message_record(data, STYPE_UPDATE) if key == model_key else record
+        reply.content = compressed
+        return reply
+
+    def _trained_model(
+        self, reply: Message, received: dict[str, np.ndarray]
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        """The key and tensors of the app's one model ArrayRecord (the Fisher record aside)."""
+        model_records = {
+            key: record
+            for key, record in reply.content.array_records.items()
+            if key != self.fisher_record
+        }
+        if len(model_records) != 1:
+            raise ProtocolError(
+                "the app's reply must hold exactly one model ArrayRecord (besides "
+                f"{self.fisher_record!r}), found {sorted(model_records)}"
+            )
+        (model_key, model_record), = model_records.items()
+        unreadable = "the app's reply does not hold NumPy arrays"
+        return model_key, matching_tensors(model_record, received, "the app's reply", unreadable=unreadable)
+
+    def _app_fisher(self, reply: Message, received: dict[str, np.ndarray]) -> dict | None:
+        """The app's Fisher, shaped like the model and non-negative, or ``None``."""
+        fisher_record = reply.content.array_records.get(self.fisher_record)
+        if fisher_record is None:
+            return None
+        what = f"the {self.fisher_record!r} record"
+        fisher = matching_tensors(fisher_record, received, what, unreadable=f"{what} is not NumPy")
+        if any(np.any(values < 0) for values in fisher.values()):
+            raise ProtocolError(f"the {self.fisher_record!r} record has negative values")
+        return fisher
+
+    # -- error feedback across rounds (Context.state) -------------------------------------------
+
+    def _state_keys(self) -> dict[str, str]:
+        """Context.state keys of the parts of :meth:`fstqcodec.ErrorFeedback.state`."""
+        return {
+            "residual": self.state_key,
+            "last_update": self.state_key + ".sent",
+            "residual_before": self.state_key + ".before",
+        }
+
+    @property
+    def _sent_round_key(self) -> str:
+        return self.state_key + ".sent-round"
+
+    def _load_feedback(
+        self, ctxt: Context, update: Mapping[str, np.ndarray], request: TrainRequest
+    ) -> fstqcodec.ErrorFeedback:
+        """The error-feedback memory kept in the context, if it still fits the model.
+
+        If the server says the last message sent was never accepted, that message's whole
+        update goes back into the residual (:meth:`fstqcodec.ErrorFeedback.message_lost`).
+        """
+        keys = self._state_keys()
+        if keys["residual"] not in ctxt.state.array_records:
+            return fstqcodec.ErrorFeedback(request.encoder)
+        stored = ctxt.state.array_records
+        state = {part: plain_tensors(stored[key]) if key in stored else None for part, key in keys.items()}
+        if (state["last_update"] is None) != (state["residual_before"] is None):
+            state["last_update"] = state["residual_before"] = None  # half a record: keep the residual
+        feedback = fstqcodec.ErrorFeedback.from_state(state, request.encoder)
+        sent_round = ctxt.state.config_records.get(self._sent_round_key, {}).get("round")
+        if isinstance(sent_round, int) and request.last_accepted_round < sent_round:
+            logger.info("FstqMod: the server never accepted the reply of round %s; keeping its update",
+                        sent_round)
+            feedback.message_lost()
+        if check_same_tensors(feedback.residual, update, "the stored residual") is not None:
+            logger.info("FstqMod: the model changed; discarding the error-feedback residual")
+            feedback.reset()
+        return feedback
+
+    def _save_feedback(self, ctxt: Context, feedback: fstqcodec.ErrorFeedback, server_round: int) -> None:
+        """Keep :meth:`fstqcodec.ErrorFeedback.state` and the round it was sent in."""
+        self._forget_feedback(ctxt)
+        state = feedback.state()
+        for part, key in self._state_keys().items():
+            tensors = state[part]
+            if tensors is not None:
+                ctxt.state[key] = numpy_record(tensors)
+        ctxt.state[self._sent_round_key] = ConfigRecord({"round": int(server_round)})
+
+    def _forget_feedback(self, ctxt: Context) -> None:
+        for key in [*self._state_keys().values(), self._sent_round_key]:
+            if key in ctxt.state:
+                del ctxt.state[key]
+
+
+def _read_request(msg: Message) -> TrainRequest | None:
+    """The server's request in a train message; ``None`` if it asks for nothing.
+
+    On other message types the record is not interpreted beyond its version (spec/FLOWER.md, 5).
+    """
+    record = msg.content.config_records.get(CONFIG_RECORD)
+    if record is None:
+        return None
+    if not _is_train(msg):
+        check_version(record)
+        return None
+    return TrainRequest.from_record(record)
+
+
+def _call_with_content(
+    call_next: ClientAppCallable, msg: Message, ctxt: Context, content: RecordDict
+) -> Message:
+    """Run the rest of the chain on ``msg`` holding ``content``, then restore what it held.
+
+    The incoming message is the runtime's object; it is lent to the app with the decoded content
+    and handed back unchanged, so that nothing outside this mod sees the swap.
+    """
+    original = msg.content
+    msg.content = content
+    try:
+        return call_next(msg, ctxt)
+    finally:
+        msg.content = original
+
+
+def _is_train(msg: Message) -> bool:
+    message_type = msg.metadata.message_type
+    return message_type == MessageType.TRAIN or message_type.startswith(MessageType.TRAIN + ".")
+
+
+def _the_model(content: RecordDict, what: str) -> tuple[str, dict[str, np.ndarray]]:
+    """The one model ArrayRecord of a message, as NumPy arrays."""
+    records = content.array_records
+    if len(records) != 1:
+        raise ProtocolError(f"{what} must hold exactly one ArrayRecord, found {sorted(records)}")
+    (key, record), = records.items()
+    try:
+        return key, plain_tensors(record)
+    except TypeError as err:
+        raise ProtocolError(f"{what} does not hold NumPy arrays: {err}") from None
+
+
+def _error_reply(msg: Message, reason: str) -> Message:
+    logger.error(reason)
+    return Message(Error(code=MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+
