@@ -21,7 +21,7 @@ from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consis
 
 import fstqcodec
 
-from .protocol import ProtocolError, numpy_record, require_same_tensors, update_dtype
+from .protocol import ProtocolError, require_same_tensors, update_dtype
 
 __all__ = ["resolve_streaming", "reply_weight", "decode_update", "StreamingRound"]
 
@@ -192,9 +192,10 @@ class StreamingRound:
                 "This condition wasn't met. Skipping aggregation."
             )
         mean_update = self.aggregator.result()
-        model = {}
+        arrays = ArrayRecord()
         for name, reference in self.received.items():
+            # One tensor at a time: the mean shrinks as the returned record grows.
             rebuilt = np.add(reference, mean_update.pop(name), dtype=update_dtype(reference.dtype))
-            model[name] = rebuilt.astype(reference.dtype, copy=False)
+            arrays[name] = Array(np.ascontiguousarray(rebuilt.astype(reference.dtype, copy=False)))
         metrics = self.strategy.train_metrics_aggr_fn(self.contents, key)
-        return numpy_record(model), metrics
+        return arrays, metrics
