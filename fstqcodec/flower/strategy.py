@@ -350,10 +350,11 @@ class FstqStrategy(Strategy):
         received = self._references.pop(server_round)
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         summed = StreamingRound(received, self.strategy) if self.streaming else None
-        accepted: list[Message] = []
+        # What the wrapped strategy gets: the error replies, and the accepted ones unless streaming.
+        handed: list[Message] = []
         for reply in replies:
             if reply.has_error():
-                accepted.append(reply)  # the wrapped strategy logs and counts failures its way
+                handed.append(reply)  # the wrapped strategy logs and counts failures its way
                 continue
             traffic.uplink_bytes += sum(r.count_bytes() for r in reply.content.array_records.values())
             try:
@@ -366,12 +367,12 @@ class FstqStrategy(Strategy):
             node = reply.metadata.src_node_id
             self._last_accepted[node] = max(server_round, self._last_accepted.get(node, 0))
             if summed is None:
-                accepted.append(reply)
+                handed.append(reply)
 
         if summed is None:
-            arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
+            arrays, metrics = self.strategy.aggregate_train(server_round, handed)
         else:
-            _log_replies(traffic.replies_accepted, accepted)
+            _log_replies(traffic.replies_accepted, handed)
             arrays, metrics = summed.result()
         metrics = MetricRecord() if metrics is None else metrics
         metrics["fstq.uplink-bytes"] = traffic.uplink_bytes
