@@ -60,9 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smoke run of about a minute: " +
                              ", ".join(f"{k.replace('_', '-')}={v}" for k, v in QUICK_SETTINGS.items()))
     parser.add_argument("--task", default=None,
-                        help=f"bbc, drugreview, multilingual or hf:<dataset>[:<config>] (default: {d['task']})")
+                        help=f"bbc, drugreview, multilingual, hf:<dataset>[:<config>], or a causal-LM QA task: "
+                             f"chatterbot-qa, drug-condition (default: {d['task']})")
     parser.add_argument("--model", default=None,
-                        help=f"packaged model name, local path or hub id (default: {d['model']})")
+                        help=f"packaged model name, local path or hub id (default: {d['model']}; "
+                             "SmolLM2-135M-Instruct for the QA tasks)")
     parser.add_argument("--clients", type=int, default=None, help=f"number of clients (default: {d['clients']})")
     parser.add_argument("--rounds", type=int, default=None, help=f"federated rounds (default: {d['rounds']})")
     parser.add_argument("--fraction", type=float, default=None,
@@ -90,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"held-out examples evaluated each round (default: {d['eval_size']})")
     parser.add_argument("--test-fraction", type=float, default=None,
                         help=f"share of the data held out for testing (default: {d['test_fraction']})")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="QA tasks: greedy tokens generated per held-out answer (default: 24 for "
+                             "chatterbot-qa, 12 for drug-condition)")
     parser.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank (default: {d['lora_rank']})")
     parser.add_argument("--uplink-mbps", type=float, default=None,
                         help=f"median client uplink, Mbit/s (log-normal) (default: {d['uplink_mbps']})")
@@ -132,13 +137,19 @@ def config_from_args(args: argparse.Namespace):
     """
     from fstqcodec.sim.loop import SimConfig
 
+    from fstqcodec.sim.causal_data import CAUSAL_DEFAULTS, CAUSAL_QUICK_SETTINGS, QA_TASKS
+
+    causal = (args.task or _DEFAULTS["task"]) in QA_TASKS
+    quick_settings = CAUSAL_QUICK_SETTINGS if causal else QUICK_SETTINGS
+    defaults = {**_DEFAULTS, **CAUSAL_DEFAULTS} if causal else _DEFAULTS
+
     def pick(name: str, arg_name: str | None = None):
         value = getattr(args, arg_name or name, None)
         if value is not None:
             return value
-        if getattr(args, "quick", False) and name in QUICK_SETTINGS:
-            return QUICK_SETTINGS[name]
-        return _DEFAULTS[name]
+        if getattr(args, "quick", False) and name in quick_settings:
+            return quick_settings[name]
+        return defaults[name]
 
     config = SimConfig(
         task=pick("task"),
@@ -164,6 +175,7 @@ def config_from_args(args: argparse.Namespace):
         round_deadline_s=getattr(args, "round_deadline_s", None),
         test_fraction=pick("test_fraction"),
         eval_size=pick("eval_size"),
+        eval_batch_size=pick("eval_batch_size") if causal else 64,
         lora_rank=pick("lora_rank"),
         lora_alpha=2 * pick("lora_rank"),
         median_uplink_mbps=pick("uplink_mbps"),
@@ -174,6 +186,7 @@ def config_from_args(args: argparse.Namespace):
         label_column=args.label_column,
         methods=tuple(parse_methods(args.methods)),
         quick=bool(args.quick),
+        extra=({"max_new_tokens": pick("max_new_tokens")} if causal else {}),
     )
     config.validate()
     return config

@@ -180,6 +180,11 @@ class _Federation:
         self.per_round = max(1, int(round(config.fraction * config.clients)))
         self.accumulator = FisherAccumulator(self.model)
         self.initial_accuracy: float | None = None
+        self.initial_metrics: dict = {}
+
+    def round_metrics(self) -> dict:
+        """Extra metrics of the last evaluation for the round's record (none for classifiers)."""
+        return {}
 
     def load_global(self, state: dict[str, np.ndarray]) -> None:
         with self.torch.no_grad():
@@ -211,12 +216,13 @@ class _Federation:
         if self.initial_accuracy is None:
             self.load_global(self.initial_state)
             self.initial_accuracy = self.evaluate()
+            self.initial_metrics = self.round_metrics()
         method_started = time.perf_counter()
         trainable = [self.params_by_state[n] for n in schema.names]
         global_state = {n: a.copy() for n, a in self.initial_state.items()}
         client_states = [method.new_client_state() for _ in range(config.clients)]
         rounds = [{"round": 0, "accuracy": self.initial_accuracy, "uplink_bytes": 0,
-                   "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0}]
+                   "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0, **self.initial_metrics}]
         cumulative_uplink, sim_time = 0, 0.0
         message_sizes: list[int] = []
         anatomy: dict[str, int] = {}  # bytes by part of the message, summed over messages
@@ -318,6 +324,7 @@ class _Federation:
                 "round_time_s": this_round_s,
                 "max_compute_s": max(compute_s, default=0.0),
                 "max_upload_s": max(upload_s, default=0.0),
+                **self.round_metrics(),
             })
             if on_round is not None:
                 on_round(name, accuracy, cumulative_uplink)
@@ -371,6 +378,17 @@ class _Federation:
         }
 
 
+def _make_federation(config: SimConfig) -> _Federation:
+    """The federation for ``config.task``: a causal LM for the generative QA tasks, else a classifier."""
+    from fstqcodec.sim.causal_data import QA_TASKS
+
+    if config.task in QA_TASKS:
+        from fstqcodec.sim.causal_loop import CausalFederation
+
+        return CausalFederation(config)
+    return _Federation(config)
+
+
 # Worker processes (spawned: torch and fork do not mix) each build their own _Federation once.
 _WORKER_FEDERATION: _Federation | None = None
 _WORKER_QUEUE = None
@@ -389,7 +407,7 @@ def _worker_init(config: SimConfig, queue) -> None:
     import threading
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    _WORKER_FEDERATION = _Federation(config)
+    _WORKER_FEDERATION = _make_federation(config)
     _WORKER_QUEUE = queue
 
 
@@ -451,7 +469,7 @@ def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | N
 
     results_methods: dict[str, Any] = {}
     if workers == 1:
-        federation = _Federation(dataclasses.replace(config, threads=threads))
+        federation = _make_federation(dataclasses.replace(config, threads=threads))
         for name in config.methods:
             results_methods[name] = federation.run_method(name, on_round)
         description = federation.describe()
