@@ -6,6 +6,7 @@ decoder safe on untrusted bytes. ``import fstqcodec`` needs only numpy, msgpack 
 the adapters (``fstqcodec.torch``, ``fstqcodec.peft``, ``fstqcodec.flower``) import their frameworks.
 """
 
+from .aggregate import Rejection, StreamingAggregator
 from .codec import decode, encode, inspect, open  # noqa: A004 (fstqcodec.open, like safe_open)
 from .config import FEDERATED_FISHER_POWER, EncodeConfig
 from .errors import (
@@ -42,6 +43,8 @@ __all__ = [
     "save_file",
     "load_file",
     "Message",
+    "StreamingAggregator",
+    "Rejection",
     "Budget",
     "EncodeConfig",
     "FEDERATED_FISHER_POWER",

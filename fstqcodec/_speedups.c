@@ -68,17 +68,19 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
             PyErr_NoMemory();
             goto done_buffers;
         }
+        int zero_frequency = 0;
         for (lane = 0; lane < lanes; lane++) state[lane] = RANS_L;
         lane = n > 0 ? (n - 1) % lanes : 0;
+        /* The coding loop touches only C memory and the held buffer: other threads (a server
+         * encoding or decoding several messages at once) may run meanwhile. */
+        Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t i = n - 1; i >= 0; i--) {
             unsigned s = sym[i];
             uint64_t x = state[lane];
             uint32_t f;
             if (s >= alphabet || (f = freq[s]) == 0) {
-                free(state);
-                free(words);
-                fail("format", "symbol with zero frequency");
-                goto done_buffers;
+                zero_frequency = 1;
+                break;
             }
             if (x >= ((uint64_t)f << (32 - prob_bits))) {
                 words[count++] = (uint16_t)(x & 0xFFFF);
@@ -87,6 +89,13 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
             x = ((x / f) << prob_bits) + (x % f) + cum[s];
             state[lane] = (uint32_t)x;
             lane = lane == 0 ? lanes - 1 : lane - 1;
+        }
+        Py_END_ALLOW_THREADS
+        if (zero_frequency) {
+            free(state);
+            free(words);
+            fail("format", "symbol with zero frequency");
+            goto done_buffers;
         }
         result = PyBytes_FromStringAndSize(NULL, 4 * lanes + 2 * count);
         if (result) {
@@ -157,8 +166,11 @@ static PyObject *rans_decode(PyObject *self, PyObject *args) {
         result = PyBytes_FromStringAndSize(NULL, count);
         if (!result) goto done;
         {
+            /* The new bytes object is not shared yet, so the loop runs without the GIL. */
             unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+            int out_of_words = 0;
             lane = 0;
+            Py_BEGIN_ALLOW_THREADS
             for (Py_ssize_t i = 0; i < count; i++) {
                 uint32_t x = state[lane];
                 uint32_t slot = x & mask;
@@ -167,15 +179,20 @@ static PyObject *rans_decode(PyObject *self, PyObject *args) {
                 x = freq[s] * (x >> prob_bits) + slot - cum[s];
                 if (x < RANS_L) {
                     if (position >= total_words) {
-                        Py_CLEAR(result);
-                        fail("format", "rANS stream runs out of words before its last symbol");
-                        goto done;
+                        out_of_words = 1;
+                        break;
                     }
                     x = (x << 16) | ((uint32_t)word[2 * position] | ((uint32_t)word[2 * position + 1] << 8));
                     position++;
                 }
                 state[lane] = x;
                 if (++lane == lanes) lane = 0;
+            }
+            Py_END_ALLOW_THREADS
+            if (out_of_words) {
+                Py_CLEAR(result);
+                fail("format", "rANS stream runs out of words before its last symbol");
+                goto done;
             }
         }
         if (position != total_words) {

@@ -1,0 +1,7 @@
+"""``python -m fstqcodec.cli``: the ``fstq`` command."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())
