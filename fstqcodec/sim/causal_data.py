@@ -24,7 +24,17 @@ import numpy as np
 
 from .data import load_drugreview, package_path
 
-__all__ = ["CAUSAL_DEFAULTS", "CAUSAL_QUICK_SETTINGS", "QATask", "QA_TASKS", "QA_LANGUAGES", "load_qa_task", "load_chatterbot_qa", "load_drug_condition"]
+__all__ = [
+    "CAUSAL_DEFAULTS",
+    "CAUSAL_QUICK_SETTINGS",
+    "QATask",
+    "QA_TASKS",
+    "QA_LANGUAGES",
+    "check_qa_config",
+    "load_qa_task",
+    "load_chatterbot_qa",
+    "load_drug_condition",
+]
 
 #: Defaults of ``fstq simulate`` for the QA tasks where they differ from the classifier's: a 135M
 #: causal LM trains at seconds per step on a CPU, and every evaluation generates text.
@@ -150,6 +160,19 @@ def load_drug_condition(min_reviews: int = 20) -> QATask:
 
 
 QA_TASKS = {"chatterbot-qa": load_chatterbot_qa, "drug-condition": load_drug_condition}
+
+
+def check_qa_config(task: str, clients: int) -> None:
+    """Refuse settings a QA task cannot run, before anything loads.
+
+    Raises
+    ------
+    ValueError
+        If ``chatterbot-qa`` (clients split by language) gets more clients than languages.
+    """
+    if task == "chatterbot-qa" and clients > len(QA_LANGUAGES):
+        raise ValueError(f"chatterbot-qa splits clients by language: at most {len(QA_LANGUAGES)} clients, "
+                         f"got {clients}")
 
 
 def load_qa_task(name: str) -> QATask:

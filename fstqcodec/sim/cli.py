@@ -189,6 +189,10 @@ def config_from_args(args: argparse.Namespace):
         extra=({"max_new_tokens": pick("max_new_tokens")} if causal else {}),
     )
     config.validate()
+    if causal:
+        from fstqcodec.sim.causal_data import check_qa_config
+
+        check_qa_config(config.task, config.clients)
     return config
 
 
