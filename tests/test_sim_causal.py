@@ -93,6 +93,13 @@ def test_too_many_clients_for_languages_is_a_usage_error(capsys):
     assert err.count("\n") == 1 and "at most 6 clients, got 7" in err
 
 
+def test_flower_engine_refuses_a_causal_task(capsys):
+    status = sim_cli.run(_parse(["--task", "drug-condition", "--engine", "flower", "--methods", "fstq",
+                                 "--out", "unused"]))
+    assert status == 2
+    assert "--engine flower runs the classification tasks" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["drug-condition", "chatterbot-qa"])
 def test_quick_run_of_a_causal_task(task, tmp_path):

@@ -223,12 +223,29 @@ def _run_on_flower(config, out_dir) -> dict:
     return run_with_flwr(dataclasses.asdict(config), out_dir)
 
 
+def _check_engine(config, engine: str) -> None:
+    """Refuse, before anything starts, an engine that cannot run the task.
+
+    Raises
+    ------
+    ValueError
+        If ``--engine flower`` is asked for a causal-LM QA task: the Flower App's workbench loads
+        the classification tasks only.
+    """
+    from fstqcodec.sim.causal_data import QA_TASKS
+
+    if engine == "flower" and config.task in QA_TASKS:
+        raise ValueError(f"--engine flower runs the classification tasks; {config.task!r} (a causal LM) "
+                         "runs with --engine in-process")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``fstq simulate`` with parsed arguments; returns the process exit status."""
     try:
         config = config_from_args(args)
         if args.workers is not None and args.workers < 1:
             raise ValueError("workers must be >= 1")
+        _check_engine(config, getattr(args, "engine", "in-process"))
     except ValueError as error:
         print(f"fstq simulate: {error}", file=sys.stderr)
         return 2
