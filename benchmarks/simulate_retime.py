@@ -32,7 +32,7 @@ def retime(results: dict, step_time_s: float) -> dict:
     down = [m * 1e6 for m in links["downlink_mbps"]]
     latency = float(links["latency_s"])
     if config["clients_per_round"] != config["clients"]:
-        raise ValueError("retime needs every client in every round (fraction 1.0): participants are not recorded")
+        raise ValueError("retime needs every client in every round (participation 1.0): participants are not recorded")
     compute = config["local_steps"] * step_time_s
     for data in out["methods"].values():
         clock = 0.0

@@ -4,8 +4,9 @@ Each experiment is an ordinary `fstq simulate` invocation (so every number can b
 the command printed); this script only sequences them and gathers their summary tables into one
 Markdown file. Expect roughly 3-4 minutes per method per experiment on a quiet 2-core CPU.
 
-    HF_HUB_OFFLINE=1 python benchmarks/simulate_suite.py --out runs/suite            # everything
+    HF_HUB_OFFLINE=1 python benchmarks/simulate_suite.py --out runs/suite            # one seed each
     HF_HUB_OFFLINE=1 python benchmarks/simulate_suite.py --only bbc-default,bbc-alpha0.1
+    HF_HUB_OFFLINE=1 python benchmarks/simulate_suite.py --only seeds-bbc-alpha0.1   # issue 11, 3 seeds
 """
 
 from __future__ import annotations
@@ -40,7 +41,19 @@ EXPERIMENTS = {
     # identification reaches only 0.37.
     "drugreview": ["--task", "drugreview", "--methods", "fp32,nf4,fstq", "--local-steps", "8", *_CLOCK],
     "multilingual": ["--task", "multilingual", "--methods", "fp32,nf4,fstq-nofisher,fstq", "--local-steps", "4", *_CLOCK],
+    # Issue 11's headline configurations, three seeds each (a seed changes the split, partition,
+    # initialisation, sampling, batches and links); every figure as mean +- std, plots with the
+    # seed band, each seed's own record in seed-<n>/. Targets: 0.85 on the default task; 95% of
+    # fp32's mean final accuracy under Dirichlet 0.1.
+    "seeds-bbc-default": ["--methods", "fp32,nf4,qsgd4,topk,fstq-nofisher,fstq", "--seeds", "0,1,2", *_CLOCK],
+    "seeds-bbc-alpha0.1": ["--alpha", "0.1", "--rounds", "40", "--target-of-fp32", "0.95",
+                           "--methods", "fp32,nf4,qsgd4,topk,fstq-nofisher,fstq", "--seeds", "0,1,2", *_CLOCK],
+    "seeds-bbc-alpha0.1-partial": ["--alpha", "0.1", "--rounds", "40", "--clients", "30", "--participation", "0.3",
+                                   "--target-of-fp32", "0.95", "--methods", "fp32,nf4,qsgd4,topk,fstq-nofisher,fstq",
+                                   "--seeds", "0,1,2", *_CLOCK],
 }
+# Not run by default (hours on two cores): only when named with --only.
+_ON_REQUEST = {name for name in EXPERIMENTS if name.startswith("seeds-")}
 
 
 def main() -> int:
@@ -49,7 +62,7 @@ def main() -> int:
     parser.add_argument("--only", default="", help=f"comma list of: {', '.join(EXPERIMENTS)}")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="extra options for every run, after --")
     args = parser.parse_args()
-    names = [n for n in args.only.split(",") if n] or list(EXPERIMENTS)
+    names = [n for n in args.only.split(",") if n] or [n for n in EXPERIMENTS if n not in _ON_REQUEST]
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         parser.error(f"unknown experiments {unknown}")

@@ -2,7 +2,7 @@
 
 The end-to-end run is slow (it loads the real model in every Ray actor, one to two minutes on two
 cores), so it runs only when ``FSTQ_SLOW_TESTS=1``. It goes through
-``fstq_flower_app.engine.run_with_flwr``, which does what the README says: a private
+``fstqcodec.sim.flower_engine.run_with_flwr``, which does what the README says: a private
 ``FLWR_HOME`` with a local SuperLink, no telemetry, no runtime dependency installation; and it
 stops the SuperLink that ``flwr run`` leaves behind, by PID. The test checks that none survives.
 """
@@ -12,16 +12,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import pathlib
 import sys
 import time
+import tomllib
 
 import pytest
 
-APP_DIR = pathlib.Path(__file__).resolve().parents[1] / "integrations" / "flower-app"
-sys.path.insert(0, str(APP_DIR))  # the app's package, as `flwr run` loads it
-
-from fstq_flower_app import engine  # noqa: E402  (standard library only)
+from fstqcodec.sim import flower_engine as engine
+from fstqcodec.sim.config import SimConfig
 
 slow_run = pytest.mark.skipif(
     os.environ.get("FSTQ_SLOW_TESTS") != "1"
@@ -37,8 +35,8 @@ NUM_SUPERNODES = 2
 def test_flwr_run_trains_with_a_compressed_uplink_and_leaves_nothing_running(tmp_path):
     flwr_home = tmp_path / "flwr-home"
     out_dir = tmp_path / "out"
-    settings = {"clients": NUM_SUPERNODES, "rounds": 2, "local_steps": 1, "batch_size": 4,
-                "eval_size": 32, "methods": ("fstq",)}
+    settings = SimConfig(clients=NUM_SUPERNODES, rounds=2, local_steps=1, batch_size=4, eval_size=32,
+                         methods=("fstq",))
     log_path = tmp_path / "flwr.log"
     started = time.perf_counter()
     with log_path.open("w") as log:
@@ -66,7 +64,26 @@ def test_flwr_run_trains_with_a_compressed_uplink_and_leaves_nothing_running(tmp
 
 def test_run_config_refuses_methods_the_app_does_not_run():
     with pytest.raises(ValueError, match="fstq"):
-        engine.run_config_for({"methods": ("fp32", "fstq")}, "/tmp/out")
+        engine.run_config_for(SimConfig(methods=("fp32", "fstq")), "/tmp/out")
+
+
+def _app_run_config() -> dict:
+    pyproject = engine.app_dir() / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_the_apps_defaults_are_the_loops():
+    """One source of defaults: the app's run_config differs from SimConfig only where it says so."""
+    app = engine.config_from_run_config(_app_run_config())
+    assert app == SimConfig(methods=("fstq",), rounds=3, clients=4, threads=1)
+
+
+def test_a_config_survives_the_trip_through_flwr_run_options():
+    config = SimConfig(methods=("fstq",), clients=3, rounds=2, participation=0.5, eval_size=None,
+                       budget_bpp=0.25, fisher_power=1.0, alpha=0.1, seed=7, lora_rank=4)
+    pairs = dict(item.split("=", 1) for item in engine.run_config_for(config, "/tmp/out").split(" "))
+    run_config = {**_app_run_config(), **{key: tomllib.loads(f"v = {value}")["v"] for key, value in pairs.items()}}
+    assert engine.config_from_run_config(run_config) == config.replace(threads=1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -79,7 +96,8 @@ LINK_RUN_CONFIG = {"deadline-s": 2.0, "latency-s": 0.05, "median-uplink-mbps": 1
 
 def _links_module():
     pytest.importorskip("flwr", minversion="1.22")
-    pytest.importorskip("torch")  # the app's task module, where the seed derivation lives
+    if str(engine.app_dir()) not in sys.path:
+        sys.path.insert(0, str(engine.app_dir()))  # the app's package, as `flwr run` loads it
     from fstq_flower_app import links
 
     return links
@@ -101,7 +119,7 @@ def _link_replies(links, node_configs: dict[int, dict]):
 
 def test_each_node_gets_the_budget_the_in_process_loop_gives_its_client():
     from fstqcodec.sim.bandwidth import LinkModel
-    from fstqcodec.sim.loop import SimConfig, _seed_for
+    from fstqcodec.sim.client import seed_for
 
     links = _links_module()
     clients = 4
@@ -109,10 +127,10 @@ def test_each_node_gets_the_budget_the_in_process_loop_gives_its_client():
              for partition in range(clients)}
     budget = links.link_budget(_link_replies(links, nodes), LINK_RUN_CONFIG)
 
-    # What `fstq simulate --deadline-s 2` gives client i (loop.py: the link model it draws, the floor).
+    # What `fstq simulate --deadline-s 2` gives client i (client.py: the link model it draws, the floor).
     sim = SimConfig(clients=clients, seed=3, deadline_s=2.0)
     drawn = LinkModel(sim.median_uplink_mbps, sim.median_downlink_mbps, sim.bandwidth_sigma,
-                      sim.latency_s, seed=_seed_for(sim.seed, 2)).draw(clients)
+                      sim.latency_s, seed=seed_for(sim.seed, 2)).draw(clients)
     expected = [max(sim.min_budget_bytes, drawn.budget_bytes(i, sim.deadline_s)) for i in range(clients)]
     got = [budget(node, 1).max_bytes for node in nodes]
     assert all(abs(g - e) <= 1 for g, e in zip(got, expected)), (got, expected)

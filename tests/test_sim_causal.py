@@ -12,7 +12,7 @@ pytest.importorskip("yaml")
 
 from fstqcodec.sim import cli as sim_cli  # noqa: E402
 from fstqcodec.sim.causal_data import (  # noqa: E402
-    CAUSAL_QUICK_SETTINGS, QA_LANGUAGES, load_chatterbot_qa, load_drug_condition, load_qa_task,
+    CAUSAL_QUICK_SETTINGS, CAUSAL_TARGET_MODULES, QA_LANGUAGES, load_chatterbot_qa, load_drug_condition, load_qa_task,
 )
 from fstqcodec.sim.data import package_path  # noqa: E402
 
@@ -51,7 +51,7 @@ def test_drug_condition_answers_are_conditions():
 
 
 def test_group_partition_gives_whole_languages():
-    from fstqcodec.sim.causal_loop import group_partition
+    from fstqcodec.sim.causal_workbench import group_partition
 
     groups = np.array([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 5])
     parts = group_partition(groups, 2)
@@ -78,11 +78,12 @@ def test_causal_defaults_and_quick_settings():
     config = sim_cli.config_from_args(_parse(["--task", "drug-condition", "--quick", "--rounds", "2"]))
     assert config.model == "SmolLM2-135M-Instruct" and config.rounds == 2
     assert config.clients == CAUSAL_QUICK_SETTINGS["clients"] and config.max_length == CAUSAL_QUICK_SETTINGS["max_length"]
-    assert config.extra == {"max_new_tokens": CAUSAL_QUICK_SETTINGS["max_new_tokens"]}
+    assert config.max_new_tokens == CAUSAL_QUICK_SETTINGS["max_new_tokens"]
+    assert config.target_modules == CAUSAL_TARGET_MODULES
     full = sim_cli.config_from_args(_parse(["--task", "chatterbot-qa", "--model", "some/hub-model"]))
-    assert full.model == "some/hub-model" and full.extra == {"max_new_tokens": None}
+    assert full.model == "some/hub-model" and full.max_new_tokens is None and full.eval_size is None
     bbc = sim_cli.config_from_args(_parse([]))  # the classifier's defaults are untouched
-    assert bbc.model == "all-MiniLM-L6-v2" and bbc.clients == 10 and bbc.extra == {}
+    assert bbc.model == "all-MiniLM-L6-v2" and bbc.clients == 10 and bbc.target_modules == ("query", "value")
 
 
 def test_too_many_clients_for_languages_is_a_usage_error(capsys):

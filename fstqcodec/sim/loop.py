@@ -4,361 +4,217 @@ One process simulates every client in turn on one model (the frozen base is shar
 adapter, which is what a client would hold, is swapped). Every method starts from the same
 pretrained model and adapter initialisation, sees the same client sampling, the same local batches
 and the same dropout masks, so differences between methods come from their encodings alone.
+
+The client's side of a round (training, encoding, faults, delivery) is :mod:`fstqcodec.sim.client`;
+this module is the server's: sample, broadcast, collect, decode, average, evaluate, book.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fstqcodec.policy.fisher import check_fisher_power
+from fstqcodec.sim.bandwidth import LinkModel, round_time
+from fstqcodec.sim.client import client_round, corrupt_in_transit, make_workbench, message_lost, seed_for
+from fstqcodec.sim.config import TASK_TARGETS, SimConfig
+from fstqcodec.sim.methods import make_method
+from fstqcodec.sim.partition import label_histogram
+from fstqcodec.sim.report import aggregate_seeds, summarize
 
-__all__ = ["SimConfig", "TASK_TARGETS", "run_simulation"]
+__all__ = ["SimConfig", "TASK_TARGETS", "MethodRun", "run_simulation", "run_seeds", "corrupt_in_transit"]
 
-#: Default target accuracy per built-in task (``--target`` overrides). The BBC target is the one the
-#: issue fixes; the others sit a few points under what fp32 reaches with the default settings.
-TASK_TARGETS = {"bbc": 0.85}
-
-
-def _message_lost(state) -> None:
-    """Tell a client's error-feedback memory (if its method keeps one) that its message was lost."""
-    handler = getattr(state, "message_lost", None)
-    if handler is not None:
-        handler()
+#: ``on_round(method, round_number, accuracy, cumulative_uplink_bytes)``, called after every round.
+RoundCallback = Callable[[str, int, float, int], None]
 
 
-@dataclass
-class SimConfig:
-    """Everything that defines a run; recorded verbatim in ``results.json``."""
+class MethodRun:
+    """One method's FedAvg run: the global adapter, each client's state, and the books.
 
-    task: str = "bbc"
-    model: str = "all-MiniLM-L6-v2"
-    clients: int = 10
-    rounds: int = 20
-    fraction: float = 1.0  # clients sampled per round
-    local_steps: int = 2
-    batch_size: int = 8
-    lr: float = 2e-3
-    max_length: int = 64
-    alpha: float = 0.5  # Dirichlet concentration over labels
-    seed: int = 0
-    budget_bpp: float = 0.3  # bits per parameter for fstq / fstq-nofisher / topk
-    # Per-client fstq budgets from each client's uplink x this deadline (None: budget_bpp for all).
-    deadline_s: float | None = None
-    min_budget_bytes: int = 2048  # floor of a per-client budget (a message needs its header)
-    # Seconds per local step for the simulated clock (None: measure training time on this machine).
-    step_time_s: float | None = None
-    # Faults (seeded, the same for every method): a sampled client that drops out before training,
-    # an uplink message lost in transit, an uplink message with bits flipped in transit.
-    dropout: float = 0.0
-    uplink_loss: float = 0.0
-    uplink_corruption: float = 0.0
-    # The server closes each round this many simulated seconds after it starts (None: it waits for
-    # everyone). A straggler's message is sent in full (and counted) but arrives too late: it is not
-    # aggregated, and the client's error-feedback memory keeps the update for a later round.
-    round_deadline_s: float | None = None
-    block_size: int = 64
-    # fstq weighs its error by Fisher ** fisher_power. Local AdamW steps have about the same size in
-    # every coordinate, so a coordinate's first-order gain is ~|gradient| = Fisher ** 0.5; the
-    # README's "Reference loop" measures 0.5 against 1 (pure Fisher) and 0 (fstq-nofisher).
-    fisher_power: float = 0.5
-    target_accuracy: float | None = None
-    test_fraction: float = 0.2
-    eval_size: int = 320  # cap on the held-out examples evaluated each round
-    eval_batch_size: int = 64
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    target_modules: tuple[str, ...] = ("query", "value")
-    median_uplink_mbps: float = 1.0
-    median_downlink_mbps: float = 10.0
-    bandwidth_sigma: float = 1.0
-    latency_s: float = 0.05
-    threads: int | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    methods: tuple[str, ...] = ("fp32", "nf4", "fstq")
-    quick: bool = False
-    extra: dict = field(default_factory=dict)
+    Each client's state (its error-feedback memory) lives for the whole run: a client that is not
+    sampled in a round keeps it untouched until it is sampled again.
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` with a clear message on an invalid setting."""
-        checks = [
-            (self.clients >= 1, "clients must be >= 1"),
-            (self.rounds >= 1, "rounds must be >= 1"),
-            (0 < self.fraction <= 1, "fraction must be in (0, 1]"),
-            (self.local_steps >= 1, "local_steps must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.max_length >= 8, "max_length must be >= 8"),
-            (self.alpha > 0, "alpha must be > 0"),
-            (self.budget_bpp > 0, "budget_bpp must be > 0"),
-            (self.eval_size >= 10, "eval_size must be >= 10"),
-            (self.step_time_s is None or self.step_time_s >= 0, "step_time_s must be >= 0"),
-            (self.deadline_s is None or self.deadline_s > self.latency_s, "deadline must exceed the latency"),
-            (self.round_deadline_s is None or self.round_deadline_s > 0, "round_deadline_s must be > 0"),
-            (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target must be in (0, 1]"),
-            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
-            (0 <= self.uplink_loss < 1, "uplink_loss must be in [0, 1)"),
-            (0 <= self.uplink_corruption <= 1, "uplink_corruption must be in [0, 1]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        check_fisher_power(self.fisher_power)  # the encoder's own check, the same ValueError
+    Parameters
+    ----------
+    bench : Workbench-like
+        ``config``, ``layout``, ``initial_state``, ``client_sizes``, ``train(...)`` and ``evaluate(...)``
+        (:class:`fstqcodec.sim.client.Workbench`).
+    links : ClientLinks
+        The clients' drawn bandwidths.
+    method : Method
+        The uplink encoding.
+    initial_accuracy : float
+        The initial adapter's accuracy (round 0), evaluated once per process.
+    """
 
+    def __init__(self, bench, links, method, initial_accuracy: float):
+        self.bench, self.links, self.method, self.config = bench, links, method, bench.config
+        self.downlink_codec = make_method("fp32", bench.layout, self.config.encode_config())
+        self.global_state = {name: array.copy() for name, array in bench.initial_state.items()}
+        self.client_states = [method.new_client_state() for _ in range(self.config.clients)]
+        self.rounds = [{"round": 0, "accuracy": initial_accuracy, "uplink_bytes": 0,
+                        "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0}]
+        self.message_sizes: list[int] = []
+        self.anatomy: dict[str, int] = {}  # bytes by part of the message, summed over messages
+        self.dropped: list[dict] = []
+        self.faults: list[dict] = []
 
-def corrupt_in_transit(message: bytes, rng: np.random.Generator, flips: int = 8) -> bytes:
-    """``message`` with ``flips`` random bits flipped, as a noisy link would deliver it."""
-    if not message:
-        return message
-    damaged = bytearray(message)
-    for position in rng.integers(0, 8 * len(damaged), size=flips):
-        damaged[position // 8] ^= 1 << (position % 8)
-    return bytes(damaged)
+    def participants(self, round_number: int) -> list[int]:
+        """The clients sampled for a round: the same for every method, drawn from the run's seed."""
+        config = self.config
+        sampler = np.random.default_rng(seed_for(config.seed, 3, round_number))
+        return [int(c) for c in np.sort(sampler.choice(config.clients, config.clients_per_round, replace=False))]
 
+    def run(self, on_round: RoundCallback | None = None) -> dict:
+        """Every round of the run; returns the method's record.
 
-def _seed_for(*parts: int) -> int:
-    """A 63-bit seed derived from integers, stable across runs and platforms."""
-    words = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
-    return ((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1)
+        Raises
+        ------
+        fstqcodec.EncodeError
+            If a client's update cannot be encoded (see :func:`fstqcodec.sim.client.client_round`).
+        """
+        started = time.perf_counter()
+        if on_round is not None:  # the method starts now (a progress bar's clock starts here)
+            on_round(self.method.name, 0, self.rounds[0]["accuracy"], 0)
+        for round_number in range(1, self.config.rounds + 1):
+            entry = self.play_round(round_number)
+            if on_round is not None:
+                on_round(self.method.name, round_number, entry["accuracy"], entry["cumulative_uplink_bytes"])
+        return self.record(time.perf_counter() - started)
+
+    def play_round(self, round_number: int) -> dict:
+        """Sample, broadcast, let each participant play its turn, average what arrived, evaluate."""
+        participants = self.participants(round_number)
+        downlink = self.downlink_codec.encode(self.global_state, fisher=None, state=None, seed=0)
+        replies = [client_round(self.bench, self.method, self.client_states[client], self.links,
+                                self.global_state, len(downlink), round_number, client)
+                   for client in participants]
+        sent = [reply for reply in replies if reply.fault != "dropout"]
+        for reply in replies:
+            self._book(reply, round_number)
+        self._aggregate(replies, round_number)
+        duration = round_time([r.compute_s for r in sent], [r.download_s for r in sent],
+                              [r.upload_s for r in sent], self.config.round_deadline_s)
+        previous = self.rounds[-1]
+        uplink = sum(len(r.sent) for r in sent)
+        entry = {
+            "round": round_number,
+            "accuracy": self.bench.evaluate(self.global_state),
+            "uplink_bytes": uplink,
+            "cumulative_uplink_bytes": previous["cumulative_uplink_bytes"] + uplink,
+            "downlink_bytes": len(downlink) * len(participants),
+            "sim_time_s": previous["sim_time_s"] + duration,
+            # Where the round's time went (the slowest client's parts are not broken out).
+            "round_time_s": duration,
+            "max_compute_s": max((r.compute_s for r in sent), default=0.0),
+            "max_upload_s": max((r.upload_s for r in sent), default=0.0),
+            **self.bench.round_metrics(),  # e.g. ROUGE-L and exact match of a generative task
+        }
+        self.rounds.append(entry)
+        return entry
+
+    def _book(self, reply, round_number: int) -> None:
+        """Count what a client sent and log what went wrong on the way."""
+        if reply.fault is not None:
+            entry = {"round": round_number, "client": reply.client, "fault": reply.fault}
+            if reply.fault == "straggler":
+                entry["finish_s"] = round(reply.finish_s, 3)
+            self.faults.append(entry)
+        if reply.fault == "dropout":
+            return
+        self.message_sizes.append(len(reply.sent))
+        for part, size in self.method.anatomy(reply.sent).items():
+            self.anatomy[part] = self.anatomy.get(part, 0) + size
+
+    def _aggregate(self, replies, round_number: int) -> None:
+        """FedAvg of the decoded updates, weighted by the clients' examples, into the global adapter.
+
+        A message that fails to decode is dropped and recorded, and the rejection reaches the
+        client (its error feedback keeps the update); the round goes on with the others.
+        """
+        layout = self.bench.layout
+        delta_sum = {n: np.zeros(layout.shapes[n], dtype=np.float64) for n in layout.names}
+        weight_sum = 0.0
+        for reply in replies:
+            if reply.received is None:
+                continue
+            try:
+                decoded = self.method.decode(reply.received)
+                layout.check(decoded)
+            except ValueError as error:  # fstqcodec.DecodeError is a ValueError too
+                self.dropped.append({"round": round_number, "client": reply.client, "error": repr(error)})
+                message_lost(self.client_states[reply.client])
+                continue
+            for n in layout.names:
+                delta_sum[n] += reply.weight * decoded[n]
+            weight_sum += reply.weight
+        if weight_sum > 0:
+            for n in layout.names:
+                self.global_state[n] = (self.global_state[n] + delta_sum[n] / weight_sum).astype(np.float32)
+
+    def record(self, wall_time_s: float) -> dict:
+        """The method's entry in ``results.json`` (its summary is added by the report)."""
+        sizes = self.message_sizes
+        mean_bytes = float(np.mean(sizes)) if sizes else 0.0
+        return {
+            "config": self.method.config(),
+            "rounds": self.rounds,
+            "wall_time_s": wall_time_s,
+            "mean_message_bytes": mean_bytes,
+            "mean_bits_per_param": 8.0 * mean_bytes / self.bench.layout.total,
+            # Mean bytes per message by part (header, scales, codes, ...): what the side costs.
+            "message_anatomy": {part: total / max(1, len(sizes)) for part, total in self.anatomy.items()},
+            "dropped_messages": self.dropped,
+            "faults": self.faults,
+        }
 
 
 class _Federation:
-    """Everything a run shares between methods: data, partition, model, links. One per process."""
+    """What a process shares between methods: the workbench (data, model) and the links."""
 
     def __init__(self, config: SimConfig):
-        import torch
-
-        from fstqcodec.peft import adapter_state, state_names
-        from fstqcodec.sim.bandwidth import LinkModel
-        from fstqcodec.sim.data import load_task, train_test_split
-        from fstqcodec.sim.methods import Schema, make_method
-        from fstqcodec.sim.models import load_lora_classifier, tokenize
-        from fstqcodec.sim.partition import dirichlet_partition
-        from fstqcodec.torch import FisherAccumulator
-
         self.config = config
-        self.torch = torch
-        self.threads = config.threads or max(1, os.cpu_count() or 1)
-        torch.set_num_threads(self.threads)
-        self.task = load_task(config.task, text_column=config.text_column, label_column=config.label_column)
-        labels = self.task.labels
-        self.train_idx, self.test_idx = train_test_split(labels, config.test_fraction, config.seed)
-        # Evaluate on a fixed random subset of the held-out split, to keep evaluation cheap.
-        eval_rng = np.random.default_rng(_seed_for(config.seed, 1))
-        self.eval_idx = np.sort(eval_rng.permutation(self.test_idx)[: config.eval_size])
-        self.partition = dirichlet_partition(labels[self.train_idx], config.clients, config.alpha, config.seed)
-        self.model, tokenizer = load_lora_classifier(
-            config.model, self.task.num_labels, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-            target_modules=config.target_modules, seed=config.seed,
-        )
-        texts = self.task.texts
-        self.train_data = tokenize(tokenizer, [texts[i] for i in self.train_idx], labels[self.train_idx],
-                                   config.max_length)
-        self.eval_data = tokenize(tokenizer, [texts[i] for i in self.eval_idx], labels[self.eval_idx],
-                                  config.max_length)
-        # The adapter as a client holds it: peft's state-dict names, mapped to the live parameters.
-        names = state_names(self.model)
-        parameters = dict(self.model.named_parameters())
-        self.params_by_state = {state: parameters[param] for param, state in names.items()}
-        initial = adapter_state(self.model)
-        self.schema = Schema({name: tuple(t.shape) for name, t in initial.items()})
-        self.initial_state = {name: t.float().numpy().copy() for name, t in initial.items()}
-        self.downlink_codec = make_method("fp32", self.schema, bits_per_param=config.budget_bpp)
+        self.bench = make_workbench(config)
         self.link_model = LinkModel(config.median_uplink_mbps, config.median_downlink_mbps,
-                                    config.bandwidth_sigma, config.latency_s, seed=_seed_for(config.seed, 2))
+                                    config.bandwidth_sigma, config.latency_s, seed=seed_for(config.seed, 2))
         self.links = self.link_model.draw(config.clients)
-        self.client_sizes = np.array([len(p) for p in self.partition], dtype=np.float64)
-        self.per_round = max(1, int(round(config.fraction * config.clients)))
-        self.accumulator = FisherAccumulator(self.model)
         self.initial_accuracy: float | None = None
         self.initial_metrics: dict = {}
 
-    def round_metrics(self) -> dict:
-        """Extra metrics of the last evaluation for the round's record (none for classifiers)."""
-        return {}
-
-    def load_global(self, state: dict[str, np.ndarray]) -> None:
-        with self.torch.no_grad():
-            for name in self.schema.names:
-                self.params_by_state[name].copy_(self.torch.from_numpy(state[name]))
-
-    def evaluate(self) -> float:
-        config, model = self.config, self.model
-        model.eval()
-        correct = 0
-        with self.torch.inference_mode():
-            for start in range(0, len(self.eval_data), config.eval_batch_size):
-                stop = min(start + config.eval_batch_size, len(self.eval_data))
-                batch = self.eval_data.batch(np.arange(start, stop))
-                labels = batch.pop("labels")
-                correct += int((model(**batch).logits.argmax(dim=-1) == labels).sum())
-        model.train()
-        return correct / len(self.eval_data)
-
-    def run_method(self, name: str, on_round: Callable[[str, float, int], None] | None = None) -> dict:
+    def run_method(self, name: str, on_round: RoundCallback | None = None) -> dict:
         """FedAvg for ``config.rounds`` rounds with uplink method ``name``; returns its record."""
-        from fstqcodec.peft import adapter_fisher
-        from fstqcodec.sim.bandwidth import round_time
-        from fstqcodec.sim.methods import make_method
-
-        torch, config, schema, links = self.torch, self.config, self.schema, self.links
-        method = make_method(name, schema, bits_per_param=config.budget_bpp,
-                             fstq_options={"block_size": config.block_size, "fisher_power": config.fisher_power})
         if self.initial_accuracy is None:
-            self.load_global(self.initial_state)
-            self.initial_accuracy = self.evaluate()
-            self.initial_metrics = self.round_metrics()
-        method_started = time.perf_counter()
-        trainable = [self.params_by_state[n] for n in schema.names]
-        global_state = {n: a.copy() for n, a in self.initial_state.items()}
-        client_states = [method.new_client_state() for _ in range(config.clients)]
-        rounds = [{"round": 0, "accuracy": self.initial_accuracy, "uplink_bytes": 0,
-                   "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0, **self.initial_metrics}]
-        cumulative_uplink, sim_time = 0, 0.0
-        message_sizes: list[int] = []
-        anatomy: dict[str, int] = {}  # bytes by part of the message, summed over messages
-        dropped: list[dict] = []
-        faults_log: list[dict] = []
-        for round_number in range(1, config.rounds + 1):
-            sampler = np.random.default_rng(_seed_for(config.seed, 3, round_number))
-            participants = np.sort(sampler.choice(config.clients, self.per_round, replace=False))
-            downlink_message = self.downlink_codec.encode(global_state, fisher=None, state=None, seed=0)
-            delta_sum = {n: np.zeros(schema.shapes[n], dtype=np.float64) for n in schema.names}
-            weight_sum, uplink_bytes = 0.0, 0
-            compute_s, download_s, upload_s = [], [], []
-            for client in (int(c) for c in participants):
-                client_seed = _seed_for(config.seed, 4, round_number, client)
-                # Faults are drawn from their own stream: every method meets the same ones.
-                faults = np.random.default_rng(_seed_for(config.seed, 6, round_number, client))
-                dropped_out, lost, corrupted = faults.random(3) < (config.dropout, config.uplink_loss, config.uplink_corruption)
-                if dropped_out:
-                    faults_log.append({"round": round_number, "client": client, "fault": "dropout"})
-                    continue
-                client_started = time.perf_counter()
-                self.load_global(global_state)  # what the client decoded from the (lossless) downlink
-                optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-                self.accumulator.reset()
-                torch.manual_seed(client_seed)  # the same dropout masks for every method
-                batch_rng = np.random.default_rng(client_seed)
-                local = self.partition[client]
-                for _ in range(config.local_steps):
-                    # A batch without repeats; `local` indexes the tokenized train split.
-                    picked = local[batch_rng.choice(len(local), min(config.batch_size, len(local)), replace=False)]
-                    self.model(**self.train_data.batch(picked)).loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                trained_at = time.perf_counter()
-                update = {n: self.params_by_state[n].detach().numpy().astype(np.float32) - global_state[n]
-                          for n in schema.names}
-                fisher = adapter_fisher(self.accumulator, self.model) if method.uses_fisher else None
-                budget_bytes = None
-                if config.deadline_s is not None:
-                    budget_bytes = max(config.min_budget_bytes, links.budget_bytes(client, config.deadline_s))
-                message = method.encode(update, fisher=fisher, state=client_states[client], seed=client_seed,
-                                        budget_bytes=budget_bytes)
-                encode_s = time.perf_counter() - trained_at
-                if config.step_time_s is None:
-                    compute_s.append(time.perf_counter() - client_started)
-                else:  # modelled training time (repeatable on a busy machine) + measured encoding
-                    compute_s.append(config.local_steps * config.step_time_s + encode_s)
-                down, up = links.transfer_time(client, len(message), len(downlink_message))
-                download_s.append(down)
-                upload_s.append(up)
-                uplink_bytes += len(message)
-                message_sizes.append(len(message))
-                for part, size in method.anatomy(message).items():
-                    anatomy[part] = anatomy.get(part, 0) + size
-                finish_s = down + compute_s[-1] + up
-                if config.round_deadline_s is not None and finish_s > config.round_deadline_s:
-                    # Arrives after the server closed the round: discarded like a lost message.
-                    faults_log.append({"round": round_number, "client": client, "fault": "straggler",
-                                       "finish_s": round(finish_s, 3)})
-                    _message_lost(client_states[client])
-                    continue
-                if lost:
-                    # Never arrives. The client learns it (no acknowledgement) and keeps the whole
-                    # update in its error-feedback memory instead of throwing it away.
-                    faults_log.append({"round": round_number, "client": client, "fault": "lost"})
-                    _message_lost(client_states[client])
-                    continue
-                if corrupted:
-                    message = corrupt_in_transit(message, faults)
-                    faults_log.append({"round": round_number, "client": client, "fault": "corrupted"})
-                # Server side: a message that fails to decode is dropped and recorded; the round goes on.
-                try:
-                    decoded = method.decode(message)
-                    schema.check(decoded)
-                except ValueError as error:  # fstqcodec.DecodeError is a ValueError too
-                    dropped.append({"round": round_number, "client": client, "error": repr(error)})
-                    _message_lost(client_states[client])  # the server's rejection reaches the client
-                    continue
-                weight = float(self.client_sizes[client])  # FedAvg: weight by local examples
-                for n in schema.names:
-                    delta_sum[n] += weight * decoded[n]
-                weight_sum += weight
-            if weight_sum > 0:
-                for n in schema.names:
-                    global_state[n] = (global_state[n] + delta_sum[n] / weight_sum).astype(np.float32)
-            self.load_global(global_state)
-            accuracy = self.evaluate()
-            cumulative_uplink += uplink_bytes
-            this_round_s = round_time(compute_s, download_s, upload_s, config.round_deadline_s)
-            sim_time += this_round_s
-            rounds.append({
-                "round": round_number,
-                "accuracy": accuracy,
-                "uplink_bytes": uplink_bytes,
-                "cumulative_uplink_bytes": cumulative_uplink,
-                "downlink_bytes": len(downlink_message) * len(participants),
-                "sim_time_s": sim_time,
-                # Where the round's time went (the slowest client's parts are not broken out).
-                "round_time_s": this_round_s,
-                "max_compute_s": max(compute_s, default=0.0),
-                "max_upload_s": max(upload_s, default=0.0),
-                **self.round_metrics(),
-            })
-            if on_round is not None:
-                on_round(name, accuracy, cumulative_uplink)
-        mean_bytes = float(np.mean(message_sizes)) if message_sizes else 0.0
-        return {
-            "config": method.config(),
-            "rounds": rounds,
-            "wall_time_s": time.perf_counter() - method_started,
-            "mean_message_bytes": mean_bytes,
-            "mean_bits_per_param": 8.0 * mean_bytes / schema.total,
-            # Mean bytes per message by part (header, scales, codes, ...): what the side costs.
-            "message_anatomy": {part: total / max(1, len(message_sizes)) for part, total in anatomy.items()},
-            "dropped_messages": dropped,
-            "faults": faults_log,
-        }
+            self.initial_accuracy = self.bench.evaluate(self.bench.initial_state)
+            self.initial_metrics = self.bench.round_metrics()
+        method = make_method(name, self.bench.layout, self.config.encode_config())
+        run = MethodRun(self.bench, self.links, method, self.initial_accuracy)
+        run.rounds[0].update(self.initial_metrics)
+        return run.run(on_round)
 
     def describe(self) -> dict:
         """Facts about the run's data, model and links for the results' ``config``."""
-        from fstqcodec.sim.partition import label_histogram
+        import torch
 
-        task, links = self.task, self.links
+        bench, config, links = self.bench, self.config, self.links
+        task = bench.task
         return {
-            "trainable_parameters": self.schema.total,
-            "trainable_tensors": len(self.schema.names),
+            "lora_alpha": config.lora_alpha,
+            "trainable_parameters": bench.layout.total,
+            "trainable_tensors": len(bench.layout.names),
             "num_labels": task.num_labels,
             "label_names": task.label_names,
             "data_source": task.source,
             "task_notes": task.notes,
-            "train_examples": int(self.train_idx.size),
-            "test_examples": int(self.test_idx.size),
-            "eval_examples": int(self.eval_idx.size),
-            "client_examples": [int(n) for n in self.client_sizes],
-            "client_label_histogram": label_histogram(task.labels[self.train_idx], self.partition, task.num_labels),
-            "clients_per_round": self.per_round,
+            "train_examples": int(bench.train_idx.size),
+            "test_examples": int(bench.test_idx.size),
+            "eval_examples": int(bench.eval_idx.size),
+            "client_examples": [int(n) for n in bench.client_sizes],
+            "client_label_histogram": label_histogram(task.labels[bench.train_idx], bench.partition, task.num_labels),
+            "clients_per_round": config.clients_per_round,
             "fedavg_weighting": "client example count",
             "local_optimizer": "AdamW (fresh each round), weight_decay=0",
             "downlink": "fp32 global adapter (lossless), same for every method",
@@ -367,26 +223,16 @@ class _Federation:
                 "uplink_mbps": [round(float(b) / 1e6, 4) for b in links.uplink_bps],
                 "downlink_mbps": [round(float(b) / 1e6, 4) for b in links.downlink_bps],
                 "round_time": ("max over participants of (download + measured compute + upload)"
-                               + ("" if self.config.round_deadline_s is None else
-                                  f", at most the round deadline of {self.config.round_deadline_s} s; later replies discarded")),
+                               + ("" if config.round_deadline_s is None else
+                                  f", at most the round deadline of {config.round_deadline_s} s; later replies discarded")),
                 "compute_time": ("measured wall time of local training and encoding on this machine"
-                                 if self.config.step_time_s is None else
-                                 f"local_steps x {self.config.step_time_s} s (modelled) + measured encoding"),
+                                 if config.step_time_s is None else
+                                 f"local_steps x {config.step_time_s} s (modelled) + measured encoding"),
             },
-            "platform": {"python": platform.python_version(), "torch": self.torch.__version__,
+            "platform": {"python": platform.python_version(), "torch": torch.__version__,
                          "machine": platform.machine(), "cpu_count": os.cpu_count()},
+            **bench.describe(),
         }
-
-
-def _make_federation(config: SimConfig) -> _Federation:
-    """The federation for ``config.task``: a causal LM for the generative QA tasks, else a classifier."""
-    from fstqcodec.sim.causal_data import QA_TASKS
-
-    if config.task in QA_TASKS:
-        from fstqcodec.sim.causal_loop import CausalFederation
-
-        return CausalFederation(config)
-    return _Federation(config)
 
 
 # Worker processes (spawned: torch and fork do not mix) each build their own _Federation once.
@@ -407,7 +253,7 @@ def _worker_init(config: SimConfig, queue) -> None:
     import threading
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    _WORKER_FEDERATION = _make_federation(config)
+    _WORKER_FEDERATION = _Federation(config)
     _WORKER_QUEUE = queue
 
 
@@ -415,24 +261,110 @@ def _worker_run(name: str) -> tuple[str, dict, dict]:
     federation = _WORKER_FEDERATION
     assert federation is not None
 
-    def report(method: str, accuracy: float, uplink: int) -> None:
-        _WORKER_QUEUE.put((method, accuracy, uplink))
+    def report(*event) -> None:
+        _WORKER_QUEUE.put(event)
 
     return name, federation.run_method(name, report), federation.describe()
 
 
-def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | None = None) -> dict:
+def _run_in_process(config: SimConfig, on_round: RoundCallback) -> tuple[dict, dict]:
+    federation = _Federation(config)
+    methods = {name: federation.run_method(name, on_round) for name in config.methods}
+    description = federation.describe()
+    federation.bench.close()
+    return methods, description
+
+
+def _run_in_workers(config: SimConfig, workers: int, on_round: RoundCallback) -> tuple[dict, dict]:
+    """Each method in one of ``workers`` spawned processes; progress comes back through a queue."""
+    import multiprocessing
+    import queue as queue_module
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    # A plain queue handed to the workers at start-up (no manager process to outlive the run).
+    updates = context.Queue()
+    methods, description = {}, {}
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(config, updates)) as pool:
+        pending = {pool.submit(_worker_run, name) for name in config.methods}
+        while pending:
+            done, pending = wait(pending, timeout=0.5)
+            while True:
+                try:
+                    on_round(*updates.get_nowait())
+                except queue_module.Empty:
+                    break
+            for future in done:
+                name, methods[name], description = future.result()
+    # Report methods in the order asked for, not the order they finished.
+    return {name: methods[name] for name in config.methods}, description
+
+
+def _choose_target(config: SimConfig, runs: list[dict]) -> tuple[float, str]:
+    """The target accuracy of the 'to target' figures, and the rule that chose it.
+
+    ``runs`` holds each seed's ``methods``; a relative target takes fp32's mean final accuracy.
+    """
+    if config.target_accuracy is not None:
+        return config.target_accuracy, "given"
+    if config.target_of_fp32 is None and config.task in TASK_TARGETS:
+        return TASK_TARGETS[config.task], f"task default for {config.task!r}"
+    fraction = 0.95 if config.target_of_fp32 is None else config.target_of_fp32
+    finals = [(methods.get("fp32") or next(iter(methods.values())))["rounds"][-1]["accuracy"] for methods in runs]
+    over = " (mean over the seeds)" if len(runs) > 1 else ""
+    # round(): 100 x 0.95 is 95.0 exactly, so a fraction of 0.95 floors as 95 x accuracy always did.
+    return (math.floor(round(100 * fraction, 6) * sum(finals) / len(finals)) / 100,
+            f"{fraction:g} x final accuracy of fp32 (or the first method){over}, floored to 0.01")
+
+
+def _ignore_round(method: str, round_number: int, accuracy: float, uplink: int) -> None:
+    pass
+
+
+class _ProgressBars:
+    """One tqdm bar per method, opened when the method starts (round 0), so each ETA is its own.
+
+    A bar counts its method's rounds from the moment its first round begins: model loading and
+    methods still waiting for a worker do not inflate the rate, as one bar over every method's
+    rounds did (it showed hours at the start of a ten-minute run).
+    """
+
+    def __init__(self, config: SimConfig, label: str = ""):
+        from tqdm.auto import tqdm
+
+        self._tqdm, self.config, self.label, self.bars = tqdm, config, label, {}
+
+    def update(self, method: str, round_number: int, accuracy: float, uplink: int) -> None:
+        bar = self.bars.get(method)
+        if bar is None:
+            position = list(self.config.methods).index(method)
+            bar = self.bars[method] = self._tqdm(
+                total=self.config.rounds, desc=f"{self.label}{method}", unit="round", position=position,
+                leave=True, dynamic_ncols=True, smoothing=0.1)
+        bar.set_postfix(acc=f"{accuracy:.3f}", up=f"{uplink / 1e6:.2f}MB", refresh=False)
+        bar.update(round_number - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | None = None,
+                   label: str = "") -> dict:
     """Run every method in ``config.methods`` and return the results record.
 
     Parameters
     ----------
     config : SimConfig
     progress : bool
-        Show a tqdm progress bar.
+        Show a tqdm progress bar per method (its rounds, accuracy and uplink so far, and an ETA).
     workers : int, optional
         Methods run in this many processes at once, each with ``max(1, threads // workers)`` torch
         threads (small LoRA batches use one thread far better than two, so parallel single-threaded
         processes finish sooner). Default: ``min(len(methods), 2 * threads)``; 1 runs in this process.
+    label : str
+        Put before each progress bar's method name (e.g. the seed of a multi-seed run).
 
     Returns
     -------
@@ -449,81 +381,73 @@ def run_simulation(config: SimConfig, *, progress: bool = True, workers: int | N
     """
     config.validate()
     started = time.perf_counter()
-    cpus = max(1, os.cpu_count() or 1)
-    threads = config.threads or cpus
+    threads = config.threads or max(1, os.cpu_count() or 1)
     # One single-threaded process per method, up to twice the threads: small LoRA batches scale
     # poorly across threads, and a method left alone on one thread would leave the other core idle.
-    workers = workers or min(len(config.methods), 2 * threads)
-    workers = max(1, min(workers, len(config.methods)))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(config.methods) * config.rounds, unit="round", dynamic_ncols=True)
-
-    def on_round(method: str, accuracy: float, uplink: int) -> None:
-        if bar is not None:
-            bar.set_description(method)
-            bar.set_postfix(acc=f"{accuracy:.3f}", up=f"{uplink / 1e6:.2f}MB")
-            bar.update(1)
-
-    results_methods: dict[str, Any] = {}
-    if workers == 1:
-        federation = _make_federation(dataclasses.replace(config, threads=threads))
-        for name in config.methods:
-            results_methods[name] = federation.run_method(name, on_round)
-        description = federation.describe()
-        federation.accumulator.remove()
-    else:
-        import multiprocessing
-        import queue as queue_module
-        from concurrent.futures import ProcessPoolExecutor, wait
-
-        context = multiprocessing.get_context("spawn")
-        # A plain queue handed to the workers at start-up (no manager process to outlive the run).
-        updates = context.Queue()
-        worker_config = dataclasses.replace(config, threads=max(1, threads // workers))
-        description = {}
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                 initargs=(worker_config, updates)) as pool:
-            pending = {pool.submit(_worker_run, name) for name in config.methods}
-            while pending:
-                done, pending = wait(pending, timeout=0.5)
-                while True:
-                    try:
-                        on_round(*updates.get_nowait())
-                    except queue_module.Empty:
-                        break
-                for future in done:
-                    name, record, description = future.result()
-                    results_methods[name] = record
-        # Report methods in the order asked for, not the order they finished.
-        results_methods = {name: results_methods[name] for name in config.methods}
-    if bar is not None:
-        bar.close()
-
-    from fstqcodec.sim.report import summarize
-
-    record_config = dataclasses.asdict(config)
-    record_config["target_modules"] = list(config.target_modules)
-    record_config["methods"] = list(config.methods)
-    record_config.update({"threads": threads, "workers": workers, **description})
-    target = config.target_accuracy
-    target_rule = "given"
-    if target is None:
-        target = TASK_TARGETS.get(config.task)
-        target_rule = f"task default for {config.task!r}"
-    if target is None:
-        # No preset: 95% of fp32's final accuracy (or the first method's), floored to 0.01.
-        reference = results_methods.get("fp32") or next(iter(results_methods.values()))
-        target = math.floor(95 * reference["rounds"][-1]["accuracy"]) / 100
-        target_rule = "0.95 x final accuracy of fp32 (or the first method), floored to 0.01"
+    workers = max(1, min(workers or min(len(config.methods), 2 * threads), len(config.methods)))
+    bars = _ProgressBars(config, label) if progress else None
+    on_round = bars.update if bars is not None else _ignore_round
+    try:
+        if workers == 1:
+            methods, description = _run_in_process(config.replace(threads=threads), on_round)
+        else:
+            methods, description = _run_in_workers(config.replace(threads=max(1, threads // workers)), workers,
+                                                   on_round)
+    finally:
+        if bars is not None:
+            bars.close()
+    target, target_rule = _choose_target(config, [methods])
     results = {
-        "config": record_config,
+        "config": {**config.record(), "threads": threads, "workers": workers, **description},
         "target_accuracy": target,
         "target_rule": target_rule,
-        "methods": results_methods,
+        "methods": methods,
         "wall_time_s": time.perf_counter() - started,
     }
     summarize(results)
     return results
+
+
+def run_seeds(config: SimConfig, seeds: Sequence[int], *, progress: bool = True,
+              workers: int | None = None) -> tuple[dict, list[dict]]:
+    """Run ``config`` once per seed and aggregate: mean and spread of every figure.
+
+    A seed changes everything it drives: the train/test split, the partition, the initialisation,
+    the client sampling, the batches and dropout masks, the faults and the links. Every seed's run
+    is summarised against one target (the given one, the task's, or ``target_of_fp32`` x fp32's
+    final accuracy averaged over the seeds).
+
+    Parameters
+    ----------
+    config : SimConfig
+        Its ``seed`` is ignored.
+    seeds : sequence of int
+        Distinct seeds, at least one.
+    progress, workers
+        As for :func:`run_simulation`, for each seed in turn.
+
+    Returns
+    -------
+    (dict, list of dict)
+        The aggregated record (:func:`fstqcodec.sim.report.aggregate_seeds`) and each seed's own.
+
+    Raises
+    ------
+    ValueError
+        On an invalid configuration, or no or repeated seeds.
+    RuntimeError
+        If a task or model package is missing.
+    """
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or any(seed < 0 for seed in seeds):
+        raise ValueError(f"seeds must be distinct integers >= 0, at least one; got {seeds}")
+    for seed in seeds:
+        config.replace(seed=seed).validate()
+    runs = [run_simulation(config.replace(seed=seed), progress=progress, workers=workers,
+                           label=f"seed {seed} " if len(seeds) > 1 else "")
+            for seed in seeds]
+    target, rule = _choose_target(config, [run["methods"] for run in runs])
+    for run in runs:
+        run["target_accuracy"], run["target_rule"] = target, rule
+        summarize(run)
+    return aggregate_seeds(runs), runs

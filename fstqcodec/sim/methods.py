@@ -36,12 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from ..stages.codebooks import NF4
+import fstqcodec
+from fstqcodec.config import EncodeConfig
+from fstqcodec.stages.codebooks import NF4
 
 __all__ = [
     "METHOD_NAMES",
     "DEFAULT_METHODS",
-    "Schema",
+    "UpdateLayout",
     "Method",
     "make_method",
     "parse_methods",
@@ -63,8 +65,12 @@ _HEADER = struct.Struct("<2sBBI")
 _METHOD_IDS = {"fp32": 1, "fp16": 2, "nf4": 3, "qsgd8": 4, "qsgd4": 5, "topk": 6}
 
 
-class Schema:
-    """Ordered tensor names and shapes, agreed once by client and server (the model definition)."""
+class UpdateLayout:
+    """Ordered tensor names and shapes, agreed once by client and server (the model definition).
+
+    Not the wire format's :class:`fstqcodec.Schema`: this is the sim's view of an update, which the
+    baselines' minimal container relies on.
+    """
 
     def __init__(self, shapes: Mapping[str, Sequence[int]]):
         self.names = list(shapes)
@@ -107,8 +113,8 @@ class Method:
     #: Whether the method uses the client's Fisher estimate (the loop collects it only if needed).
     uses_fisher = False
 
-    def __init__(self, schema: Schema):
-        self.schema = schema
+    def __init__(self, layout: UpdateLayout):
+        self.layout = layout
 
     def new_client_state(self) -> Any:
         return None
@@ -131,7 +137,7 @@ class Method:
 
     # -- the minimal container shared by the baselines --
     def _header(self) -> bytes:
-        return _HEADER.pack(_MAGIC, _METHOD_IDS[self.name], _VERSION, len(self.schema.names))
+        return _HEADER.pack(_MAGIC, _METHOD_IDS[self.name], _VERSION, len(self.layout.names))
 
     def _read_header(self, data: bytes) -> memoryview:
         if len(data) < _HEADER.size:
@@ -139,8 +145,8 @@ class Method:
         magic, method_id, version, count = _HEADER.unpack_from(data)
         if magic != _MAGIC or method_id != _METHOD_IDS[self.name] or version != _VERSION:
             raise ValueError(f"not a {self.name} message (magic {magic!r}, id {method_id}, version {version})")
-        if count != len(self.schema.names):
-            raise ValueError(f"{self.name} message has {count} tensors, schema has {len(self.schema.names)}")
+        if count != len(self.layout.names):
+            raise ValueError(f"{self.name} message has {count} tensors, schema has {len(self.layout.names)}")
         return memoryview(data)[_HEADER.size:]
 
 
@@ -166,20 +172,20 @@ class _Reader:
 class RawFloat(Method):
     """fp32 / fp16: raw little-endian values."""
 
-    def __init__(self, schema: Schema, dtype: str):
-        super().__init__(schema)
+    def __init__(self, layout: UpdateLayout, dtype: str):
+        super().__init__(layout)
         self.name = {"<f4": "fp32", "<f2": "fp16"}[dtype]
         self.dtype = dtype
 
     def encode(self, update, *, fisher, state, seed, budget_bytes=None):
-        self.schema.check(update)
-        return self._header() + self.schema.flatten(update).astype(self.dtype).tobytes()
+        self.layout.check(update)
+        return self._header() + self.layout.flatten(update).astype(self.dtype).tobytes()
 
     def decode(self, data):
         reader = _Reader(self._read_header(data), self.name)
-        flat = reader.take(self.dtype, self.schema.total).astype(np.float32)
+        flat = reader.take(self.dtype, self.layout.total).astype(np.float32)
         reader.finish()
-        return self.schema.unflatten(flat)
+        return self.layout.unflatten(flat)
 
 
 def _pack_nibbles(codes: np.ndarray) -> bytes:
@@ -203,9 +209,9 @@ class NF4(Method):
     block_size = 64
 
     def encode(self, update, *, fisher, state, seed, budget_bytes=None):
-        self.schema.check(update)
+        self.layout.check(update)
         parts = [self._header()]
-        for name in self.schema.names:
+        for name in self.layout.names:
             values = np.asarray(update[name], dtype=np.float32).ravel()
             n_blocks = -(-values.size // self.block_size)
             padded = np.zeros(n_blocks * self.block_size, dtype=np.float32)
@@ -221,13 +227,13 @@ class NF4(Method):
     def decode(self, data):
         reader = _Reader(self._read_header(data), self.name)
         out = {}
-        for name in self.schema.names:
-            size = self.schema.sizes[name]
+        for name in self.layout.names:
+            size = self.layout.sizes[name]
             n_blocks = -(-size // self.block_size)
             absmax = reader.take("<f4", n_blocks).astype(np.float32)
             codes = _unpack_nibbles(reader.take("u1", (size + 1) // 2), size)
             scales = np.repeat(absmax, self.block_size)[:size]
-            out[name] = (NF4_LEVELS[codes] * scales).reshape(self.schema.shapes[name])
+            out[name] = (NF4_LEVELS[codes] * scales).reshape(self.layout.shapes[name])
         reader.finish()
         return out
 
@@ -235,8 +241,8 @@ class NF4(Method):
 class QSGD(Method):
     """Stochastic uniform quantisation with a per-tensor (max) norm, 8 or 4 bits per element."""
 
-    def __init__(self, schema: Schema, bits: int):
-        super().__init__(schema)
+    def __init__(self, layout: UpdateLayout, bits: int):
+        super().__init__(layout)
         if bits not in (4, 8):
             raise ValueError("qsgd supports 4 or 8 bits")
         self.bits = bits
@@ -247,10 +253,10 @@ class QSGD(Method):
         return {"name": self.name, "bits": self.bits, "levels_per_sign": self.levels, "norm": "max"}
 
     def encode(self, update, *, fisher, state, seed, budget_bytes=None):
-        self.schema.check(update)
+        self.layout.check(update)
         rng = np.random.default_rng(seed)
         parts = [self._header()]
-        for name in self.schema.names:
+        for name in self.layout.names:
             values = np.asarray(update[name], dtype=np.float32).ravel()
             norm = np.float32(np.abs(values).max()) if values.size else np.float32(0)
             scaled = np.abs(values) / norm * self.levels if norm > 0 else np.zeros_like(values)
@@ -267,15 +273,15 @@ class QSGD(Method):
     def decode(self, data):
         reader = _Reader(self._read_header(data), self.name)
         out = {}
-        for name in self.schema.names:
-            size = self.schema.sizes[name]
+        for name in self.layout.names:
+            size = self.layout.sizes[name]
             norm = float(reader.take("<f4", 1)[0])
             if self.bits == 8:
                 signed = reader.take("i1", size).astype(np.float32)
             else:
                 signed = _unpack_nibbles(reader.take("u1", (size + 1) // 2), size).astype(np.float32)
                 signed -= self.levels
-            out[name] = (signed * (norm / self.levels)).astype(np.float32).reshape(self.schema.shapes[name])
+            out[name] = (signed * (norm / self.levels)).astype(np.float32).reshape(self.layout.shapes[name])
         reader.finish()
         return out
 
@@ -286,21 +292,21 @@ class TopK(Method):
     name = "topk"
     bits_per_entry = 64  # uint32 index + float32 value
 
-    def __init__(self, schema: Schema, bits_per_param: float):
-        super().__init__(schema)
-        budget_bits = bits_per_param * schema.total - 8 * (_HEADER.size + 4)
-        self.k = max(1, min(schema.total, int(budget_bits // self.bits_per_entry)))
+    def __init__(self, layout: UpdateLayout, bits_per_param: float):
+        super().__init__(layout)
+        budget_bits = bits_per_param * layout.total - 8 * (_HEADER.size + 4)
+        self.k = max(1, min(layout.total, int(budget_bits // self.bits_per_entry)))
 
     def config(self):
-        return {"name": self.name, "k": self.k, "fraction": self.k / self.schema.total,
+        return {"name": self.name, "k": self.k, "fraction": self.k / self.layout.total,
                 "error_feedback": True}
 
     def new_client_state(self):
-        return {"residual": np.zeros(self.schema.total, dtype=np.float32)}
+        return {"residual": np.zeros(self.layout.total, dtype=np.float32)}
 
     def encode(self, update, *, fisher, state, seed, budget_bytes=None):
-        self.schema.check(update)
-        corrected = self.schema.flatten(update) + state["residual"]
+        self.layout.check(update)
+        corrected = self.layout.flatten(update) + state["residual"]
         # argpartition then sort: the indices go out ascending, which a receiver can check cheaply.
         indices = np.sort(np.argpartition(np.abs(corrected), -self.k)[-self.k:]).astype(np.uint32)
         values = corrected[indices].astype(np.float32)
@@ -312,120 +318,99 @@ class TopK(Method):
     def decode(self, data):
         reader = _Reader(self._read_header(data), self.name)
         (k,) = reader.take("<u4", 1)
-        if k > self.schema.total:
-            raise ValueError(f"topk message declares k={k} > {self.schema.total} parameters")
+        if k > self.layout.total:
+            raise ValueError(f"topk message declares k={k} > {self.layout.total} parameters")
         indices = reader.take("<u4", int(k))
         values = reader.take("<f4", int(k))
         reader.finish()
-        if k and (indices.max() >= self.schema.total or np.any(np.diff(indices.astype(np.int64)) <= 0)):
+        if k and (indices.max() >= self.layout.total or np.any(np.diff(indices.astype(np.int64)) <= 0)):
             raise ValueError("topk indices out of range or not strictly increasing")
-        flat = np.zeros(self.schema.total, dtype=np.float32)
+        flat = np.zeros(self.layout.total, dtype=np.float32)
         flat[indices] = values
-        return self.schema.unflatten(flat)
+        return self.layout.unflatten(flat)
 
 
 class Fstq(Method):
-    """fstqcodec under a bits-per-parameter budget, with error feedback; Fisher-weighted or not."""
+    """fstqcodec under a byte budget, with error feedback; Fisher-weighted or not.
 
-    def __init__(self, schema: Schema, bits_per_param: float, *, use_fisher: bool,
-                 options: Mapping[str, Any] | None = None):
-        super().__init__(schema)
-        import fstqcodec  # the core; imported here so the baselines work without it
+    Both ends know the model, as the baselines assume: tensors are named by the layout's
+    :class:`fstqcodec.Schema` digest instead of being listed, which frees a few hundred header bytes
+    for codes in a ~4 kB message.
+    """
 
-        self._fstqcodec = fstqcodec
+    def __init__(self, layout: UpdateLayout, config: EncodeConfig, *, use_fisher: bool):
+        super().__init__(layout)
         self.name = "fstq" if use_fisher else "fstq-nofisher"
         self.uses_fisher = use_fisher
-        self.bits_per_param = float(bits_per_param)
-        self.options = dict(options or {})
-        # Both ends know the model, as the baselines assume: name the tensors by the schema's digest
-        # instead of listing them, which frees a few hundred header bytes for codes in a ~4 kB message.
-        self.wire_schema, self.schema_note = self._shared_schema()
-
-    def _shared_schema(self):
-        fstqcodec = self._fstqcodec
-        if not hasattr(fstqcodec, "Schema"):
-            return None, "this fstqcodec has no Schema: tensor names sent in every header"
-        block_size = int(self.options.get("block_size", 64))
-        wire_schema = fstqcodec.Schema(
-            [(name, "float32", self.schema.shapes[name], block_size) for name in self.schema.names]
+        self.encode_config = config
+        self.wire_schema = fstqcodec.Schema(
+            [(name, "float32", layout.shapes[name], config.block_size) for name in layout.names]
         )
-        # ErrorFeedback decodes its own message to keep the residual; older versions cannot resolve a
-        # schema digest there. Probe once and fall back to full headers rather than fail mid-run.
-        probe = {name: np.zeros(self.schema.shapes[name], np.float32) for name in self.schema.names}
-        try:
-            fstqcodec.ErrorFeedback().encode(probe, schema=wire_schema, **self.options)
-        except fstqcodec.DecodeError:
-            return None, "ErrorFeedback cannot decode schema-named messages: tensor names sent in every header"
-        return wire_schema, "tensors named by schema digest (both ends know the model)"
 
     def config(self):
-        return {"name": self.name, "bits_per_param": self.bits_per_param, "fisher": self.uses_fisher,
-                "error_feedback": True, "header": self.schema_note, **self.options}
+        return {"name": self.name, "fisher": self.uses_fisher, "error_feedback": True,
+                "header": "tensors named by schema digest (both ends know the model)",
+                "encode_config": self.encode_config.get_config()}
 
     def new_client_state(self):
-        return self._fstqcodec.ErrorFeedback()
+        return fstqcodec.ErrorFeedback(self.encode_config)
 
     def encode(self, update, *, fisher, state, seed, budget_bytes=None):
-        self.schema.check(update)
+        self.layout.check(update)
+        config = self.encode_config.replace(seed=seed)
         if budget_bytes is not None:
-            budget = self._fstqcodec.Budget(max_bytes=int(budget_bytes))
-        else:
-            budget = self._fstqcodec.Budget(bits_per_param=self.bits_per_param)
+            config = config.replace(budget=fstqcodec.Budget(max_bytes=int(budget_bytes)))
         return state.encode(
-            {name: np.asarray(update[name], dtype=np.float32) for name in self.schema.names},
+            {name: np.asarray(update[name], dtype=np.float32) for name in self.layout.names},
             fisher=fisher if self.uses_fisher else None,
-            budget=budget,
-            seed=seed,
-            **({"schema": self.wire_schema} if self.wire_schema is not None else {}),
-            **self.options,
+            schema=self.wire_schema,
+            config=config,
         )
 
     def decode(self, data):
-        if self.wire_schema is not None:
-            return self._fstqcodec.decode(data, schemas=self.wire_schema)
-        return self._fstqcodec.decode(data)
+        return fstqcodec.decode(data, schemas=self.wire_schema)
 
     def anatomy(self, data):
         """Preamble and checksum, the msgpack header (as stored), and each kind of section."""
-        report = self._fstqcodec.inspect(data, schemas=self.wire_schema)
+        report = fstqcodec.inspect(data, schemas=self.wire_schema)
         parts = {"framing": report["framing_size"], "header": report["header_size"]}
         for section in report["sections"]:
             parts[section["kind"]] = parts.get(section["kind"], 0) + section["stored"]
         return parts
 
 
-def make_method(name: str, schema: Schema, *, bits_per_param: float,
-                fstq_options: Mapping[str, Any] | None = None) -> Method:
+def make_method(name: str, layout: UpdateLayout, config: EncodeConfig) -> Method:
     """Build a method by name.
 
     Parameters
     ----------
     name : str
         One of :data:`METHOD_NAMES`.
-    schema : Schema
+    layout : UpdateLayout
         The update's tensor names and shapes.
-    bits_per_param : float
-        Budget for ``fstq``, ``fstq-nofisher`` (and, through ``k``, ``topk``).
-    fstq_options : Mapping, optional
-        Extra keyword options for :func:`fstqcodec.encode`.
+    config : fstqcodec.EncodeConfig
+        The fstq methods' encoder options. Its budget, in bits per parameter, also sets ``topk``'s
+        ``k``; the fixed-rate baselines ignore it.
 
     Raises
     ------
     ValueError
-        If the name is unknown.
+        If the name is unknown, or ``topk`` is asked for without a bits-per-parameter budget.
     """
     if name == "fp32":
-        return RawFloat(schema, "<f4")
+        return RawFloat(layout, "<f4")
     if name == "fp16":
-        return RawFloat(schema, "<f2")
+        return RawFloat(layout, "<f2")
     if name == "nf4":
-        return NF4(schema)
+        return NF4(layout)
     if name in ("qsgd8", "qsgd4"):
-        return QSGD(schema, int(name[4:]))
+        return QSGD(layout, int(name[4:]))
     if name == "topk":
-        return TopK(schema, bits_per_param)
+        if config.budget is None or config.budget.bits_per_param is None:
+            raise ValueError("topk needs a bits-per-parameter budget to choose k")
+        return TopK(layout, config.budget.bits_per_param)
     if name in ("fstq", "fstq-nofisher"):
-        return Fstq(schema, bits_per_param, use_fisher=name == "fstq", options=fstq_options)
+        return Fstq(layout, config, use_fisher=name == "fstq")
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
 
 

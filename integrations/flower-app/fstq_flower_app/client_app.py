@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 
 from fstqcodec.flower import FISHER_RECORD, FstqMod
 from fstq_flower_app.links import answer_link_query
-from fstq_flower_app.task import Settings, workbench
+from fstq_flower_app.task import config_from_run_config, workbench
 
 # FstqMod first: it is the outermost mod, so any clipping or DP mod added after it sees plain arrays.
 app = ClientApp(mods=[FstqMod()])
@@ -27,17 +27,15 @@ def _arrays(tensors) -> ArrayRecord:
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter on this node's partition for one round."""
     partition_id = int(context.node_config["partition-id"])
-    settings = Settings.from_run_config(
-        context.run_config, num_partitions=int(context.node_config["num-partitions"])
-    )
+    settings = config_from_run_config(context.run_config, clients=int(context.node_config["num-partitions"]))
     received = {name: array.numpy() for name, array in msg.content["arrays"].items()}
     server_round = int(msg.content["config"]["server-round"])
-    trained, fisher, num_examples, loss = workbench(settings).train(received, partition_id, server_round)
+    local = workbench(settings).train(received, partition_id, server_round)
     content = RecordDict(
         {
-            "arrays": _arrays(trained),
-            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss}),
-            FISHER_RECORD: _arrays(fisher),
+            "arrays": _arrays(local.trained),
+            "metrics": MetricRecord({"num-examples": local.num_examples, "train-loss": local.mean_loss}),
+            FISHER_RECORD: _arrays(local.fisher),
         }
     )
     return Message(content, reply_to=msg)

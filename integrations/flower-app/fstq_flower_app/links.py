@@ -19,6 +19,7 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from fstqcodec.flower import LinkBudget
 from fstqcodec.sim.bandwidth import LinkModel
+from fstqcodec.sim.client import seed_for  # the in-process loop's seed derivation
 
 __all__ = ["node_uplink_bps", "answer_link_query", "link_budget", "ask_for_links"]
 
@@ -39,8 +40,6 @@ def node_uplink_bps(node_config: Mapping[str, Any], run_config: Mapping[str, Any
         if not mbps > 0:
             raise ValueError(f"uplink-mbps must be positive, got {mbps!r}")
         return mbps * 1e6
-    from fstq_flower_app.task import seed_for  # the in-process loop's seed derivation
-
     model = LinkModel(median_uplink_mbps=float(run_config["median-uplink-mbps"]),
                       sigma=float(run_config["bandwidth-sigma"]),
                       latency_s=float(run_config["latency-s"]),

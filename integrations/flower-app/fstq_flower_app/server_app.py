@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 import fstqcodec
 from fstqcodec.flower import FstqStrategy
 from fstq_flower_app.links import ask_for_links
-from fstq_flower_app.task import Settings, workbench
+from fstq_flower_app.task import config_from_run_config, workbench
 
 app = ServerApp()
 
@@ -31,7 +31,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation and write the per-round record."""
     config = context.run_config
     clients = int(config["clients"])
-    settings = Settings.from_run_config(config, num_partitions=clients)
+    settings = config_from_run_config(config)
     bench = workbench(settings)
     downlink = {"none": None, "lossless": "lossless"}[str(config["downlink"])]
     # deadline-s > 0: each node's own budget, its uplink x the deadline; else budget-bpp for all.
@@ -114,7 +114,7 @@ def write_results(out_dir, config, settings, strategy, accuracy, finished_at) ->
         "config": {
             **{key.replace("-", "_"): config[key] for key in config},
             **dataclasses.asdict(settings),
-            "clients": settings.num_partitions,
+            "clients": settings.clients,
             "rounds": int(config["num-server-rounds"]),
             "trainable_parameters": parameters,
             "uplink_bytes_rule": "Flower's ArrayRecord.count_bytes() of every train reply",

@@ -1,17 +1,23 @@
-"""Run this app with ``flwr run`` on a private local SuperLink and collect its ``results.json``.
+"""Run the Flower App with ``flwr run`` on a private local SuperLink and collect its ``results.json``.
 
-What ``fstq simulate --engine flower`` needs: the reference experiment, configured like the
-in-process loop (:class:`fstqcodec.sim.loop.SimConfig` field names), run on Flower's simulation
-engine offline, its record returned, and nothing left running afterwards. ``flwr run`` leaves a
-detached ``flower-superlink`` (and a ``flower-superexec`` under it) behind; this module stops the
-one it started, by PID, found by the private ``FLWR_HOME`` its command line names.
+What ``fstq simulate --engine flower`` needs: the reference experiment, a :class:`SimConfig` as
+the in-process loop takes it, run on Flower's simulation engine offline by the Flower App of a
+source checkout (``integrations/flower-app``), its record returned, and nothing left running
+afterwards. ``flwr run`` leaves a detached ``flower-superlink`` (and a ``flower-superexec`` under
+it) behind; this module stops the one it started, by PID, found by the private ``FLWR_HOME`` its
+command line names.
 
-Importing this module needs only the standard library (and ``psutil`` when installed), so a CLI
+It is also where a :class:`SimConfig` becomes the app's ``run_config`` and back
+(:func:`run_config_for`, :func:`config_from_run_config`), so the app takes its defaults from the
+same place as the loop.
+
+Importing this module needs only the standard library and :mod:`fstqcodec.sim.config`, so a CLI
 can offer the engine without importing Flower or torch first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -24,19 +30,23 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["APP_DIR", "run_config_for", "run_with_flwr"]
+from fstqcodec.sim.config import SimConfig
 
-#: The Flower App directory (the one holding ``pyproject.toml`` with ``[tool.flwr.app]``).
-APP_DIR = pathlib.Path(__file__).resolve().parents[1]
+__all__ = ["app_dir", "run_config_for", "config_from_run_config", "run_with_flwr"]
 
 # SimConfig field -> key of the app's [tool.flwr.app.config].
-_RUN_CONFIG_KEYS = {
+RUN_CONFIG_KEYS = {
     "rounds": "num-server-rounds",
     "clients": "clients",
-    "fraction": "fraction-train",
+    "participation": "fraction-train",
     "budget_bpp": "budget-bpp",
     "block_size": "block-size",
     "fisher_power": "fisher-power",
+    "deadline_s": "deadline-s",
+    "median_uplink_mbps": "median-uplink-mbps",
+    "bandwidth_sigma": "bandwidth-sigma",
+    "latency_s": "latency-s",
+    "min_budget_bytes": "min-budget-bytes",
     "task": "task",
     "model": "model",
     "alpha": "alpha",
@@ -50,7 +60,26 @@ _RUN_CONFIG_KEYS = {
     "eval_batch_size": "eval-batch-size",
     "lora_rank": "lora-rank",
     "lora_alpha": "lora-alpha",
+    "threads": "threads",
 }
+# TOML has no null: eval_size's None (the whole held-out set) and deadline_s's (one budget for all)
+# travel as 0; other None values are not passed, so the app's own setting applies (threads: one
+# per ClientApp, one Ray CPU each).
+_NONE_AS_ZERO = {"eval_size", "deadline_s"}
+
+
+def app_dir() -> pathlib.Path:
+    """``integrations/flower-app`` of the source checkout this package runs from.
+
+    Raises
+    ------
+    RuntimeError
+        If this package does not run from a source checkout holding the app.
+    """
+    candidate = pathlib.Path(__file__).resolve().parents[2] / "integrations" / "flower-app"
+    if not (candidate / "pyproject.toml").is_file():
+        raise RuntimeError("--engine flower runs integrations/flower-app from a source checkout of fstqcodec; none found")
+    return candidate
 
 
 def _toml_value(value: Any) -> str:
@@ -61,20 +90,47 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a TOML basic string is a JSON string for these values
 
 
-def run_config_for(settings: Mapping[str, Any], out_dir: str | os.PathLike) -> str:
-    """The ``flwr run -c`` argument for ``settings`` (SimConfig field names; unknown ones ignored).
+def run_config_for(config: SimConfig, out_dir: str | os.PathLike) -> str:
+    """The ``flwr run -c`` argument that runs ``config`` and writes to ``out_dir``.
 
     Raises
     ------
     ValueError
-        If ``settings["methods"]`` names anything but ``fstq``: the app runs that method only.
+        If ``config.methods`` names anything but ``fstq``: the app runs that method only.
     """
-    methods = tuple(settings.get("methods", ("fstq",)))
-    if methods != ("fstq",):
-        raise ValueError(f"the Flower app runs the 'fstq' method only, not {methods}")
-    pairs = {key: settings[field] for field, key in _RUN_CONFIG_KEYS.items() if field in settings}
+    if tuple(config.methods) != ("fstq",):
+        raise ValueError(f"the Flower app runs the 'fstq' method only, not {config.methods}")
+    pairs = {}
+    for field, key in RUN_CONFIG_KEYS.items():
+        value = getattr(config, field)
+        if value is None and field in _NONE_AS_ZERO:
+            value = 0
+        if value is not None:
+            pairs[key] = value
     pairs["out-dir"] = str(pathlib.Path(out_dir).resolve())
     return " ".join(f"{key}={_toml_value(value)}" for key, value in pairs.items())
+
+
+def config_from_run_config(run_config: Mapping[str, Any], **overrides) -> SimConfig:
+    """The :class:`SimConfig` a Flower ``run_config`` describes (fields it lacks keep their defaults).
+
+    Raises
+    ------
+    ValueError
+        On an invalid setting.
+    """
+    fields = {spec.name: spec for spec in dataclasses.fields(SimConfig)}
+    values: dict[str, Any] = {"methods": ("fstq",)}
+    for field, key in RUN_CONFIG_KEYS.items():
+        if key not in run_config:
+            continue
+        spec = fields[field]
+        kind = spec.metadata.get("type") or type(spec.default)
+        value = kind(run_config[key])
+        values[field] = None if field in _NONE_AS_ZERO and value == 0 else value
+    config = SimConfig(**{**values, **overrides})
+    config.validate()
+    return config
 
 
 def _processes_naming(marker: str) -> list[int]:
@@ -146,8 +202,24 @@ def _stop_superlink(flwr_home: pathlib.Path, timeout_s: float = 20.0) -> None:
                 pass
 
 
+def _private_flwr_env(home: pathlib.Path) -> dict:
+    """The environment of ``flwr run`` with its own ``FLWR_HOME`` (a local SuperLink), offline."""
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Otherwise Flower runs `uv sync` on the app's dependencies in a fresh environment.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
 def run_with_flwr(
-    settings: Mapping[str, Any],
+    config: SimConfig,
     out_dir: str | os.PathLike,
     *,
     flwr_home: str | os.PathLike | None = None,
@@ -158,10 +230,9 @@ def run_with_flwr(
 
     Parameters
     ----------
-    settings : Mapping
-        The experiment in :class:`fstqcodec.sim.loop.SimConfig` field names (``clients``,
-        ``rounds``, ``budget_bpp``, ``seed``, ...); ``clients`` also sets the number of simulated
-        SuperNodes. Fields the app does not take are ignored.
+    config : SimConfig
+        The experiment; ``clients`` also sets the number of simulated SuperNodes. Settings the app
+        does not take (faults, links, deadlines) are not passed on.
     out_dir : path
         Where the app writes ``results.json``, ``fstq.csv`` and ``summary.md``.
     flwr_home : path, optional
@@ -179,31 +250,24 @@ def run_with_flwr(
     Raises
     ------
     RuntimeError
-        If ``flwr run`` fails or the app wrote no results.
+        If ``flwr run`` fails, the app wrote no results, or there is no source checkout.
+    ValueError
+        If ``config`` asks for a method other than ``fstq``.
     subprocess.TimeoutExpired
         If the run exceeds ``timeout_s``.
     """
     out_dir = pathlib.Path(out_dir).resolve()
+    run_config = run_config_for(config, out_dir)
+    app = app_dir()
     temporary = flwr_home is None
     home = pathlib.Path(tempfile.mkdtemp(prefix="fstq-flwr-home-") if temporary else flwr_home)
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-    )
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        # Otherwise Flower runs `uv sync` on the app's dependencies in a fresh environment.
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = _private_flwr_env(home)
     flwr = shutil.which("flwr") or str(pathlib.Path(sys.executable).with_name("flwr"))
     command = [
-        flwr, "run", str(APP_DIR), "--stream",
-        "--federation-config", f"num-supernodes={int(settings.get('clients', 4))}",
-        "-c", run_config_for(settings, out_dir),
+        flwr, "run", str(app), "--stream",
+        "--federation-config", f"num-supernodes={config.clients}",
+        "-c", run_config,
     ]
     try:
         completed = subprocess.run(

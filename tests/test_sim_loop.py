@@ -1,0 +1,124 @@
+"""The round loop (``fstqcodec.sim.loop.MethodRun``) on a stand-in client stage that needs only numpy.
+
+The workbench below trains nothing: a client's "training" adds a fixed, client- and round-specific
+step to the adapter it receives, so what the server must compute from the replies is known exactly.
+"""
+
+import numpy as np
+import pytest
+
+from fstqcodec.sim.bandwidth import LinkModel
+from fstqcodec.sim.client import LocalTraining
+from fstqcodec.sim.config import SimConfig
+from fstqcodec.sim.loop import MethodRun
+from fstqcodec.sim.methods import UpdateLayout, make_method
+
+SHAPES = {"layer.lora_A.weight": (8, 256), "layer.lora_B.weight": (256, 8)}
+
+
+class StepBench:
+    """A workbench whose clients each add ``step(client, round)`` to the adapter they receive."""
+
+    def __init__(self, config: SimConfig):
+        self.config = config
+        self.layout = UpdateLayout(SHAPES)
+        self.initial_state = {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()}
+        self.client_sizes = np.arange(1, config.clients + 1, dtype=np.float64) * 10
+        self.trained_by: list[tuple[int, int]] = []
+
+    def step(self, client: int, round_number: int) -> dict:
+        rng = np.random.default_rng(1000 * client + round_number)
+        return {name: (0.01 * rng.standard_normal(shape)).astype(np.float32) for name, shape in SHAPES.items()}
+
+    def train(self, state, client, round_number, *, with_fisher=True):
+        self.trained_by.append((round_number, client))
+        step = self.step(client, round_number)
+        trained = {name: state[name] + step[name] for name in SHAPES}
+        fisher = {name: np.ones(shape, np.float32) for name, shape in SHAPES.items()} if with_fisher else None
+        return LocalTraining(trained, fisher, int(self.client_sizes[client]), 0.0)
+
+    def evaluate(self, state):
+        return 0.5
+
+
+def _run(method_name: str, **settings) -> MethodRun:
+    config = SimConfig(methods=(method_name,), step_time_s=0.0, **{"budget_bpp": 1.0, **settings})
+    config.validate()
+    bench = StepBench(config)
+    links = LinkModel(seed=1).draw(config.clients)
+    method = make_method(method_name, bench.layout, config.encode_config())
+    return MethodRun(bench, links, method, initial_accuracy=0.5)
+
+
+def test_fp32_round_is_fedavg_of_the_client_updates_weighted_by_examples():
+    run = _run("fp32", clients=4, rounds=1)
+    entry = run.play_round(1)
+    bench = run.bench
+    weights = bench.client_sizes
+    for name in SHAPES:
+        expected = sum(w * bench.step(c, 1)[name].astype(np.float64) for c, w in enumerate(weights)) / weights.sum()
+        np.testing.assert_allclose(run.global_state[name], expected.astype(np.float32), rtol=1e-6, atol=1e-9)
+    message_bytes = 8 + 4 * bench.layout.total
+    assert entry["uplink_bytes"] == 4 * message_bytes == entry["cumulative_uplink_bytes"]
+    assert run.record(1.0)["mean_message_bytes"] == message_bytes
+
+
+def test_a_lost_message_stays_in_error_feedback_and_is_not_averaged():
+    run = _run("fstq", clients=3, rounds=1, uplink_loss=0.99)
+    run.play_round(1)
+    assert {f["fault"] for f in run.faults} == {"lost"} and len(run.faults) == 3
+    for name in SHAPES:  # nothing arrived: the model did not move
+        np.testing.assert_array_equal(run.global_state[name], 0.0)
+    for client, state in enumerate(run.client_states):  # and each client kept its whole update
+        for name in SHAPES:
+            np.testing.assert_allclose(state.residual[name], run.bench.step(client, 1)[name], rtol=1e-6)
+
+
+def test_methods_are_compared_on_the_same_clients_and_batches():
+    fp32, fstq = _run("fp32", clients=5, rounds=2, participation=0.6), _run("fstq", clients=5, rounds=2, participation=0.6)
+    for run in (fp32, fstq):
+        run.run()
+    assert fp32.bench.trained_by == fstq.bench.trained_by
+    assert len(fp32.bench.trained_by) == 2 * 3
+
+
+@pytest.mark.parametrize("name", ["fstq", "topk"])
+def test_compressed_rounds_stay_within_the_budget(name):
+    run = _run(name, clients=2, rounds=1, budget_bpp=0.5)
+    run.play_round(1)
+    assert max(run.message_sizes) <= 0.5 * run.bench.layout.total / 8
+
+
+def test_partial_participation_samples_a_seeded_fraction_each_round():
+    run = _run("fp32", clients=30, rounds=3, participation=0.3)
+    rounds = [run.participants(r) for r in (1, 2, 3)]
+    assert all(len(chosen) == 9 == len(set(chosen)) for chosen in rounds)
+    assert len({tuple(chosen) for chosen in rounds}) == 3  # a new draw each round
+    assert rounds == [_run("fstq", clients=30, participation=0.3).participants(r) for r in (1, 2, 3)]
+    assert rounds != [_run("fp32", clients=30, participation=0.3, seed=1).participants(r) for r in (1, 2, 3)]
+    run.play_round(1)
+    assert sorted(round_number for round_number, _ in run.bench.trained_by) == [1] * 9
+    assert sorted(client for _, client in run.bench.trained_by) == rounds[0]
+
+
+def test_a_client_not_sampled_keeps_its_error_feedback_until_it_is_sampled_again():
+    run = _run("fstq", clients=10, rounds=3, participation=0.3, budget_bpp=0.5)
+    first, second = set(run.participants(1)), set(run.participants(2))
+    waiting = sorted(first - second)  # sampled in round 1, not in round 2
+    assert waiting, "the seed should give a client that sits out round 2"
+    run.play_round(1)
+    kept = {c: {n: a.copy() for n, a in run.client_states[c].residual.items()} for c in waiting}
+    assert all(np.abs(kept[c][n]).sum() > 0 for c in waiting for n in SHAPES)  # 0.5 bit/param left a residual
+    run.play_round(2)
+    for client in waiting:
+        for name in SHAPES:
+            np.testing.assert_array_equal(run.client_states[client].residual[name], kept[client][name])
+    # Sampled again later, the client's message carries its new update plus what it kept.
+    client = waiting[0]
+    later = next(r for r in range(3, 50) if client in run.participants(r) and r > 2)
+    for round_number in range(3, later + 1):
+        run.play_round(round_number)
+    sent = run.client_states[client].last_update  # what the last message encoded in full
+    for name in SHAPES:
+        np.testing.assert_allclose(sent[name], run.bench.step(client, later)[name] + kept[client][name],
+                                   rtol=1e-5, atol=1e-7)
