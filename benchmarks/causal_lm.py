@@ -24,10 +24,11 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "simulate_results"
 #: (2 clients, 4 rounds of 2-4 local steps of 4 examples), with a modelled clock of 5 s per step.
 _COMMON = ["--methods", "fp32,fstq", "--step-time-s", "5"]
 RUNS = {
-    "drug-condition": ["--task", "drug-condition", "--lr", "2e-3", "--eval-size", "96", *_COMMON],
-    "drug-condition-eval32": ["--task", "drug-condition", "--lr", "2e-3", *_COMMON],
-    "chatterbot-qa": ["--task", "chatterbot-qa", "--lr", "2e-3", *_COMMON],
-    "chatterbot-qa-steps4": ["--task", "chatterbot-qa", "--lr", "3e-3", "--local-steps", "4", *_COMMON],
+    "drug-condition": ["--task", "drug-condition", "--lr", "2e-3", *_COMMON],  # the whole held-out split
+    "drug-condition-eval32": ["--task", "drug-condition", "--lr", "2e-3", "--eval-size", "32", *_COMMON],
+    "chatterbot-qa": ["--task", "chatterbot-qa", "--lr", "2e-3", "--eval-size", "32", *_COMMON],
+    "chatterbot-qa-steps4": ["--task", "chatterbot-qa", "--lr", "3e-3", "--local-steps", "4", "--eval-size", "32",
+                             *_COMMON],
 }
 
 
