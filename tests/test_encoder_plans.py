@@ -38,7 +38,10 @@ def check_plan_invariants(plan: encoder.Plan, source: encoder.Input) -> None:
     if not len(rows):
         return
     width = plan.class_width[plan.row_class]
-    assert np.all((width >= 2) & (width <= 8))
+    # Width 1 only for rd_plan's sign class: class 0, decoded through centroids.
+    sign = width == 1
+    assert np.all((width >= 2) & (width <= 8) | sign)
+    assert np.all(plan.row_class[sign] == 0) and (not sign.any() or plan.class_sums is not None)
     padding = np.arange(source.block_size)[None, :] >= source.counts[rows][:, None]
     if plan.codebook is None:
         codes = plan.codes.astype(np.int64)
@@ -95,3 +98,20 @@ def test_rd_plan_invariants(target_bits_per_element, rounding):
     assert len(plan.quantized_rows) > 0 and len(plan.class_width) > 1  # something to check
     assert (plan.class_sums is not None) == (rounding == "nearest" and len(plan.quantized_rows) > 0)
     assert encoder.assemble(source, plan, meta=None, compress_header=True)  # the plan assembles
+
+
+@pytest.mark.parametrize("target_bits_per_element", [0.25, 1.0, 3.0])
+def test_rd_plan_invariants_with_sign_blocks(target_bits_per_element):
+    # An Adam-like update (|x| about the same everywhere) large enough for the measured rate model:
+    # the allocation sends some blocks as signs (class 0, width 1) beside grid blocks.
+    rng = np.random.default_rng(3)
+    x = (np.sign(rng.standard_normal((300, 100))) * (1 + 0.2 * rng.standard_normal((300, 100)))
+         * np.exp(rng.standard_normal((300, 1)))).astype(np.float32)
+    source = encoder.Input({"x": x, "pad": rng.standard_normal(77).astype(np.float32)}, 64, "error")
+    weights = normalize_fisher(None, source.names, {s.name: s.shape for s in source.specs}, 1.0)
+    stats = block_stats(source, weights, sign=True)
+    plan = rd_plan(source, stats, target_bits_per_element * source.elements, rounding="nearest",
+                   rng=np.random.default_rng(0))
+    check_plan_invariants(plan, source)
+    assert plan.class_width[0] == 1 and np.count_nonzero(plan.row_class == 0) > 0
+    assert encoder.assemble(source, plan, meta=None, compress_header=True)

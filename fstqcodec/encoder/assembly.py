@@ -113,7 +113,10 @@ def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan) -> None
         else:
             codebook_index = None
             symbols = (flat.astype(np.int16) + (1 << (width - 1))).astype(np.uint8)
-            if plan.class_sums is not None and width <= _CENTROID_MAX_WIDTH and len(symbols) >= _CENTROID_MIN_ELEMENTS:
+            # A sign context (width 1) always decodes through its two centroids.
+            if plan.class_sums is not None and (
+                width == 1 or width <= _CENTROID_MAX_WIDTH and len(symbols) >= _CENTROID_MIN_ELEMENTS
+            ):
                 codebook_index = len(built.codebooks)
                 built.codebooks.append(centroid_levels(plan, classes, width))
         if choice["kind"] == "rans":

@@ -67,6 +67,8 @@ def group_classes(plan: Plan) -> tuple[np.ndarray, list]:
         while len(members) > 1:
             best_gain, best_index, best_state = 0.0, -1, None
             for i in range(len(members) - 1):
+                if (widths[i] == 1) != (widths[i + 1] == 1):
+                    continue  # sign codes (width 1) mean nothing on a uniform grid, and back
                 hist = hists[i] + hists[i + 1]
                 width = max(widths[i], widths[i + 1])
                 cost = _context_choice(symbols(hist, width), width)[0]

@@ -4,15 +4,18 @@ The loss increase from perturbing an update by ``d`` is about ``1/2 sum_i F_i d_
 encoder minimises the Fisher-weighted squared error ``sum_i F_i (x_i - xhat_i)**2`` under a byte
 budget. Per block ``j`` (``n_j`` elements, mean Fisher ``w_j``, mean square ``s_j**2``) the choices
 are: drop it (distortion ``sum F x**2``, no codes), quantize it with an entropy-coded uniform
-quantizer of step ``Delta_j``, or send it raw (float16, or lossless at its own dtype).
+quantizer of step ``Delta_j``, send its signs with one scale (``SIGN``: one bit per element,
+distortion ``sum F (|x| - mean|x|)**2``), or send it raw (lossless at its own dtype).
 
 For entropy-coded uniform quantization the per-element Lagrangian cost at step ``Delta`` is
 ``w s**2 D(r) + lambda H(r)`` with ``r = s / Delta``, where ``D(r)`` (relative MSE) and ``H(r)``
-(bits of entropy per element) come from a Gaussian model, tabulated once. Dividing by ``lambda``
-leaves a function of ``u = w s**2 / lambda`` alone, so the best ``r`` and its cost are tabulated
-against ``u`` too, and one evaluation for a given ``lambda`` is a few vectorised look-ups over the
-blocks. A bisection on ``lambda`` meets a target number of bits; the codec then corrects the
-target from the real message size (the model is only a model).
+(bits of entropy per element) are tabulated once: measured on the blocks' own normalised values
+``x / s`` when there are enough of them (:func:`empirical_tables`), else for a Gaussian
+(:func:`gaussian_tables`). Dividing by ``lambda`` leaves a function of ``u = w s**2 / lambda``
+alone, so the best ``r`` and its cost are tabulated against ``u`` too, and one evaluation for a
+given ``lambda`` is a few vectorised look-ups over the blocks. A search on ``lambda`` meets a
+target number of bits (filling the last bits block by block, :func:`allocate`); the codec then
+corrects the target from the real message size (the model is only a model).
 """
 
 from __future__ import annotations
@@ -23,9 +26,16 @@ import math
 
 import numpy as np
 
-__all__ = ["BlockStats", "Allocation", "gaussian_tables", "allocate", "DROP", "QUANTIZE", "RAW16", "RAW_EXACT"]
+__all__ = [
+    "BlockStats", "Allocation", "gaussian_tables", "empirical_tables", "shape_sample", "allocate",
+    "DROP", "QUANTIZE", "RAW_EXACT", "SIGN", "SIGN_SHARED",
+]
 
-DROP, QUANTIZE, RAW16, RAW_EXACT = 0, 1, 2, 3
+#: SIGN: one bit per element (its sign) and one scale, about the block's mean |x|: the least-squares
+#: two-level quantizer, which a uniform grid with a zero level cannot be (it is sent as a width-1
+#: context with a two-level codebook).
+#: SIGN_SHARED: the same with the tensor's mean |x| as the scale (equal scales cost almost nothing).
+DROP, QUANTIZE, RAW_EXACT, SIGN, SIGN_SHARED = 0, 1, 3, 4, 5
 
 #: Largest code magnitude of the widest (8-bit) uniform grid: codes span [-128, 127].
 MAX_CODE = 127
@@ -87,6 +97,11 @@ def gaussian_tables():
                 distortion[i, j] = 1.0 / (12.0 * r * r)
             else:
                 entropy[i, j], distortion[i, j] = _quantizer_moments(r, tau)
+    return _best_per_u(entropy, distortion)
+
+
+def _best_per_u(entropy: np.ndarray, distortion: np.ndarray) -> dict:
+    """The tables of :func:`gaussian_tables` from per-(r, tau) entropy and distortion."""
     flat_h, flat_d = entropy.ravel(), distortion.ravel()
     u = 2.0 ** _LOG2_U[:, None]
     cost = u * flat_d[None, :] + flat_h[None, :]
@@ -101,7 +116,81 @@ def gaussian_tables():
         "log2_r_best": _LOG2_R[best_r],
         "tau_best": DEADZONES[best_tau],
         "H_best": flat_h[best],
+        "D_best": flat_d[best],
     }
+
+
+#: Below this many elements the Gaussian model is used (and SIGN is no candidate): the measured
+#: tables' entropies at fine steps need many values, and on small messages the size loop cannot
+#: fill the budget across the jumps a sign context's own table and codebook make.
+EMPIRICAL_MIN_ELEMENTS = 16384
+#: Largest code magnitude of a context of width 4, the widest that carries centroid codebooks
+#: (encoder.assembly): wider contexts decode to grid points, which the measured tables account for.
+CENTROID_TOP_CODE = 7.5
+#: The measured tables come from at most about this many elements (a fixed stride over the blocks).
+EMPIRICAL_SAMPLE_ELEMENTS = 1 << 18
+
+
+def shape_sample(matrix: np.ndarray, counts: np.ndarray, mean_square: np.ndarray) -> np.ndarray | None:
+    """Sorted ``|x| / rms(block)`` over a fixed stride of the non-empty blocks (padding left out),
+    the sample :func:`empirical_tables` measures; None when there are too few elements."""
+    rows = np.flatnonzero(mean_square > 0)
+    if int(counts[rows].sum()) < EMPIRICAL_MIN_ELEMENTS:
+        return None
+    block_size = matrix.shape[1]
+    stride = max(1, -(-len(rows) * block_size // EMPIRICAL_SAMPLE_ELEMENTS))
+    rows = rows[::stride]
+    z = np.abs(matrix[rows].astype(np.float64)) / np.sqrt(mean_square[rows])[:, None]
+    valid = np.arange(block_size)[None, :] < counts[rows][:, None]
+    return np.sort(z[valid])
+
+
+def empirical_tables(sample: np.ndarray) -> dict:
+    """The tables of :func:`gaussian_tables`, measured on ``sample`` (sorted ``|x| / rms``)
+    instead of derived for a Gaussian.
+
+    Real updates are not Gaussian: after a few Adam steps every coordinate moved by about the
+    learning rate, a block's values sit near +-rms with no tails, and a Gaussian model promises
+    rate at coarse steps (its tails) where every code of such a block is zero. Measuring the
+    dead-zone quantizer on the blocks' own normalised values gives the rate (entropy of the codes,
+    one bit for each non-zero code's sign) and the distortion they get (centroid reconstruction
+    where codes fit 4 bits, grid points beyond, as the encoder decodes them).
+    Above ``r = 16`` the high-rate forms hold: rate grows by log2 r, distortion is 1 / (12 r**2).
+    """
+    values = np.asarray(sample, dtype=np.float64)
+    first = np.concatenate([[0.0], np.cumsum(values)])
+    second = np.concatenate([[0.0], np.cumsum(values * values)])
+    total, energy = len(values), second[-1]
+    # A typical block's largest |x| / rms: its largest code is about r times this.
+    top_value = float(values[min(total - 1, int(0.999 * total))])
+    measured = _LOG2_R < math.log2(_HIGH_RATE_R)
+    r = 2.0 ** _LOG2_R[measured]
+    top = int(math.ceil(float(values[-1]) * r[-1])) + 2
+    k = np.arange(1, top + 1, dtype=np.float64)
+    entropy = np.empty((len(_LOG2_R), len(DEADZONES)))
+    distortion = np.empty_like(entropy)
+    for j, tau in enumerate(DEADZONES):
+        edges = (k[None, :] - 0.5 + tau) / r[:, None]  # |x| where code k starts, per r
+        index = np.concatenate([np.zeros((len(r), 1), np.intp), np.searchsorted(values, edges), np.full((len(r), 1), total)], axis=1)
+        count = np.diff(index, axis=1).astype(np.float64)
+        s1, s2 = np.diff(first[index], axis=1), np.diff(second[index], axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            within = np.where(count > 0, s2 - s1 * s1 / np.maximum(count, 1), 0.0)
+            p = count / total
+            bits = -np.sum(np.where(count > 0, p * np.log2(np.where(count > 0, p, 1.0)), 0.0), axis=1)
+        entropy[measured, j] = bits + (1.0 - p[:, 0])  # a sign bit per non-zero code
+        # Codes wider than the centroid codebooks' 4 bits decode to the grid point k / r.
+        level = k[None, : count.shape[1] - 1] / r[:, None]
+        on_grid = s2[:, 1:] - 2 * level * s1[:, 1:] + level * level * count[:, 1:]
+        centroids = r * top_value <= CENTROID_TOP_CODE
+        off_zero = np.where(centroids[:, None], within[:, 1:], on_grid)
+        distortion[measured, j] = (s2[:, 0] + np.sum(off_zero, axis=1)) / energy
+    last = int(np.flatnonzero(measured)[-1])
+    high = ~measured
+    differential = entropy[last, 0] - _LOG2_R[last]
+    entropy[high, :] = (_LOG2_R[high] + differential)[:, None]
+    distortion[high, :] = (1.0 / (12.0 * 4.0 ** _LOG2_R[high]))[:, None]
+    return _best_per_u(entropy, np.maximum(distortion, 0.0))
 
 
 @dataclasses.dataclass
@@ -122,8 +211,15 @@ class BlockStats:
         Largest ``|x|`` in the block.
     raw_bits : int64 array
         Bits per element of the block's tensor dtype (its lossless raw size).
-    f16_distortion : float64 array or None
-        ``sum F (x - float16(x))**2`` when raw float16 is a candidate, else None.
+    shape_sample : float64 array or None
+        Sorted ``|x| / rms`` of sampled blocks (:func:`shape_sample`): the quantizer's rate and
+        distortion are measured on it. None: the Gaussian model.
+    mean_abs : float64 array or None
+        Mean of ``|x|`` over the block (a SIGN block's scale).
+    sign_distortion : float64 array or None
+        ``sum F (|x| - mean|x|)**2`` when SIGN is a candidate (inf where it may not be), else None.
+    tensor_mean_abs, shared_sign_distortion : float64 arrays or None
+        The same with the mean |x| of the block's tensor (SIGN_SHARED).
     """
 
     count: np.ndarray
@@ -132,12 +228,16 @@ class BlockStats:
     weighted_energy: np.ndarray
     absmax: np.ndarray
     raw_bits: np.ndarray
-    f16_distortion: np.ndarray | None = None
+    shape_sample: np.ndarray | None = None
+    mean_abs: np.ndarray | None = None
+    sign_distortion: np.ndarray | None = None
+    tensor_mean_abs: np.ndarray | None = None
+    shared_sign_distortion: np.ndarray | None = None
 
 
 @dataclasses.dataclass
 class Allocation:
-    """The choice per block: ``mode`` (DROP, QUANTIZE, RAW16, RAW_EXACT) and, for QUANTIZE, the
+    """The choice per block: ``mode`` (DROP, QUANTIZE, RAW_EXACT, SIGN, SIGN_SHARED) and, for QUANTIZE, the
     target step ``step`` and dead-zone offset ``deadzone``; ``model_bits`` is what the model
     expects the blocks to cost, ``lam`` the Lagrange multiplier (distortion per bit)."""
 
@@ -151,6 +251,8 @@ class Allocation:
 #: Model cost of a quantized block's side information: its bfloat16 scale after zstd and its
 #: context id (bits). Measured on typical messages; the size loop corrects any error.
 SCALE_BITS = 10.0
+#: Model cost of a SIGN_SHARED block's scale, one of a run of equal values after zstd (bits).
+SHARED_SCALE_BITS = 1.0
 #: Model cost of a dropped block's context id after zstd (bits).
 DROP_BITS = 0.3
 
@@ -161,7 +263,8 @@ class _Evaluator:
     is several times faster than interpolating."""
 
     def __init__(self, stats: BlockStats):
-        self.tables = gaussian_tables()
+        sample = stats.shape_sample
+        self.tables = gaussian_tables() if sample is None else empirical_tables(sample)
         self.stats = stats
         self.n = stats.count.astype(np.float64)
         with np.errstate(divide="ignore"):
@@ -171,6 +274,8 @@ class _Evaluator:
         self.empty = stats.mean_square <= 0
         self.exact_bits = (stats.raw_bits * self.n + 1).astype(np.float64)
         self.drop_energy = stats.weighted_energy
+        with np.errstate(invalid="ignore"):
+            self.energy = np.nan_to_num(stats.weight * stats.mean_square * self.n)
 
     def _u_index(self, log2_u):
         grid = self.tables["log2_u"]
@@ -187,8 +292,8 @@ class _Evaluator:
         index = np.rint((log2_value - grid[0]) * 16)
         return np.fmin(np.fmax(index, 0.0), float(len(grid) - 1)).astype(np.intp)
 
-    def __call__(self, lam: float):
-        """(mode, r, tau, bits) per block at multiplier ``lam``."""
+    def __call__(self, lam: float) -> "_Choice":
+        """The best choice per block at multiplier ``lam``."""
         tables, n = self.tables, self.n
         log2_u = self.log2_energy - math.log2(lam)
         ui = self._u_index(log2_u)
@@ -196,42 +301,66 @@ class _Evaluator:
         log2_r = tables["log2_r_best"][ui]
         tau = tables["tau_best"][ui]
         entropy = tables["H_best"][ui]
+        relative = tables["D_best"][ui]
         capped = log2_r > self.log2_r_cap
         if capped.any():
             ri = self._r_index(self.log2_r_cap[capped])
             d, h = tables["D0"][ri], tables["H0"][ri]
-            log2_r = log2_r.copy()
+            log2_r, cost_per_element, entropy, tau, relative = (
+                log2_r.copy(), cost_per_element.copy(), entropy.copy(), tau.copy(), relative.copy())
             log2_r[capped] = self.log2_r_cap[capped]
-            cost_per_element = cost_per_element.copy()
             cost_per_element[capped] = np.exp2(log2_u[capped]) * d + h
-            entropy = entropy.copy()
             entropy[capped] = h
-            tau = tau.copy()
             tau[capped] = 0.0
+            relative[capped] = d
         best_cost = self.drop_energy / lam + DROP_BITS
         mode = np.zeros(len(n), dtype=np.int8)
         bits = np.full(len(n), DROP_BITS)
-        for candidate, cost, candidate_bits in self._candidates(lam, n, cost_per_element, entropy):
+        distortion = self.drop_energy.astype(np.float64, copy=True)
+        candidates = [(QUANTIZE, n * cost_per_element + SCALE_BITS, n * entropy + SCALE_BITS, self.energy * relative)]
+        if self.stats.sign_distortion is not None:
+            sign, sign_bits = self.stats.sign_distortion, n + SCALE_BITS
+            candidates.append((SIGN, sign / lam + sign_bits, sign_bits, sign))
+            shared, shared_bits = self.stats.shared_sign_distortion, n + SHARED_SCALE_BITS
+            candidates.append((SIGN_SHARED, shared / lam + shared_bits, shared_bits, shared))
+        candidates.append((RAW_EXACT, self.exact_bits, self.exact_bits, np.zeros(len(n))))
+        for candidate, cost, candidate_bits, candidate_distortion in candidates:
             better = cost < best_cost
             best_cost = np.where(better, cost, best_cost)
             mode[better] = candidate
             bits = np.where(better, candidate_bits, bits)
+            distortion = np.where(better, candidate_distortion, distortion)
         # Blocks with no energy are exactly zero: always dropped, whatever lambda says.
         mode[self.empty] = DROP
         bits[self.empty] = DROP_BITS
-        return mode, np.exp2(log2_r), tau, bits
+        distortion[self.empty] = 0.0
+        return _Choice(mode, np.exp2(log2_r), tau, bits, distortion, lam)
 
-    def _candidates(self, lam, n, cost_per_element, entropy):
-        yield QUANTIZE, n * cost_per_element + SCALE_BITS, n * entropy + SCALE_BITS
-        if self.stats.f16_distortion is not None:
-            yield RAW16, self.stats.f16_distortion / lam + 16 * n + 1, 16 * n + 1
-        yield RAW_EXACT, self.exact_bits, self.exact_bits
 
+@dataclasses.dataclass
+class _Choice:
+    """One evaluation of the allocation: per block mode, r, tau, model bits and distortion."""
+
+    mode: np.ndarray
+    r: np.ndarray
+    tau: np.ndarray
+    bits: np.ndarray
+    distortion: np.ndarray
+    lam: float
+
+    @property
+    def total(self) -> float:
+        return float(self.bits.sum())
 
 def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tolerance: float = 0.002) -> Allocation:
     """Choose per block to minimise Fisher-weighted error with about ``target_bits`` in all.
 
-    The model's bits fall as ``lambda`` rises, so ``lambda`` is found by bisection on its logarithm.
+    The model's bits fall as ``lambda`` rises, so ``lambda`` is bracketed and searched on its
+    logarithm. Bits are not a continuous function of ``lambda``: blocks of about the same value
+    (real updates: every block near the same rms) change their choice at the same multiplier, and
+    the model total jumps over the target. The search ends with the bracket's two choices, one
+    under and one over the target, and :func:`_fill` moves the blocks on which they differ to the
+    richer choice, best distortion saved per bit first, while the target holds.
 
     Parameters
     ----------
@@ -251,42 +380,64 @@ def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tol
     # log2(lambda), which needs far fewer evaluations than bisection on this smooth curve.
     low = math.log2(float(positive.min())) - 50.0
     high = math.log2(float(positive.max())) + 20.0
-    f_low = float(evaluate(2.0**low)[3].sum()) - target_bits
-    f_high = float(evaluate(2.0**high)[3].sum()) - target_bits
-    best = None
-    if f_high <= 0:
-        mode, r, tau, bits = evaluate(2.0**high)
-        best = (mode, r, tau, float(bits.sum()), 2.0**high)
+    over = evaluate(2.0**low)  # the richest choice: over the target unless everything fits
+    under = evaluate(2.0**high)
+    f_low, f_high = over.total - target_bits, under.total - target_bits
+    if f_low <= 0:  # even the smallest lambda fits: spend everything
+        return _allocation(stats, over)
     side = 0
     for _ in range(iterations):
-        if best is not None and best[3] >= target_bits * (1 - tolerance):
-            break
-        if f_low <= 0:  # even the smallest lambda fits: spend everything
-            mode, r, tau, bits = evaluate(2.0**low)
-            best = (mode, r, tau, float(bits.sum()), 2.0**low)
+        if under.total <= target_bits and under.total >= target_bits * (1 - tolerance):
             break
         middle = (low * f_high - high * f_low) / (f_high - f_low) if f_high != f_low else 0.5 * (low + high)
         if not low < middle < high:
             middle = 0.5 * (low + high)
-        mode, r, tau, bits = evaluate(2.0**middle)
-        total = float(bits.sum())
-        value = total - target_bits
+        choice = evaluate(2.0**middle)
+        value = choice.total - target_bits
         if value > 0:
-            low, f_low = middle, value
+            low, f_low, over = middle, value, choice
             if side == -1:
                 f_high *= 0.5
             side = -1
         else:
             high, f_high = middle, value
-            if best is None or total > best[3]:
-                best = (mode, r, tau, total, 2.0**middle)
+            # The model's total is monotone in lambda only up to its grids: keep the fullest.
+            if under.total > target_bits or choice.total > under.total:
+                under = choice
             if side == 1:
                 f_low *= 0.5
             side = 1
-    if best is None:
-        mode, r, tau, bits = evaluate(2.0**high)
-        best = (mode, r, tau, float(bits.sum()), 2.0**high)
-    mode, r, tau, total, lam = best
+    if under.total > target_bits or under.total >= target_bits * (1 - tolerance):
+        return _allocation(stats, under)  # nothing fits the target, or the search met it
+    return _allocation(stats, _fill(under, over, target_bits))
+
+
+def _fill(under: _Choice, over: _Choice, target_bits: float) -> _Choice:
+    """``under`` with some blocks moved to their choice in ``over``, best distortion saved per
+    extra bit first, while the total stays within ``target_bits`` (in block order on ties)."""
+    differ = np.flatnonzero((under.mode != over.mode) | (under.r != over.r) | (under.tau != over.tau))
+    extra = over.bits[differ] - under.bits[differ]
+    saved = under.distortion[differ] - over.distortion[differ]
+    useful = (saved > 0) | (extra < 0) & (saved >= 0)
+    differ, extra, saved = differ[useful], extra[useful], saved[useful]
+    if not len(differ):
+        return under
+    free = extra <= 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.where(free, np.inf, saved / np.where(free, 1.0, extra))
+    order = np.lexsort((differ, -value))  # best value first; ties in block order
+    spend = np.cumsum(np.maximum(extra[order], 0.0))
+    room = target_bits - under.total
+    take = differ[order[spend <= room]]
+    mode, r, tau, bits, distortion = (a.copy() for a in (under.mode, under.r, under.tau, under.bits, under.distortion))
+    for array, source in ((mode, over.mode), (r, over.r), (tau, over.tau), (bits, over.bits), (distortion, over.distortion)):
+        array[take] = source[take]
+    return _Choice(mode, r, tau, bits, distortion, under.lam)
+
+
+def _allocation(stats: BlockStats, choice: _Choice) -> Allocation:
+    quantized = choice.mode == QUANTIZE
     with np.errstate(divide="ignore"):
-        step = np.where(mode == QUANTIZE, np.sqrt(stats.mean_square) / r, 0.0)
-    return Allocation(mode=mode, step=step, deadzone=np.where(mode == QUANTIZE, tau, 0.0), model_bits=total, lam=lam)
+        step = np.where(quantized, np.sqrt(stats.mean_square) / choice.r, 0.0)
+    return Allocation(mode=choice.mode, step=step, deadzone=np.where(quantized, choice.tau, 0.0),
+                      model_bits=choice.total, lam=choice.lam)

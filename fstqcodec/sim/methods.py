@@ -22,6 +22,9 @@ topk
     Global top-k by magnitude with error feedback: ``uint32`` count, ``uint32`` indices into the
     concatenated update, ``float32`` values. ``k`` is set from the same bits-per-parameter as fstq,
     so the two send about the same bytes.
+eden, signsgd-ef
+    DRIVE/EDEN (unbiased, sub-bit by shared-random subsampling) and scaled sign with error
+    feedback, the distributed-mean-estimation peers (:mod:`fstqcodec.sim.peer_methods`).
 fstq, fstq-nofisher
     :func:`fstqcodec.encode` under ``Budget(bits_per_param=...)`` with :class:`fstqcodec.ErrorFeedback`,
     with the diagonal Fisher from the client's accumulator, or with uniform importance (ablation).
@@ -51,7 +54,7 @@ __all__ = [
 ]
 
 #: Every method ``fstq simulate`` knows, in the order results are reported.
-METHOD_NAMES = ("fp32", "fp16", "nf4", "qsgd8", "qsgd4", "topk", "fstq-nofisher", "fstq")
+METHOD_NAMES = ("fp32", "fp16", "nf4", "qsgd8", "qsgd4", "topk", "eden", "signsgd-ef", "fstq-nofisher", "fstq")
 #: Methods run by ``fstq simulate`` with no ``--methods``.
 DEFAULT_METHODS = ("fp32", "nf4", "fstq")
 
@@ -395,7 +398,8 @@ def make_method(name: str, layout: UpdateLayout, config: EncodeConfig) -> Method
     Raises
     ------
     ValueError
-        If the name is unknown, or ``topk`` is asked for without a bits-per-parameter budget.
+        If the name is unknown, or ``topk`` or ``eden`` is asked for without a bits-per-parameter
+        budget.
     """
     if name == "fp32":
         return RawFloat(layout, "<f4")
@@ -411,6 +415,10 @@ def make_method(name: str, layout: UpdateLayout, config: EncodeConfig) -> Method
         return TopK(layout, config.budget.bits_per_param)
     if name in ("fstq", "fstq-nofisher"):
         return Fstq(layout, config, use_fisher=name == "fstq")
+    if name in ("eden", "signsgd-ef"):
+        from fstqcodec.sim.peer_methods import Eden, SignSGDEF  # imports this module
+
+        return Eden(layout, config) if name == "eden" else SignSGDEF(layout)
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
 
 
