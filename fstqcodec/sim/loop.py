@@ -112,7 +112,8 @@ class MethodRun:
             "round_time_s": duration,
             "max_compute_s": max((r.compute_s for r in sent), default=0.0),
             "max_upload_s": max((r.upload_s for r in sent), default=0.0),
-            **self.bench.round_metrics(),  # e.g. ROUGE-L and exact match of a generative task
+            # e.g. ROUGE-L and exact match of a generative task; a Workbench-like stand-in may have none
+            **getattr(self.bench, "round_metrics", dict)(),
         }
         self.rounds.append(entry)
         return entry
