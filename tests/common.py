@@ -216,3 +216,19 @@ def section_spans(header: dict, body_offset: int = 0) -> list[tuple[int, int]]:
         spans.append((offset, offset + stored))
         offset += stored
     return spans
+
+
+# ------------------------------------------------------------------------------------------
+# Federated-loop records
+
+
+def fake_rounds(accuracies, per_round_bytes, per_round_time) -> list[dict]:
+    """Per-round records of a made-up run: round 0 is the initial model (nothing sent yet)."""
+    out, total, clock = [], 0, 0.0
+    for i, accuracy in enumerate(accuracies):
+        sent = per_round_bytes if i else 0
+        total += sent
+        clock += per_round_time if i else 0.0
+        out.append({"round": i, "accuracy": accuracy, "uplink_bytes": sent, "cumulative_uplink_bytes": total,
+                    "downlink_bytes": 0, "sim_time_s": clock})
+    return out

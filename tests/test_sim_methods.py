@@ -16,6 +16,7 @@ from fstqcodec.sim.methods import (
     parse_methods,
 )
 from fstqcodec.sim.partition import dirichlet_partition
+from common import fake_rounds
 from fstqcodec.sim.report import ROUND_FIELDS, format_table, summarize, validate_results, write_outputs
 
 SHAPES = {"layer.lora_A.weight": (8, 96), "layer.lora_B.weight": (96, 8), "classifier.bias": (5,)}
@@ -179,25 +180,15 @@ def test_link_model_is_seeded_lognormal_and_round_waits_for_slowest():
 
 
 def _fake_results():
-    def rounds(accuracies, per_round_bytes, per_round_time):
-        out, total, clock = [], 0, 0.0
-        for i, acc in enumerate(accuracies):
-            sent = per_round_bytes if i else 0
-            total += sent
-            clock += per_round_time if i else 0.0
-            out.append({"round": i, "accuracy": acc, "uplink_bytes": sent, "cumulative_uplink_bytes": total,
-                        "downlink_bytes": 0, "sim_time_s": clock})
-        return out
-
     return {
         "config": {"task": "bbc", "model": "m", "clients": 2, "alpha": 0.5, "rounds": 3},
         "target_accuracy": 0.85,
         "methods": {
-            "fp32": {"rounds": rounds([0.3, 0.7, 0.86, 0.9], 1000, 10.0), "mean_message_bytes": 500,
+            "fp32": {"rounds": fake_rounds([0.3, 0.7, 0.86, 0.9], 1000, 10.0), "mean_message_bytes": 500,
                      "mean_bits_per_param": 32.0},
-            "fstq": {"rounds": rounds([0.3, 0.6, 0.8, 0.85], 10, 2.0), "mean_message_bytes": 5,
+            "fstq": {"rounds": fake_rounds([0.3, 0.6, 0.8, 0.85], 10, 2.0), "mean_message_bytes": 5,
                      "mean_bits_per_param": 0.5},
-            "bad": {"rounds": rounds([0.3, 0.4, 0.5, 0.6], 10, 1.0), "mean_message_bytes": 5,
+            "bad": {"rounds": fake_rounds([0.3, 0.4, 0.5, 0.6], 10, 1.0), "mean_message_bytes": 5,
                     "mean_bits_per_param": 0.5},
         },
     }

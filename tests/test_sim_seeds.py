@@ -4,18 +4,8 @@ import statistics
 
 import pytest
 
+from common import fake_rounds
 from fstqcodec.sim.report import aggregate_seeds, format_table, summarize, validate_results, write_outputs
-
-
-def _rounds(accuracies, per_round_bytes, per_round_time):
-    out, total, clock = [], 0, 0.0
-    for i, accuracy in enumerate(accuracies):
-        sent = per_round_bytes if i else 0
-        total += sent
-        clock += per_round_time if i else 0.0
-        out.append({"round": i, "accuracy": accuracy, "uplink_bytes": sent, "cumulative_uplink_bytes": total,
-                    "downlink_bytes": 0, "sim_time_s": clock})
-    return out
 
 
 def _run(seed, fp32_accuracies, fstq_accuracies, fstq_bytes):
@@ -23,9 +13,9 @@ def _run(seed, fp32_accuracies, fstq_accuracies, fstq_bytes):
         "config": {"task": "bbc", "model": "m", "clients": 2, "alpha": 0.5, "rounds": 3, "seed": seed},
         "target_accuracy": 0.85,
         "methods": {
-            "fp32": {"rounds": _rounds(fp32_accuracies, 1000, 10.0), "mean_message_bytes": 500,
+            "fp32": {"rounds": fake_rounds(fp32_accuracies, 1000, 10.0), "mean_message_bytes": 500,
                      "mean_bits_per_param": 32.0},
-            "fstq": {"rounds": _rounds(fstq_accuracies, fstq_bytes, 2.0), "mean_message_bytes": fstq_bytes / 2,
+            "fstq": {"rounds": fake_rounds(fstq_accuracies, fstq_bytes, 2.0), "mean_message_bytes": fstq_bytes / 2,
                      "mean_bits_per_param": 0.5},
         },
     }

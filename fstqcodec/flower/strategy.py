@@ -26,9 +26,9 @@ from .protocol import (
     message_record,
     numpy_record,
     plain_tensors,
-    require_same_tensors,
     update_dtype,
 )
+from .streaming import StreamingRound, decode_update, plain_update, reply_weight, resolve_streaming
 
 __all__ = ["FstqStrategy", "DroppedReply", "RoundTraffic"]
 
@@ -94,7 +94,8 @@ class FstqStrategy(Strategy):
     share one ``RecordDict`` among all its messages, as ``FedAvg`` does, so nothing it built is
     modified). ``aggregate_train`` decodes each reply's update, checks its tensor names, shapes and
     values against the model the client received, rebuilds the client's model as
-    ``received + update`` in plain arrays, and hands the accepted replies to the wrapped strategy.
+    ``received + update`` in plain arrays, and hands the accepted replies to the wrapped strategy
+    (or, when streaming, adds each update into one running sum: see ``streaming``).
     A reply that fails any check is dropped: the reason is logged, kept in :attr:`traffic` and
     counted in the round's metrics, and the round goes on with the others. A client without
     :class:`FstqMod` ignores the request and sends plain arrays; those are validated and accepted.
@@ -131,6 +132,17 @@ class FstqStrategy(Strategy):
         Whether clients keep what compression lost and add it to their next update.
     limits : fstqcodec.Limits or None
         Limits for decoding replies (untrusted bytes); ``None`` means the library's safe defaults.
+    streaming : True, False or "auto"
+        Whether to aggregate by adding each accepted update into one running sum as it is read
+        (:class:`fstqcodec.StreamingAggregator`), so that the server holds about one model
+        whatever the number of clients, instead of rebuilding every client's model for the
+        wrapped strategy. Only for a ``FedAvg`` (the weighted mean by its ``weighted_by_key``):
+        the result, metrics included, is what the wrapped ``FedAvg`` returns, up to float
+        rounding, but its ``aggregate_train`` is not called, and its ``train_metrics_aggr_fn``
+        gets each reply's records without the ArrayRecord. ``"auto"`` streams for ``FedAvg``
+        itself and subclasses that keep its aggregation (``FedProx``), not for those that
+        aggregate their own way (``FedMedian``, ``Krum``, ``FedAdam``, ...); True asserts that
+        a ``FedAvg`` subclass aggregates linearly.
     **options
         ``block_size``, ``fisher_power``, ``seed``: the keywords of earlier versions, accepted
         when ``config`` is not given and folded into the config.
@@ -140,7 +152,8 @@ class FstqStrategy(Strategy):
     TypeError
         If ``strategy`` is not a Flower ``Strategy``, ``downlink`` is not one of the values
         above, ``config`` is not an ``EncodeConfig``, a keyword is unknown or given beside
-        ``config``, or two budgets are given.
+        ``config``, two budgets are given, or ``streaming`` is not one of the values above (or
+        True for a strategy that is not a ``FedAvg``).
     ValueError
         If an option is out of range (as :class:`fstqcodec.EncodeConfig` says).
 
@@ -150,6 +163,8 @@ class FstqStrategy(Strategy):
         The clients' encoder options (the per-client budget and seed are filled in per request).
     traffic : dict[int, RoundTraffic]
         Bytes and dropped replies per round.
+    streaming : bool
+        Whether rounds are aggregated by streaming (``streaming`` resolved).
 
     Notes
     -----
@@ -169,6 +184,7 @@ class FstqStrategy(Strategy):
         downlink: Literal["lossless"] | fstqcodec.Budget | None = None,
         error_feedback: bool = True,
         limits: fstqcodec.Limits | None = None,
+        streaming: bool | Literal["auto"] = "auto",
         **options,
     ) -> None:
         super().__init__()
@@ -181,6 +197,7 @@ class FstqStrategy(Strategy):
         self.downlink = downlink
         self.error_feedback = bool(error_feedback)
         self.limits = limits
+        self.streaming = resolve_streaming(strategy, streaming)
         self.traffic: dict[int, RoundTraffic] = {}
         # node_id -> the latest round whose train reply from it was accepted (told to the client,
         # whose error feedback then keeps an update that never arrived).
@@ -195,7 +212,8 @@ class FstqStrategy(Strategy):
     def __repr__(self) -> str:
         return (
             f"FstqStrategy({self.strategy!r}, {self.config!r}, budget={self.budget!r}, "
-            f"downlink={self.downlink!r}, error_feedback={self.error_feedback!r})"
+            f"downlink={self.downlink!r}, error_feedback={self.error_feedback!r}, "
+            f"streaming={self.streaming!r})"
         )
 
     @property
@@ -206,11 +224,13 @@ class FstqStrategy(Strategy):
     def summary(self) -> None:
         """Log the compression settings, then the wrapped strategy's summary."""
         logger.info(
-            "FstqStrategy: clients' encoder %r, per-client budget %r, downlink %r, error feedback %s",
+            "FstqStrategy: clients' encoder %r, per-client budget %r, downlink %r, error feedback %s, "
+            "streaming aggregation %s",
             self.config,
             self.budget,
             self.downlink,
             self.error_feedback,
+            self.streaming,
         )
         self.strategy.summary()
 
@@ -310,10 +330,17 @@ class FstqStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode and validate the replies, then aggregate the accepted ones.
 
+        With :attr:`streaming`, each accepted update is added into one running sum as it is
+        read and the result is what the wrapped ``FedAvg`` returns (its ``aggregate_train`` is
+        not called); otherwise the accepted replies, rebuilt into plain models, go to the
+        wrapped strategy's ``aggregate_train``.
+
         Raises
         ------
         RuntimeError
             If ``configure_train`` did not configure ``server_round`` on this instance.
+        InconsistentMessageReplies
+            With streaming, where ``FedAvg`` raises it (see :class:`StreamingRound`).
         """
         if server_round not in self._references:
             raise RuntimeError(
@@ -322,33 +349,31 @@ class FstqStrategy(Strategy):
             )
         received = self._references.pop(server_round)
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
-        accepted: list[Message] = []
+        summed = StreamingRound(received, self.strategy) if self.streaming else None
+        # What the wrapped strategy gets: the error replies, and the accepted ones unless streaming.
+        handed: list[Message] = []
         for reply in replies:
             if reply.has_error():
-                accepted.append(reply)  # the wrapped strategy logs and counts failures its way
+                handed.append(reply)  # the wrapped strategy logs and counts failures its way
                 continue
             traffic.uplink_bytes += sum(r.count_bytes() for r in reply.content.array_records.values())
             try:
-                reply.content = self._restore(reply.content, received)
+                decoded_bytes = self._accept(reply, received, summed)
             except ProtocolError as rejection:
-                drop = DroppedReply(server_round, reply.metadata.src_node_id, str(rejection))
-                traffic.dropped.append(drop)
-                logger.warning(
-                    "FstqStrategy: round %d: dropped the reply of node %d: %s",
-                    drop.server_round,
-                    drop.node_id,
-                    drop.reason,
-                )
+                self._drop(traffic, DroppedReply(server_round, reply.metadata.src_node_id, str(rejection)))
                 continue
-            traffic.uplink_bytes_decoded += sum(
-                r.count_bytes() for r in reply.content.array_records.values()
-            )
+            traffic.uplink_bytes_decoded += decoded_bytes
             traffic.replies_accepted += 1
             node = reply.metadata.src_node_id
             self._last_accepted[node] = max(server_round, self._last_accepted.get(node, 0))
-            accepted.append(reply)
+            if summed is None:
+                handed.append(reply)
 
-        arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
+        if summed is None:
+            arrays, metrics = self.strategy.aggregate_train(server_round, handed)
+        else:
+            _log_replies(traffic.replies_accepted, handed)
+            arrays, metrics = summed.result()
         metrics = MetricRecord() if metrics is None else metrics
         metrics["fstq.uplink-bytes"] = traffic.uplink_bytes
         metrics["fstq.uplink-bytes-decoded"] = traffic.uplink_bytes_decoded
@@ -357,30 +382,58 @@ class FstqStrategy(Strategy):
         metrics["fstq.replies-dropped"] = len(traffic.dropped)
         return arrays, metrics
 
-    def _restore(self, content: RecordDict, received: dict[str, np.ndarray]) -> RecordDict:
-        """The reply's content with its update rebuilt into the client's model (plain arrays)."""
+    @staticmethod
+    def _drop(traffic: RoundTraffic, drop: DroppedReply) -> None:
+        traffic.dropped.append(drop)
+        logger.warning(
+            "FstqStrategy: round %d: dropped the reply of node %d: %s",
+            drop.server_round,
+            drop.node_id,
+            drop.reason,
+        )
+
+    def _accept(
+        self, reply: Message, received: dict[str, np.ndarray], summed: StreamingRound | None
+    ) -> int:
+        """Check one reply and take its update: into ``summed``, or else rebuilt into the
+        reply's content as the client's model in plain arrays (for the wrapped strategy).
+
+        Returns
+        -------
+        int
+            What the reply weighs as plain arrays (``ArrayRecord.count_bytes()``).
+
+        Raises
+        ------
+        ProtocolError
+            If the reply is dropped (spec/FLOWER.md, Section 7), with the reason.
+        """
+        content = reply.content
         records = content.array_records
         if len(records) != 1:
             raise ProtocolError(f"expected exactly one ArrayRecord in the reply, found {sorted(records)}")
         (key, record), = records.items()
         data = message_bytes(record, STYPE_UPDATE)
+        weight = reply_weight(content, self.strategy)
         if data is None:
             # A client without FstqMod sent its model in plain arrays: accept it if it fits.
-            matching_tensors(record, received, "the reply", unreadable="unreadable arrays")
-            return content
-        try:
-            update = fstqcodec.decode(data, limits=self.limits)
-        except fstqcodec.DecodeError as err:
-            raise ProtocolError(f"undecodable update ({type(err).__name__}: {err})") from None
-        require_same_tensors(update, received, "the decoded update")
+            plain = matching_tensors(record, received, "the reply", unreadable="unreadable arrays")
+            if summed is not None:
+                summed.add(plain_update(plain, received), weight, content, key)
+            return record.count_bytes()
+        update = decode_update(data, received, self.limits)
+        if summed is not None:
+            summed.add(update, weight, content, key)
+            return summed.decoded_bytes
         model = {}
         for name, reference in received.items():
-            rebuilt = np.add(reference, update[name], dtype=update_dtype(reference.dtype))
+            rebuilt = np.add(reference, update.pop(name), dtype=update_dtype(reference.dtype))
             model[name] = rebuilt.astype(reference.dtype, copy=False)
         restored = RecordDict()
         for record_key, value in content.items():
             restored[record_key] = numpy_record(model) if record_key == key else value
-        return restored
+        reply.content = restored
+        return restored[key].count_bytes()
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -391,6 +444,13 @@ class FstqStrategy(Strategy):
         if metrics is not None and traffic is not None:
             metrics["fstq.downlink-bytes"] = traffic.evaluate_downlink_bytes
         return metrics
+
+
+def _log_replies(results: int, failures: list[Message]) -> None:
+    """Log a streamed round's replies as ``FedAvg.aggregate_train`` does."""
+    logger.info("aggregate_train: Received %s results and %s failures", results, len(failures))
+    for reply in failures:
+        logger.info("\t> Received error in reply from node %d: %s", reply.metadata.src_node_id, reply.error.reason)
 
 
 def _is_global_model(record: object, arrays: ArrayRecord) -> bool:

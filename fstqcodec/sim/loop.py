@@ -19,10 +19,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+import fstqcodec
 from fstqcodec.sim.bandwidth import LinkModel, round_time
 from fstqcodec.sim.client import client_round, corrupt_in_transit, make_workbench, message_lost, seed_for
 from fstqcodec.sim.config import TASK_TARGETS, SimConfig
-from fstqcodec.sim.methods import make_method
+from fstqcodec.sim.methods import Fstq, make_method
 from fstqcodec.sim.partition import label_histogram
 from fstqcodec.sim.report import aggregate_seeds, summarize
 
@@ -134,28 +135,43 @@ class MethodRun:
     def _aggregate(self, replies, round_number: int) -> None:
         """FedAvg of the decoded updates, weighted by the clients' examples, into the global adapter.
 
-        A message that fails to decode is dropped and recorded, and the rejection reaches the
-        client (its error feedback keeps the update); the round goes on with the others.
+        Each message is decoded and added into one running sum as it is read
+        (:class:`fstqcodec.StreamingAggregator`, as a server with thousands of clients would): an
+        fstq message is checked against the layout before its codes are decoded, a baseline's
+        decoded arrays by names, shapes and finite values. A message that is refused is dropped
+        and recorded, and the rejection reaches the client (its error feedback keeps the update);
+        the round goes on with the others.
         """
         layout = self.bench.layout
-        delta_sum = {n: np.zeros(layout.shapes[n], dtype=np.float64) for n in layout.names}
-        weight_sum = 0.0
+        aggregator = fstqcodec.StreamingAggregator(
+            {n: (layout.shapes[n], "float32") for n in layout.names},
+            schemas=getattr(self.method, "wire_schema", None),
+        )
         for reply in replies:
             if reply.received is None:
                 continue
+            error = self._add(aggregator, reply)
+            if error is not None:
+                self.dropped.append({"round": round_number, "client": reply.client, "error": error})
+                message_lost(self.client_states[reply.client])
+        if aggregator.accepted:
+            for name, mean in aggregator.result().items():
+                self.global_state[name] = np.add(self.global_state[name], mean, dtype=np.float32)
+
+    def _add(self, aggregator, reply) -> str | None:
+        """Add one reply's update into the round's sum; why it was refused (as the error's repr), or None."""
+        if isinstance(self.method, Fstq):
+            added = aggregator.add(reply.received, reply.weight, client=reply.client)
+        else:
             try:
                 decoded = self.method.decode(reply.received)
-                layout.check(decoded)
-            except ValueError as error:  # fstqcodec.DecodeError is a ValueError too
-                self.dropped.append({"round": round_number, "client": reply.client, "error": repr(error)})
-                message_lost(self.client_states[reply.client])
-                continue
-            for n in layout.names:
-                delta_sum[n] += reply.weight * decoded[n]
-            weight_sum += reply.weight
-        if weight_sum > 0:
-            for n in layout.names:
-                self.global_state[n] = (self.global_state[n] + delta_sum[n] / weight_sum).astype(np.float32)
+            except ValueError as error:  # the baselines' container errors
+                return repr(error)
+            added = aggregator.add_arrays(decoded, reply.weight, client=reply.client)
+        if added:
+            return None
+        rejection = aggregator.rejections[-1]
+        return f"{rejection.reason}({rejection.detail!r})"
 
     def record(self, wall_time_s: float) -> dict:
         """The method's entry in ``results.json`` (its summary is added by the report)."""
