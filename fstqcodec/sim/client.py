@@ -27,7 +27,7 @@ import numpy as np
 from fstqcodec.sim.config import SimConfig
 from fstqcodec.sim.methods import Method, UpdateLayout
 
-__all__ = ["seed_for", "Workbench", "LocalTraining", "Faults", "draw_faults", "ClientReply",
+__all__ = ["seed_for", "Workbench", "make_workbench", "LocalTraining", "Faults", "draw_faults", "ClientReply",
            "client_round", "corrupt_in_transit"]
 
 
@@ -157,9 +157,34 @@ class Workbench:
         self.model.train()
         return correct / len(self.eval_data)
 
+    def round_metrics(self) -> dict:
+        """Metrics of the last evaluation besides the returned one, for the round's record (none here)."""
+        return {}
+
+    def describe(self) -> dict:
+        """What this workbench adds to the run's description (nothing for a classifier)."""
+        return {}
+
     def close(self) -> None:
         """Remove the Fisher hooks from the model."""
         self.accumulator.remove()
+
+
+def make_workbench(config: SimConfig) -> Workbench:
+    """The workbench for ``config.task``: a causal LM for the generative QA tasks, else a classifier.
+
+    Raises
+    ------
+    RuntimeError
+        If a task or model package is missing.
+    """
+    from fstqcodec.sim.causal_data import QA_TASKS
+
+    if config.task in QA_TASKS:
+        from fstqcodec.sim.causal_workbench import CausalWorkbench
+
+        return CausalWorkbench(config)
+    return Workbench(config)
 
 
 @dataclass

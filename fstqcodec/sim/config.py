@@ -47,8 +47,10 @@ class SimConfig:
         From :meth:`validate`, on an invalid setting.
     """
 
-    task: str = _option("bbc", "bbc, drugreview, multilingual or hf:<dataset>[:<config>]")
-    model: str = _option("all-MiniLM-L6-v2", "packaged model name, local path or hub id")
+    task: str = _option("bbc", "bbc, drugreview, multilingual, hf:<dataset>[:<config>], or a causal-LM QA "
+                               "task: chatterbot-qa, drug-condition")
+    model: str = _option("all-MiniLM-L6-v2", "packaged model name, local path or hub id "
+                                             "(SmolLM2-135M-Instruct for the QA tasks)")
     methods: tuple[str, ...] = _option(
         DEFAULT_METHODS, "comma-separated methods or 'all' ('qsgd' = qsgd8,qsgd4)", metavar="LIST")
     clients: int = _option(10, "number of clients")
@@ -98,6 +100,9 @@ class SimConfig:
         None, "held-out examples evaluated each round, a seeded subset (none: the whole held-out set)",
         type=int)
     eval_batch_size: int = _option(64, "evaluation batch size")
+    max_new_tokens: int | None = _option(
+        None, "QA tasks: greedy tokens generated per held-out answer (none: 24 for chatterbot-qa, "
+              "12 for drug-condition)", type=int)
     lora_rank: int = _option(8, "LoRA rank")
     lora_alpha: int | None = _option(None, "LoRA alpha (none: twice the rank)", type=int)
     target_modules: tuple[str, ...] = _option(("query", "value"), "modules adapted by LoRA", cli=False)
@@ -157,6 +162,7 @@ class SimConfig:
             (self.budget_bpp > 0, "budget_bpp must be > 0"),
             (self.eval_size is None or self.eval_size >= 10, "eval_size must be >= 10"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+            (self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (0 < self.test_fraction < 1, "test_fraction must be in (0, 1)"),
             (self.step_time_s is None or self.step_time_s >= 0, "step_time_s must be >= 0"),
             (self.deadline_s is None or self.deadline_s > self.latency_s, "deadline must exceed the latency"),

