@@ -2,6 +2,8 @@
 
     python benchmarks/simulate_merge.py --out runs/merged runs/baselines/results.json runs/fstq/results.json
     python benchmarks/simulate_merge.py --out runs/at0.7 --target 0.7 runs/alpha0.1/results.json   # re-target one run
+    python benchmarks/simulate_merge.py --out runs/seeds --seeds runs/fp32-seeds runs/fstq-seeds
+        # runs made with --seeds: merged seed by seed (seed-<n>/results.json), then mean +- std
 
 Writes results.json, CSVs, summary.md and plots as `fstq simulate` does, and prints the table.
 """
@@ -13,7 +15,7 @@ import json
 import pathlib
 import sys
 
-from fstqcodec.sim.report import format_table, merge_results, summarize, validate_results, write_outputs
+from fstqcodec.sim.report import aggregate_seeds, format_table, merge_results, summarize, validate_results, write_outputs
 
 
 def main() -> int:
@@ -22,18 +24,43 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=None,
                         help="summarise against this target accuracy instead of the runs' own (the "
                              "per-round records do not depend on the target)")
-    parser.add_argument("results", nargs="+", help="results.json files")
+    parser.add_argument("--seeds", action="store_true",
+                        help="the arguments are output directories of `fstq simulate --seeds`: merge their "
+                             "seed-<n>/results.json seed by seed, then aggregate over the seeds")
+    parser.add_argument("results", nargs="+", help="results.json files (directories with --seeds)")
     args = parser.parse_args()
-    runs = [json.loads(pathlib.Path(p).read_text()) for p in args.results]
-    merged = merge_results(runs)
-    if args.target is not None:
-        merged["target_accuracy"] = args.target
-        merged["target_rule"] = f"given to simulate_merge.py (the runs used {runs[0]['target_accuracy']})"
-        summarize(merged)
-    validate_results(merged)
+    if args.seeds:
+        per_seed = [_merge(_seed_runs(args.results, seed), args.target) for seed in _common_seeds(args.results)]
+        for run in per_seed:
+            write_outputs(run, pathlib.Path(args.out) / f"seed-{run['config']['seed']}", plots=False)
+        merged = aggregate_seeds(per_seed)
+    else:
+        merged = _merge([json.loads(pathlib.Path(p).read_text()) for p in args.results], args.target)
     write_outputs(merged, args.out)
     print(format_table(merged))
     return 0
+
+
+def _merge(runs: list[dict], target: float | None) -> dict:
+    merged = merge_results(runs)
+    if target is not None:
+        merged["target_accuracy"] = target
+        merged["target_rule"] = f"given to simulate_merge.py (the runs used {runs[0]['target_accuracy']})"
+        summarize(merged)
+    validate_results(merged)
+    return merged
+
+
+def _common_seeds(directories: list[str]) -> list[int]:
+    """The seeds every directory has a seed-<n>/results.json for (an error if they differ)."""
+    found = [sorted(int(p.parent.name[5:]) for p in pathlib.Path(d).glob("seed-*/results.json")) for d in directories]
+    if not found[0] or any(seeds != found[0] for seeds in found):
+        sys.exit(f"simulate_merge.py: the directories hold different seeds: {dict(zip(directories, found))}")
+    return found[0]
+
+
+def _seed_runs(directories: list[str], seed: int) -> list[dict]:
+    return [json.loads((pathlib.Path(d) / f"seed-{seed}" / "results.json").read_text()) for d in directories]
 
 
 if __name__ == "__main__":
