@@ -195,16 +195,19 @@ def run_federation(strategy, client, num_supernodes: int):
 @pytest.fixture(autouse=True)
 def private_flower_home(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    # Children that existed before (e.g. multiprocessing's resource tracker, started by an earlier
+    # test's worker pool and alive as long as this process) are not the simulation's.
+    before = set(_ray_children())
     yield
     import ray
 
     assert not ray.is_initialized(), "run_simulation left Ray running"
     # Ray's workers exit asynchronously after shutdown: give them a bounded moment, then insist.
     deadline = time.monotonic() + 15
-    leftovers = _ray_children()
+    leftovers = [child for child in _ray_children() if child not in before]
     while leftovers and time.monotonic() < deadline:
         time.sleep(0.5)
-        leftovers = _ray_children()
+        leftovers = [child for child in _ray_children() if child not in before]
     assert not leftovers, f"stray Ray processes 15 s after the simulation: {leftovers}"
 
 
