@@ -58,12 +58,9 @@ class CausalWorkbench(Workbench):
     def __init__(self, config: SimConfig) -> None:  # noqa: D107 - documented on the class
         import torch
 
-        from fstqcodec.peft import adapter_state, state_names
         from fstqcodec.sim.causal import load_causal_lm, tokenize_qa
         from fstqcodec.sim.data import train_test_split
-        from fstqcodec.sim.methods import UpdateLayout
         from fstqcodec.sim.partition import dirichlet_partition
-        from fstqcodec.torch import FisherAccumulator
 
         self.config = config
         torch.set_num_threads(config.threads or max(1, os.cpu_count() or 1))
@@ -84,13 +81,7 @@ class CausalWorkbench(Workbench):
         self.train_data = tokenize_qa(self.tokenizer, task, self.train_idx, config.max_length)
         self.eval_data = tokenize_qa(self.tokenizer, task, self.eval_idx, config.max_length)
         self.max_new_tokens = config.max_new_tokens or task.max_new_tokens
-        parameters = dict(self.model.named_parameters())
-        self.params_by_state = {state: parameters[param] for param, state in state_names(self.model).items()}
-        initial = adapter_state(self.model)
-        self.layout = UpdateLayout({name: tuple(t.shape) for name, t in initial.items()})
-        self.initial_state = {name: t.float().numpy().copy() for name, t in initial.items()}
-        self.client_sizes = np.array([len(p) for p in self.partition], dtype=np.float64)
-        self.accumulator = FisherAccumulator(self.model)
+        self._bind_adapter()
         self.last_metrics: dict = {}
         self.samples: list[dict] = []
 

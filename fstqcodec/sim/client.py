@@ -64,11 +64,9 @@ class Workbench:
     def __init__(self, config: SimConfig) -> None:
         import torch
 
-        from fstqcodec.peft import adapter_state, state_names
         from fstqcodec.sim.data import load_task, train_test_split
         from fstqcodec.sim.models import load_lora_classifier, tokenize
         from fstqcodec.sim.partition import dirichlet_partition
-        from fstqcodec.torch import FisherAccumulator
 
         self.config = config
         torch.set_num_threads(config.threads or max(1, os.cpu_count() or 1))
@@ -86,7 +84,14 @@ class Workbench:
                                    task.labels[self.train_idx], config.max_length)
         self.eval_data = tokenize(tokenizer, [task.texts[i] for i in self.eval_idx],
                                   task.labels[self.eval_idx], config.max_length)
-        # The adapter as a client holds it: peft's state-dict names, mapped to the live parameters.
+        self._bind_adapter()
+
+    def _bind_adapter(self) -> None:
+        """The adapter as a client holds it: peft's state-dict names mapped to the live parameters,
+        its layout and initial values, the clients' sizes and a Fisher accumulator on the model."""
+        from fstqcodec.peft import adapter_state, state_names
+        from fstqcodec.torch import FisherAccumulator
+
         parameters = dict(self.model.named_parameters())
         self.params_by_state = {state: parameters[param] for param, state in state_names(self.model).items()}
         initial = adapter_state(self.model)
