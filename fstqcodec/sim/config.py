@@ -64,6 +64,9 @@ class SimConfig:
     max_length: int = _option(64, "tokens per example after truncation")
     alpha: float = _option(0.5, "Dirichlet concentration over labels; 0.1 is extreme non-IID")
     seed: int = _option(0, "seed of the partition, initialisation, sampling, batches and links")
+    server_lr: float = _option(1.0, "server learning rate: the global adapter moves by this x the averaged "
+                                    "update (x the velocity with --server-momentum); every method alike")
+    server_momentum: float = _option(0.0, "server momentum (FedAvgM); 0 is FedAvg; every method alike")
     budget_bpp: float = _option(0.3, "bits per parameter for fstq, fstq-nofisher and topk")
     deadline_s: float | None = _option(
         None, "per-client fstq budgets: each client's uplink bandwidth x this round deadline "
@@ -160,6 +163,8 @@ class SimConfig:
             (self.max_length >= 8, "max_length must be >= 8"),
             (self.alpha > 0, "alpha must be > 0"),
             (self.budget_bpp > 0, "budget_bpp must be > 0"),
+            (self.server_lr > 0, "server_lr must be > 0"),
+            (0 <= self.server_momentum < 1, "server_momentum must be in [0, 1)"),
             (self.eval_size is None or self.eval_size >= 10, "eval_size must be >= 10"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
             (self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),

@@ -25,6 +25,7 @@ from fstqcodec.sim.client import client_round, corrupt_in_transit, make_workbenc
 from fstqcodec.sim.config import TASK_TARGETS, SimConfig
 from fstqcodec.sim.methods import Fstq, make_method
 from fstqcodec.sim.partition import label_histogram
+from fstqcodec.sim.server_optimizer import ServerOptimizer
 from fstqcodec.sim.report import aggregate_seeds, summarize
 
 __all__ = ["SimConfig", "TASK_TARGETS", "MethodRun", "run_simulation", "run_seeds", "corrupt_in_transit"]
@@ -57,6 +58,7 @@ class MethodRun:
         self.downlink_codec = make_method("fp32", bench.layout, self.config.encode_config())
         self.proxy = _proxy_downlink(bench) if self.config.uses_proxies else None
         self.global_state = {name: array.copy() for name, array in bench.initial_state.items()}
+        self.server_optimizer = ServerOptimizer(self.config.server_lr, self.config.server_momentum)
         self.client_states = [method.new_client_state() for _ in range(self.config.clients)]
         self.rounds = [{"round": 0, "accuracy": initial_accuracy, "uplink_bytes": 0,
                         "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0}]
@@ -170,9 +172,8 @@ class MethodRun:
             if error is not None:
                 self.dropped.append({"round": round_number, "client": reply.client, "error": error})
                 message_lost(self.client_states[reply.client])
-        if aggregator.accepted:
-            for name, mean in aggregator.result().items():
-                self.global_state[name] = np.add(self.global_state[name], mean, dtype=np.float32)
+        mean = aggregator.result() if aggregator.accepted else {}
+        self.global_state = self.server_optimizer.step(self.global_state, mean)
         return {}
 
     def _aggregate_masked(self, replies, round_number: int) -> dict:
@@ -189,7 +190,12 @@ class MethodRun:
                 message_lost(self.client_states[reply.client])
                 continue
             self.proxy.add(decoded, reply.visible, reply.weight)
-        self.global_state, figures = self.proxy.finish_round(self.global_state)
+        averaged, figures = self.proxy.finish_round(self.global_state)
+        if self.server_optimizer.is_fedavg:
+            self.global_state = averaged
+        else:
+            mean = {name: averaged[name] - self.global_state[name] for name in averaged}
+            self.global_state = self.server_optimizer.step(self.global_state, mean)
         return figures
 
     def _add(self, aggregator, reply) -> str | None:
@@ -277,6 +283,8 @@ class _Federation:
             "client_label_histogram": label_histogram(task.labels[bench.train_idx], bench.partition, task.num_labels),
             "clients_per_round": config.clients_per_round,
             "fedavg_weighting": "client example count",
+            "server_optimizer": (f"FedAvgM: server lr {config.server_lr}, momentum {config.server_momentum}"
+                                 if config.server_momentum else f"FedAvg, server lr {config.server_lr}"),
             "local_optimizer": "AdamW (fresh each round), weight_decay=0",
             "downlink": ("fp32 global adapter (lossless), same for every method" if not self.config.uses_proxies else
                          f"fstq proxies (fstqcodec.proxy): server mask {self.config.server_mask}, client mask "
