@@ -122,3 +122,23 @@ def test_a_client_not_sampled_keeps_its_error_feedback_until_it_is_sampled_again
     for name in SHAPES:
         np.testing.assert_allclose(sent[name], run.bench.step(client, later)[name] + kept[client][name],
                                    rtol=1e-5, atol=1e-7)
+
+
+def test_server_momentum_moves_the_model_by_the_velocity_of_the_averaged_updates():
+    plain, fedavgm = _run("fp32", clients=3, rounds=2), _run("fp32", clients=3, rounds=2, server_lr=0.5,
+                                                            server_momentum=0.9)
+    means = []
+    for round_number in (1, 2):
+        before = {name: a.copy() for name, a in plain.global_state.items()}
+        plain.play_round(round_number)
+        means.append({name: plain.global_state[name] - before[name] for name in SHAPES})
+        fedavgm.play_round(round_number)
+    for name in SHAPES:  # v1 = m1, v2 = 0.9 v1 + m2; the model moved by 0.5 (v1 + v2)
+        expected = 0.5 * (means[0][name] + 0.9 * means[0][name] + means[1][name])
+        np.testing.assert_allclose(fedavgm.global_state[name], expected, rtol=1e-5, atol=1e-8)
+
+
+def test_the_server_optimizer_rejects_invalid_settings():
+    for settings, message in (({"server_lr": 0.0}, "server_lr"), ({"server_momentum": 1.0}, "server_momentum")):
+        with pytest.raises(ValueError, match=message):
+            SimConfig(**settings).validate()
