@@ -60,6 +60,7 @@ class MethodRun:
         self.global_state = {name: array.copy() for name, array in bench.initial_state.items()}
         self.server_optimizer = ServerOptimizer(self.config.server_lr, self.config.server_momentum)
         self.client_states = [method.new_client_state() for _ in range(self.config.clients)]
+        self.server_references: dict[int, dict] = {}  # predictive coding: the server's g_i per client
         self.rounds = [{"round": 0, "accuracy": initial_accuracy, "uplink_bytes": 0,
                         "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0}]
         self.message_sizes: list[int] = []
@@ -200,6 +201,8 @@ class MethodRun:
 
     def _add(self, aggregator, reply) -> str | None:
         """Add one reply's update into the round's sum; why it was refused (as the error's repr), or None."""
+        if self.method.keeps_server_references:
+            return self._add_reference(aggregator, reply)
         if isinstance(self.method, Fstq):
             added = aggregator.add(reply.received, reply.weight, client=reply.client)
         else:
@@ -212,6 +215,21 @@ class MethodRun:
             return None
         rejection = aggregator.rejections[-1]
         return f"{rejection.reason}({rejection.detail!r})"
+
+    def _add_reference(self, aggregator, reply) -> str | None:
+        """Predictive coding: move the client's reference by its message and add the reference."""
+        try:
+            decoded = self.method.decode(reply.received)
+            self.bench.layout.check(decoded)
+        except ValueError as error:  # fstqcodec.DecodeError is a ValueError too
+            return repr(error)
+        previous = self.server_references.get(reply.client, {})
+        reference = self.method.server_update(previous, decoded)
+        if not aggregator.add_arrays(reference, reply.weight, client=reply.client):
+            rejection = aggregator.rejections[-1]
+            return f"{rejection.reason}({rejection.detail!r})"
+        self.server_references[reply.client] = reference
+        return None
 
     def record(self, wall_time_s: float) -> dict:
         """The method's entry in ``results.json`` (its summary is added by the report)."""

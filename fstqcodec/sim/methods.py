@@ -54,7 +54,8 @@ __all__ = [
 ]
 
 #: Every method ``fstq simulate`` knows, in the order results are reported.
-METHOD_NAMES = ("fp32", "fp16", "nf4", "qsgd8", "qsgd4", "topk", "eden", "signsgd-ef", "fstq-nofisher", "fstq")
+METHOD_NAMES = ("fp32", "fp16", "nf4", "qsgd8", "qsgd4", "topk", "eden", "signsgd-ef", "fstq-nofisher", "fstq",
+                "fstq-ef21")
 #: Methods run by ``fstq simulate`` with no ``--methods``.
 DEFAULT_METHODS = ("fp32", "nf4", "fstq")
 
@@ -115,6 +116,9 @@ class Method:
     name = ""
     #: Whether the method uses the client's Fisher estimate (the loop collects it only if needed).
     uses_fisher = False
+    #: Whether the server keeps a reference per client and averages those instead of the messages
+    #: (predictive coding, :mod:`fstqcodec.sim.predictive`).
+    keeps_server_references = False
 
     def __init__(self, layout: UpdateLayout):
         self.layout = layout
@@ -419,6 +423,10 @@ def make_method(name: str, layout: UpdateLayout, config: EncodeConfig) -> Method
         from fstqcodec.sim.peer_methods import Eden, SignSGDEF  # imports this module
 
         return Eden(layout, config) if name == "eden" else SignSGDEF(layout)
+    if name == "fstq-ef21":
+        from fstqcodec.sim.predictive import FstqEF21  # imports this module
+
+        return FstqEF21(layout, config)
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
 
 
