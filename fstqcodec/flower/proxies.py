@@ -132,13 +132,18 @@ class ProxyDownlinks:
         received, visible = decode_proxy(data)
         cosines = self.figures.setdefault(server_round, {}).setdefault("cosines", [])
         cosines.append(cosine_similarity(received, tensors))
-        for name, seen in visible.items():
-            self._ever_seen[name] |= seen
+        self._count_seen(visible)
         return message_record(data, STYPE_PROXY)
 
     def evaluate_record(self, tensors: dict, node_id: int, server_round: int) -> ArrayRecord:
         """The proxy ``ArrayRecord`` of ``node_id``'s evaluate message (the round's masks)."""
-        return message_record(self._server_for(tensors).downlink(tensors, node_id, server_round), STYPE_PROXY)
+        data = self._server_for(tensors).downlink(tensors, node_id, server_round)
+        self._count_seen(self.server.visible(node_id, server_round))  # a node not trained this round
+        return message_record(data, STYPE_PROXY)
+
+    def _count_seen(self, visible: dict) -> None:
+        for name, seen in visible.items():
+            self._ever_seen[name] |= seen
 
     def received(self, server_round: int, node_id: int) -> tuple[dict, dict]:
         """What ``node_id`` decoded from its proxy of ``server_round`` (hidden entries 0) and
