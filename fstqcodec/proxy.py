@@ -28,7 +28,7 @@ from .codec import encode
 from .policy.budget import Budget
 from .wire.masks import GRANULARITIES, Mask, visibility
 
-__all__ = ["ProxyServer", "MaskedAverage", "decode_proxy", "FILLS", "cosine_similarity"]
+__all__ = ["ProxyServer", "MaskedAverage", "decode_proxy", "read_proxy", "fill_hidden", "FILLS", "cosine_similarity"]
 
 #: What a client puts in the entries its proxy hides: zeros, or its own previous values.
 FILLS = ("zero", "previous")
@@ -153,14 +153,51 @@ def decode_proxy(message, *, previous: Mapping | None = None, fill: str = "zero"
     """
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
+    arrays, visible, _ = read_proxy(message, schemas=schemas, limits=limits)
+    if fill == "previous":
+        arrays = fill_hidden(arrays, visible, previous)
+    return arrays, visible
+
+
+def read_proxy(message, *, schemas=None, limits=None) -> tuple[dict, dict, dict]:
+    """Decode a proxy message once: its arrays (hidden entries 0), what it carried, and its masks.
+
+    Returns
+    -------
+    (dict, dict, dict)
+        Name -> float array, name -> boolean array (True where the message carried the entry),
+        and name -> list of :class:`Mask` for the tensors that carry masks. A receiver that
+        encodes its reply with these masks sends exactly the entries it was sent.
+
+    Raises
+    ------
+    DecodeError
+        If the message is invalid.
+    """
     _, layout, arrays = decoder.read_message(message, decoder.resolve_limits(limits), schemas)
     masked = decoder.visible_elements(layout)
     visible = {name: masked.get(name, np.ones(array.shape, dtype=bool)) for name, array in arrays.items()}
-    if fill == "previous":
-        if previous is None or any(name not in previous for name in arrays):
-            raise ValueError("fill='previous' needs the client's previous values of every tensor")
-        arrays = {name: np.where(visible[name], array, np.asarray(previous[name], dtype=array.dtype)) for name, array in arrays.items()}
-    return arrays, visible
+    masks = {layout.tensors[index].name: list(listed) for index, listed in layout.masks.items()}
+    return arrays, visible, masks
+
+
+def fill_hidden(arrays: Mapping, visible: Mapping, previous: Mapping | None) -> dict:
+    """``arrays`` with every hidden entry (``visible`` False) taken from ``previous``.
+
+    Raises
+    ------
+    ValueError
+        If ``previous`` lacks a tensor of ``arrays`` or holds one of another shape.
+    """
+    if previous is None or any(name not in previous for name in arrays):
+        raise ValueError("fill='previous' needs the client's previous values of every tensor")
+    filled = {}
+    for name, array in arrays.items():
+        kept = np.asarray(previous[name])
+        if kept.shape != array.shape:
+            raise ValueError(f"the previous values of {name!r} have shape {kept.shape}, the proxy {array.shape}")
+        filled[name] = np.where(visible[name], array, kept.astype(array.dtype, copy=False))
+    return filled
 
 
 class MaskedAverage:

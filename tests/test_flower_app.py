@@ -62,6 +62,23 @@ def test_flwr_run_trains_with_a_compressed_uplink_and_leaves_nothing_running(tmp
     print(f"flwr run finished in {elapsed:.0f} s")
 
 
+@pytest.mark.slow
+@slow_run
+def test_flwr_run_on_downlink_proxies_sends_no_client_the_adapter(tmp_path):
+    """``fstq simulate --engine flower --server-mask 0.3 --client-mask 0.1``: the App's proxies."""
+    flwr_home, out_dir = tmp_path / "flwr-home", tmp_path / "out"
+    settings = SimConfig(clients=NUM_SUPERNODES, rounds=2, local_steps=1, batch_size=4, eval_size=32,
+                         methods=("fstq",), server_mask=0.3, client_mask=0.1, proxy_fill="previous")
+    record = engine.run_with_flwr(settings, out_dir, flwr_home=flwr_home, timeout_s=540)
+    assert not engine._processes_naming(str(flwr_home / "local-superlink")), "SuperLink survived"
+    plain = 4 * record["config"]["trainable_parameters"]  # one fp32 adapter
+    for entry in record["methods"]["fstq"]["rounds"][1:]:
+        assert entry["replies_accepted"] == NUM_SUPERNODES and entry["dropped_replies"] == []
+        assert entry["downlink_bytes"] == entry["proxy_downlink_bytes"]
+        assert 8 * entry["proxy_downlink_bytes"] <= NUM_SUPERNODES * plain  # >= 8x below fp32
+        assert 0.0 < entry["proxy_cosine_mean"] < 1.0 and 0.5 < entry["fraction_ever_seen"] <= 0.75
+
+
 def test_run_config_refuses_methods_the_app_does_not_run():
     with pytest.raises(ValueError, match="fstq"):
         engine.run_config_for(SimConfig(methods=("fp32", "fstq")), "/tmp/out")
@@ -80,7 +97,8 @@ def test_the_apps_defaults_are_the_loops():
 
 def test_a_config_survives_the_trip_through_flwr_run_options():
     config = SimConfig(methods=("fstq",), clients=3, rounds=2, participation=0.5, eval_size=None,
-                       budget_bpp=0.25, fisher_power=1.0, alpha=0.1, seed=7, lora_rank=4)
+                       budget_bpp=0.25, fisher_power=1.0, alpha=0.1, seed=7, lora_rank=4,
+                       server_mask=0.3, client_mask=0.1, downlink_bpp=2.0, proxy_fill="previous")
     pairs = dict(item.split("=", 1) for item in engine.run_config_for(config, "/tmp/out").split(" "))
     run_config = {**_app_run_config(), **{key: tomllib.loads(f"v = {value}")["v"] for key, value in pairs.items()}}
     assert engine.config_from_run_config(run_config) == config.replace(threads=1)

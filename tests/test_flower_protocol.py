@@ -67,6 +67,7 @@ def test_the_spec_names_the_records_stypes_and_version():
         "MESSAGE_ARRAY": protocol.MESSAGE_ARRAY,
         "STYPE_MODEL": protocol.STYPE_MODEL,
         "STYPE_UPDATE": protocol.STYPE_UPDATE,
+        "STYPE_PROXY": protocol.STYPE_PROXY,
         "PROTOCOL_VERSION": str(protocol.PROTOCOL_VERSION),
         "MOD_FAILED_PRECONDITION": str(protocol.MOD_FAILED_PRECONDITION),
     }
@@ -94,7 +95,9 @@ def test_a_request_without_fisher_power_gets_the_federated_default():
     "change, reason",
     [
         ({"version": protocol.PROTOCOL_VERSION + 1}, "upgrade fstqcodec on the client"),
-        ({"version": 1}, "upgrade fstqcodec on the server"),
+        ({"version": 2}, "upgrade fstqcodec on the server"),
+        ({"proxy-fill": "mean"}, "'proxy-fill' must be one of"),
+        ({"proxy-fill": None}, "'proxy-fill' as str"),
         ({"version": "2"}, "no valid 'version'"),
         ({"version": None}, "no valid 'version'"),
         ({"encoder": None}, "'encoder' as str"),

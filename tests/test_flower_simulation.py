@@ -1,9 +1,10 @@
 """End-to-end: FstqMod and FstqStrategy in a real Flower simulation (``run_simulation``, Ray).
 
-Each test starts Ray once (about 25 s on two cores), so there are only two: a federation of honest
-clients, checked against Flower's own byte counts and against FedAvg computed here from the
-decoded updates; and a federation where some clients send broken replies, which the server drops
-(with the reason) while finishing every round with the others.
+Each test starts Ray once (about 25 s on two cores), so there are only three: a federation of
+honest clients, checked against Flower's own byte counts and against FedAvg computed here from the
+decoded updates; a federation where some clients send broken replies, which the server drops
+(with the reason) while finishing every round with the others; and a federation on downlink
+proxies (FedQSN), checked against masked FedAvg computed here from the bytes on the wire.
 
 The ClientApp below runs inside Ray workers, which import this module by name (Flower puts the
 driver's ``sys.path`` on the workers' ``PYTHONPATH``), so module-level code must stay side-effect
@@ -34,7 +35,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
 import fstqcodec
-from fstqcodec.flower import STYPE_MODEL, STYPE_UPDATE, FstqMod, FstqStrategy
+from fstqcodec.flower import STYPE_MODEL, STYPE_PROXY, STYPE_UPDATE, DownlinkProxies, FstqMod, FstqStrategy
 from fstqcodec.sim.loop import corrupt_in_transit
 
 # Each test starts Ray: runs by default, deselect with -m "not slow".
@@ -130,6 +131,10 @@ def saboteur_mod(msg: Message, context: Context, call_next) -> Message:
 faulty_client_app = ClientApp(mods=[saboteur_mod, FstqMod()])
 faulty_client_app.train()(train)
 
+# With "previous"-filled proxies a client starts from the shared initial model where it is not sent.
+proxy_client_app = ClientApp(mods=[FstqMod(initial_model=lambda context: initial_model())])
+proxy_client_app.train()(train)
+
 
 # ------------------------------------------------------------------------------------------
 # ServerApp side: FlowerTune-style subclass that sees exactly what travels.
@@ -143,12 +148,14 @@ class WireRecordingStrategy(FstqStrategy):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.sent: dict[int, list[ArrayRecord]] = {}
+        self.sent_to: dict[int, list[int]] = {}
         self.received: dict[int, list[dict]] = {}
         self.aggregated: dict[int, dict[str, np.ndarray]] = {}
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sent[server_round] = [message.content["arrays"] for message in messages]
+        self.sent_to[server_round] = [message.metadata.dst_node_id for message in messages]
         return messages
 
     def aggregate_train(self, server_round, replies):
@@ -313,3 +320,54 @@ def test_server_drops_broken_replies_and_finishes_the_round():
         metrics = result.train_metrics_clientapp[server_round]
         assert metrics["fstq.replies-dropped"] == len(FAULTS)
         assert metrics["fstq.replies-accepted"] == 2
+
+
+def test_a_federation_on_downlink_proxies_never_sends_a_server_masked_entry():
+    proxies = DownlinkProxies(server_mask=0.3, client_mask=0.1, fill="previous",
+                              budget=fstqcodec.Budget(bits_per_param=4))
+    config = fstqcodec.EncodeConfig(budget=fstqcodec.Budget(ratio=UPLINK_RATIO),
+                                    fisher_power=fstqcodec.FEDERATED_FISHER_POWER)
+    strategy = WireRecordingStrategy(
+        FedAvg(min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0), config, downlink=proxies
+    )
+    result = run_federation(strategy, proxy_client_app, num_supernodes=3)
+
+    server = strategy._proxies.server
+    hidden = {name: ~seen for name, seen in server.server_visible().items()}
+    plain_bytes = ArrayRecord({n: Array(v) for n, v in initial_model().items()}).count_bytes()
+    reference = initial_model()  # the true global model of the round
+    for server_round in range(1, NUM_ROUNDS + 1):
+        sent = strategy.sent[server_round]
+        assert {next(iter(record.values())).stype for record in sent} == {STYPE_PROXY}
+        assert len({next(iter(record.values())).data for record in sent}) == 3  # a proxy per client
+        for node, record in zip(strategy.sent_to[server_round], sent):
+            data = next(iter(record.values())).data
+            assert 8 * record.count_bytes() <= plain_bytes  # at least 8x below fp32
+            # The bytes depend on no server-masked value: other values there, the same bytes.
+            altered = {n: np.where(hidden[n], 7.0, v).astype(np.float32) for n, v in reference.items()}
+            assert server.downlink(altered, node, server_round) == data
+            _, visible = fstqcodec.proxy.decode_proxy(data)
+            assert not any(np.any(visible[n] & hidden[n]) for n in hidden)
+
+        # Masked FedAvg, computed here from the bytes on the wire and the masks' seeds.
+        total = {n: np.zeros(v.shape, np.float64) for n, v in reference.items()}
+        weights = {n: np.zeros(v.shape, np.float64) for n, v in reference.items()}
+        replies = strategy.received[server_round]
+        assert len(replies) == 3 and all(reply["stype"] == STYPE_UPDATE for reply in replies)
+        for reply in replies:
+            update = fstqcodec.decode(reply["data"])
+            for name, seen in server.visible(reply["node_id"], server_round).items():
+                total[name] += np.where(seen, reply["weight"] * update[name], 0.0)
+                weights[name] += reply["weight"] * seen
+        for name, value in reference.items():
+            expected = value + np.where(weights[name] > 0, total[name] / np.maximum(weights[name], 1e-300), 0.0)
+            np.testing.assert_allclose(strategy.aggregated[server_round][name], expected, atol=1e-6)
+            np.testing.assert_array_equal(strategy.aggregated[server_round][name][hidden[name]],
+                                          initial_model()[name][hidden[name]])
+        reference = strategy.aggregated[server_round]
+
+        metrics = result.train_metrics_clientapp[server_round]
+        assert metrics["fstq.downlink-bytes"] == sum(record.count_bytes() for record in sent)
+        assert metrics["fstq.replies-accepted"] == 3 and metrics["fstq.replies-dropped"] == 0
+        assert 0.0 < metrics["fstq.proxy-cosine-mean"] < 1.0
+        assert 0.5 < metrics["fstq.proxy-seen-fraction"] <= 0.75

@@ -18,11 +18,12 @@ from .protocol import (
     PROTOCOL_VERSION,
     RESIDUAL_STATE,
     STYPE_MODEL,
+    STYPE_PROXY,
     STYPE_UPDATE,
 )
 from .budget import LinkBudget
 
-_SERVER_NAMES = ("FstqStrategy", "DroppedReply", "RoundTraffic")
+_SERVER_NAMES = ("FstqStrategy", "DroppedReply", "RoundTraffic", "DownlinkProxies")
 
 __all__ = [
     "FstqMod",
@@ -30,6 +31,7 @@ __all__ = [
     "LinkBudget",
     "DroppedReply",
     "RoundTraffic",
+    "DownlinkProxies",
     "PROTOCOL_VERSION",
     "CONFIG_RECORD",
     "FISHER_RECORD",
@@ -37,6 +39,7 @@ __all__ = [
     "RESIDUAL_STATE",
     "STYPE_MODEL",
     "STYPE_UPDATE",
+    "STYPE_PROXY",
 ]
 
 

@@ -6,6 +6,7 @@ process loads no server code.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 
@@ -13,6 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 
 import fstqcodec
+from fstqcodec.proxy import fill_hidden, read_proxy
 
 from .protocol import (
     CONFIG_RECORD,
@@ -20,6 +22,7 @@ from .protocol import (
     MOD_FAILED_PRECONDITION,
     RESIDUAL_STATE,
     STYPE_MODEL,
+    STYPE_PROXY,
     STYPE_UPDATE,
     ProtocolError,
     TrainRequest,
@@ -30,16 +33,29 @@ from .protocol import (
     message_record,
     numpy_record,
     plain_tensors,
+    read_proxy_fill,
     update_dtype,
 )
 
-__all__ = ["FstqMod"]
+__all__ = ["FstqMod", "PROXY_PREVIOUS_STATE"]
+
+#: Key under which the mod keeps, in ``Context.state``, the model the app last trained from a
+#: proxy (the "previous values" a ``proxy-fill = "previous"`` proxy's hidden entries take).
+PROXY_PREVIOUS_STATE = "fstq.proxy-previous"
 
 logger = logging.getLogger("flwr").getChild("fstqcodec")
 
 #: What a client mod calls next: the next mod, or the app (Flower's ``ClientAppCallable``, restated
 #: here because its module is not part of Flower's stable ``flwr.app`` surface).
 ClientAppCallable = Callable[[Message, Context], Message]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReceivedProxy:
+    """What a proxy of the global model carried: per tensor, the visible entries and the masks."""
+
+    visible: dict
+    masks: dict
 
 
 class FstqMod:
@@ -72,6 +88,15 @@ class FstqMod:
     Only floating-point arrays can be sent this way (an integer buffer in the model makes the mod
     answer with an error reply naming it).
 
+    Downlink proxies (``spec/FLOWER.md`` 5): a model ``ArrayRecord`` of ``stype``
+    :data:`STYPE_PROXY` is an fstq message with seeded masks that carries only the entries this
+    client may see this round. The app gets it as plain arrays whose hidden entries are zero or,
+    with the server's ``proxy-fill = "previous"``, the model the app last trained (kept in
+    ``context.state[PROXY_PREVIOUS_STATE]``; before the first round, ``initial_model(context)``,
+    or zeros without it). The update goes back zero where the proxy hid entries, encoded with the
+    proxy's own masks, so the reply carries exactly the entries the client was sent; error
+    feedback keeps what the hidden entries owe for a round where they are visible.
+
     Parameters
     ----------
     limits : fstqcodec.Limits or None
@@ -82,6 +107,10 @@ class FstqMod:
         (same names and shapes as the model). It is consumed and removed from the reply.
     state_key : str
         Key of the error-feedback residual in ``Context.state``.
+    initial_model : callable or None
+        ``initial_model(context) -> {name: array}``: the client's model before it first trained,
+        the previous values of a ``"previous"``-filled proxy in its first round (the app's own
+        initialisation, shared by every client). ``None``: zeros then.
 
     Examples
     --------
@@ -101,10 +130,12 @@ class FstqMod:
         limits: fstqcodec.Limits | None = None,
         fisher_record: str = FISHER_RECORD,
         state_key: str = RESIDUAL_STATE,
+        initial_model: Callable[[Context], Mapping[str, np.ndarray]] | None = None,
     ) -> None:
         self.limits = limits
         self.fisher_record = fisher_record
         self.state_key = state_key
+        self.initial_model = initial_model
 
     def __repr__(self) -> str:
         return (
@@ -135,8 +166,8 @@ class FstqMod:
         if not msg.has_content():
             return call_next(msg, ctxt)
         try:
-            request = _read_request(msg)
-            content = self._unpack_incoming(msg.content)
+            request, record = _read_request(msg)
+            content, proxy = self._unpack_incoming(msg.content, ctxt, request, record)
         except (fstqcodec.DecodeError, ProtocolError) as err:
             return _error_reply(msg, f"FstqMod could not read the server's message: {err}")
         if request is None:
@@ -150,15 +181,19 @@ class FstqMod:
         if reply.has_error():
             return reply
         try:
-            return self._compress_reply(reply, ctxt, received, request)
+            return self._compress_reply(reply, ctxt, received, request, proxy)
         except (ProtocolError, fstqcodec.EncodeError, fstqcodec.DecodeError) as err:
             # DecodeError here would mean the encoder wrote a message it cannot read back (a
             # core bug); report it to the server instead of crashing the node.
             return _error_reply(msg, f"FstqMod could not compress the update: {err}")
 
-    def _unpack_incoming(self, content: RecordDict) -> RecordDict:
-        """The content with compressed models decoded and the request record taken out."""
+    def _unpack_incoming(
+        self, content: RecordDict, ctxt: Context, request: TrainRequest | None, fstq_record: ConfigRecord | None
+    ) -> tuple[RecordDict, _ReceivedProxy | None]:
+        """The content with compressed models and proxies decoded and the request record taken
+        out, and what the proxy (if any) carried."""
         unpacked = RecordDict()
+        proxy = None
         for key, record in content.items():
             if key == CONFIG_RECORD and isinstance(record, ConfigRecord):
                 continue  # consumed here: the app sees the message it would have seen
@@ -166,26 +201,62 @@ class FstqMod:
                 data = message_bytes(record, STYPE_MODEL)
                 if data is not None:
                     record = numpy_record(fstqcodec.decode(data, limits=self.limits))
+                elif (data := message_bytes(record, STYPE_PROXY)) is not None:
+                    if proxy is not None:
+                        raise ProtocolError("a message may hold one proxy of the global model, found two")
+                    fill = _proxy_fill(request, fstq_record)
+                    tensors, proxy = self._open_proxy(data, ctxt, fill)
+                    record = numpy_record(tensors)
             unpacked[key] = record
-        return unpacked
+        return unpacked, proxy
+
+    def _open_proxy(self, data: bytes, ctxt: Context, fill: str) -> tuple[dict, _ReceivedProxy]:
+        """The model a proxy gives the app (hidden entries filled) and what the proxy carried."""
+        tensors, visible, masks = read_proxy(data, limits=self.limits)
+        if fill == "previous":
+            previous = self._previous_values(ctxt)
+            if previous is not None:
+                reason = check_same_tensors(previous, tensors, "the client's previous values")
+                if reason is not None:
+                    raise ProtocolError(f"the proxy does not fit this client's model: {reason}")
+                tensors = fill_hidden(tensors, visible, previous)
+        return tensors, _ReceivedProxy(visible, masks)
+
+    def _previous_values(self, ctxt: Context) -> dict | None:
+        """The model the app last trained from a proxy; before that, the initial model or None."""
+        stored = ctxt.state.array_records.get(PROXY_PREVIOUS_STATE)
+        if stored is not None:
+            return plain_tensors(stored)
+        if self.initial_model is not None:
+            return {name: np.asarray(value) for name, value in self.initial_model(ctxt).items()}
+        return None
 
     def _compress_reply(
-        self, reply: Message, ctxt: Context, received: dict[str, np.ndarray], request: TrainRequest
+        self, reply: Message, ctxt: Context, received: dict[str, np.ndarray], request: TrainRequest,
+        proxy: _ReceivedProxy | None,
     ) -> Message:
-        """Replace the reply's model by one fstq message of ``trained - received``."""
+        """Replace the reply's model by one fstq message of ``trained - received`` (with a proxy:
+        on the entries it carried, encoded with its masks)."""
         model_key, trained = self._trained_model(reply, received)
         update = {
             name: np.subtract(trained[name], reference, dtype=update_dtype(reference.dtype))
             for name, reference in received.items()
         }
+        masks = None
+        if proxy is not None:
+            # The server can use no change of an entry it did not send, and must not learn one.
+            update = {name: np.where(proxy.visible[name], value, value.dtype.type(0)) for name, value in update.items()}
+            masks = proxy.masks
         fisher = self._app_fisher(reply, received)
         if request.error_feedback:
             feedback = self._load_feedback(ctxt, update, request)
-            data = feedback.encode(update, fisher=fisher, config=request.encoder)
+            data = feedback.encode(update, fisher=fisher, config=request.encoder, masks=masks)
             self._save_feedback(ctxt, feedback, request.server_round)
         else:
             self._forget_feedback(ctxt)  # a stale residual must not leak into a later run
-            data = fstqcodec.encode(update, fisher=fisher, config=request.encoder)
+            data = fstqcodec.encode(update, fisher=fisher, config=request.encoder, masks=masks)
+        if proxy is not None and request.proxy_fill == "previous":
+            ctxt.state[PROXY_PREVIOUS_STATE] = numpy_record(trained)
 
         compressed = RecordDict()
         for key, record in reply.content.items():
@@ -280,18 +351,30 @@ class FstqMod:
                 del ctxt.state[key]
 
 
-def _read_request(msg: Message) -> TrainRequest | None:
-    """The server's request in a train message; ``None`` if it asks for nothing.
+def _read_request(msg: Message) -> tuple[TrainRequest | None, ConfigRecord | None]:
+    """The server's request in a train message (``None`` if it asks for nothing), and the record.
 
-    On other message types the record is not interpreted beyond its version (spec/FLOWER.md, 5).
+    On other message types the record is not interpreted beyond its version, and its
+    ``proxy-fill`` where the message holds a proxy (spec/FLOWER.md, 5).
     """
     record = msg.content.config_records.get(CONFIG_RECORD)
     if record is None:
-        return None
+        return None, None
     if not _is_train(msg):
         check_version(record)
-        return None
-    return TrainRequest.from_record(record)
+        return None, record
+    return TrainRequest.from_record(record), record
+
+
+def _proxy_fill(request: TrainRequest | None, record: ConfigRecord | None) -> str:
+    """What a proxy's hidden entries take, from the request or another message's record."""
+    if request is not None:
+        return request.proxy_fill
+    if record is None:
+        raise ProtocolError(
+            f"a proxy of the global model ({STYPE_PROXY!r}) needs the {CONFIG_RECORD!r} record with 'proxy-fill'"
+        )
+    return read_proxy_fill(record)
 
 
 def _call_with_content(

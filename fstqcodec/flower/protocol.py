@@ -15,6 +15,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fstqcodec.config import FEDERATED_FISHER_POWER, EncodeConfig
+from fstqcodec.proxy import FILLS
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -23,6 +24,8 @@ __all__ = [
     "MESSAGE_ARRAY",
     "STYPE_MODEL",
     "STYPE_UPDATE",
+    "STYPE_PROXY",
+    "PROXY_FILLS",
     "RESIDUAL_STATE",
     "REQUEST_KEYS",
     "MOD_FAILED_PRECONDITION",
@@ -30,9 +33,10 @@ __all__ = [
     "TrainRequest",
 ]
 
-#: Version of the protocol (``spec/FLOWER.md``). 2: the encoder's options travel as one JSON
-#: object (``EncodeConfig.get_config()``) under ``"encoder"``; 1 sent them as loose keys.
-PROTOCOL_VERSION = 2
+#: Version of the protocol (``spec/FLOWER.md``). 3: downlink proxies (``STYPE_PROXY``) and the
+#: request key ``"proxy-fill"``; 2: the encoder's options travel as one JSON object
+#: (``EncodeConfig.get_config()``) under ``"encoder"``; 1 sent them as loose keys.
+PROTOCOL_VERSION = 3
 #: Name of the ``ConfigRecord`` that carries the server's compression request.
 CONFIG_RECORD = "fstq"
 #: Default name of the ``ArrayRecord`` in which an app hands its diagonal Fisher to the mod
@@ -44,6 +48,11 @@ MESSAGE_ARRAY = "fstq"
 STYPE_MODEL = "fstqcodec.model"
 #: ``Array.stype`` of a compressed client update, trained minus received model (uplink).
 STYPE_UPDATE = "fstqcodec.update"
+#: ``Array.stype`` of a proxy of the global model (downlink): an fstq message with seeded masks
+#: (spec/FORMAT.md 5.9) that carries only the entries this client may see in this round.
+STYPE_PROXY = "fstqcodec.proxy"
+#: What a client puts in the entries a proxy hides: zeros, or its own previous values.
+PROXY_FILLS = FILLS
 #: Default key under which the mod keeps its error-feedback residual in ``Context.state``.
 RESIDUAL_STATE = "fstq.residual"
 
@@ -54,6 +63,7 @@ REQUEST_KEYS: Mapping[str, type] = {
     "error-feedback": bool,
     "round": int,
     "last-accepted-round": int,
+    "proxy-fill": str,
 }
 
 # Flower's ErrorCode.MOD_FAILED_PRECONDITION (flwr.common.constant), the code Flower's own mods
@@ -81,12 +91,16 @@ class TrainRequest:
     last_accepted_round : int
         The latest round whose reply from this client the server accepted (0: none), below
         ``server_round``.
+    proxy_fill : {"zero", "previous"}
+        What the client puts in the entries a proxy of the global model hides (only read when
+        the message holds a proxy).
     """
 
     encoder: EncodeConfig
     error_feedback: bool
     server_round: int
     last_accepted_round: int
+    proxy_fill: str = "zero"
 
     def to_record(self) -> ConfigRecord:
         """The request as the ``ConfigRecord`` the server sends."""
@@ -97,6 +111,7 @@ class TrainRequest:
             "error-feedback": bool(self.error_feedback),
             "round": int(self.server_round),
             "last-accepted-round": int(self.last_accepted_round),
+            "proxy-fill": str(self.proxy_fill),
         })
 
     @classmethod
@@ -107,8 +122,8 @@ class TrainRequest:
         ------
         ProtocolError
             If the version is missing, older or newer than :data:`PROTOCOL_VERSION`, a key is
-            missing or of the wrong type, the rounds are inconsistent, or the encoder config
-            cannot be read.
+            missing or of the wrong type, the rounds are inconsistent, the proxy fill is
+            unknown, or the encoder config cannot be read.
         """
         check_version(record)
         values = {}
@@ -125,7 +140,31 @@ class TrainRequest:
                 f"last-accepted-round {values['last-accepted-round']}"
             )
         return cls(read_encoder_config(values["encoder"]), values["error-feedback"],
-                   values["round"], values["last-accepted-round"])
+                   values["round"], values["last-accepted-round"], check_proxy_fill(values["proxy-fill"]))
+
+
+def proxy_fill_record(fill: str) -> ConfigRecord:
+    """The ``"fstq"`` record of a message other than a train message that holds a proxy."""
+    return ConfigRecord({"version": PROTOCOL_VERSION, "proxy-fill": check_proxy_fill(fill)})
+
+
+def read_proxy_fill(record: ConfigRecord) -> str:
+    """The ``"proxy-fill"`` of a request record, version checked first (spec/FLOWER.md, 5).
+
+    Raises
+    ------
+    ProtocolError
+        If the version is not this protocol's, or ``proxy-fill`` is missing or unknown.
+    """
+    check_version(record)
+    return check_proxy_fill(record.get("proxy-fill"))
+
+
+def check_proxy_fill(fill: object) -> str:
+    """``fill`` if it is one of :data:`PROXY_FILLS`; else :class:`ProtocolError`."""
+    if not isinstance(fill, str) or fill not in PROXY_FILLS:
+        raise ProtocolError(f"the {CONFIG_RECORD!r} record's 'proxy-fill' must be one of {list(PROXY_FILLS)}, got {fill!r}")
+    return fill
 
 
 def check_version(record: ConfigRecord) -> None:

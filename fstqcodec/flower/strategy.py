@@ -26,11 +26,13 @@ from .protocol import (
     message_record,
     numpy_record,
     plain_tensors,
+    proxy_fill_record,
     update_dtype,
 )
+from .proxies import DownlinkProxies, MaskedRound, ProxyDownlinks
 from .streaming import StreamingRound, decode_update, plain_update, reply_weight, resolve_streaming
 
-__all__ = ["FstqStrategy", "DroppedReply", "RoundTraffic"]
+__all__ = ["FstqStrategy", "DroppedReply", "RoundTraffic", "DownlinkProxies"]
 
 logger = logging.getLogger("flwr").getChild("fstqcodec")
 
@@ -121,9 +123,14 @@ class FstqStrategy(Strategy):
         gives each client its own budget, in place of ``config.budget`` (which must then be
         unset, as must ``bits`` and ``codebook``). A plain :class:`fstqcodec.Budget` is the
         same as ``config.replace(budget=...)``.
-    downlink : {None, "lossless"} or fstqcodec.Budget
+    downlink : {None, "lossless"}, fstqcodec.Budget or DownlinkProxies
         How the global model travels to clients: plain arrays (``None``), one lossless fstq
-        message, or one fstq message under that budget (with ``config``'s block size and seed).
+        message, one fstq message under that budget (with ``config``'s block size and seed), or,
+        with :class:`DownlinkProxies`, never whole: each client gets its own proxy (a server mask
+        fixed for the run, a client mask per round, quantized; ``spec/FLOWER.md`` 7), in train
+        and evaluate messages, and the round is aggregated by masked FedAvg (each update counts
+        only where its client saw; needs a ``FedAvg`` that keeps its own aggregation, as
+        streaming does).
         A compressed downlink requires :class:`FstqMod` on every client. With a lossy downlink
         each client trains from the model it decoded, and the server rebuilds its model from
         that same decoded model (the server decodes its own message, which is deterministic),
@@ -152,8 +159,9 @@ class FstqStrategy(Strategy):
     TypeError
         If ``strategy`` is not a Flower ``Strategy``, ``downlink`` is not one of the values
         above, ``config`` is not an ``EncodeConfig``, a keyword is unknown or given beside
-        ``config``, two budgets are given, or ``streaming`` is not one of the values above (or
-        True for a strategy that is not a ``FedAvg``).
+        ``config``, two budgets are given, ``streaming`` is not one of the values above (or
+        True for a strategy that is not a ``FedAvg``), or proxies are asked for with a
+        strategy that does not aggregate as ``FedAvg`` (or with ``streaming=False``).
     ValueError
         If an option is out of range (as :class:`fstqcodec.EncodeConfig` says).
 
@@ -164,7 +172,11 @@ class FstqStrategy(Strategy):
     traffic : dict[int, RoundTraffic]
         Bytes and dropped replies per round.
     streaming : bool
-        Whether rounds are aggregated by streaming (``streaming`` resolved).
+        Whether rounds are aggregated by streaming (``streaming`` resolved; always with proxies).
+    proxy_figures : dict[int, dict[str, float]]
+        With proxies, per round: ``proxy-cosine-mean`` and ``proxy-cosine-max`` (cosine
+        similarity of each proxy sent, hidden entries as 0, to the true global model) and
+        ``proxy-seen-fraction`` (share of the model's entries any client has ever been sent).
 
     Notes
     -----
@@ -190,14 +202,23 @@ class FstqStrategy(Strategy):
         super().__init__()
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a flwr Strategy, got {type(strategy).__name__}")
-        if not (downlink is None or downlink == "lossless" or isinstance(downlink, fstqcodec.Budget)):
-            raise TypeError(f"downlink must be None, 'lossless' or a Budget, got {downlink!r}")
+        proxies = isinstance(downlink, DownlinkProxies)
+        if not (downlink is None or proxies or isinstance(downlink, fstqcodec.Budget)
+                or (isinstance(downlink, str) and downlink == "lossless")):
+            raise TypeError(f"downlink must be None, 'lossless', a Budget or DownlinkProxies, got {downlink!r}")
         self.strategy = strategy
         self.config, self.budget = _clients_config(config, budget, options)
         self.downlink = downlink
         self.error_feedback = bool(error_feedback)
         self.limits = limits
         self.streaming = resolve_streaming(strategy, streaming)
+        if proxies and not self.streaming:
+            raise TypeError(
+                "downlink proxies aggregate by masked FedAvg (each update only where its client saw): "
+                f"wrap a FedAvg that keeps FedAvg's aggregation, not {type(strategy).__name__} with "
+                f"streaming={streaming!r}"
+            )
+        self._proxies = ProxyDownlinks(downlink, self.config.seed, self.config.block_size) if proxies else None
         self.traffic: dict[int, RoundTraffic] = {}
         # node_id -> the latest round whose train reply from it was accepted (told to the client,
         # whose error feedback then keeps an update that never arrived).
@@ -215,6 +236,10 @@ class FstqStrategy(Strategy):
             f"downlink={self.downlink!r}, error_feedback={self.error_feedback!r}, "
             f"streaming={self.streaming!r})"
         )
+
+    @property
+    def proxy_figures(self) -> dict[int, dict[str, float]]:
+        return {} if self._proxies is None else self._proxies.figures
 
     @property
     def dropped_replies(self) -> list[DroppedReply]:
@@ -263,18 +288,27 @@ class FstqStrategy(Strategy):
             error_feedback=self.error_feedback,
             server_round=server_round,
             last_accepted_round=self._last_accepted.get(node_id, 0),
+            proxy_fill="zero" if self._proxies is None else self._proxies.options.fill,
         ).to_record()
 
     def _repack_messages(
         self,
         messages: Iterable[Message],
         arrays: ArrayRecord,
-        downlink_record: ArrayRecord | None,
+        downlink_for: Callable[[int], ArrayRecord] | None,
         request_for: Callable[[int], ConfigRecord] | None,
     ) -> tuple[list[Message], int]:
-        """Give each message its own RecordDict with the downlink (and request) swapped in."""
+        """Give each message its own RecordDict with the downlink (``downlink_for(node_id)``) and
+        the request swapped in.
+
+        Raises
+        ------
+        ValueError
+            If the wrapped strategy already uses the record name ``"fstq"``, or, with proxies, a
+            message holds an ``ArrayRecord`` other than the global model (it would travel whole).
+        """
         messages = list(messages)
-        if downlink_record is None and request_for is None:
+        if downlink_for is None and request_for is None:
             # Nothing to swap in: send the wrapped strategy's messages as they are.
             sent = sum(r.count_bytes() for m in messages for r in m.content.array_records.values())
             return messages, sent
@@ -286,12 +320,19 @@ class FstqStrategy(Strategy):
                     f"the wrapped strategy already uses the record name {CONFIG_RECORD!r}"
                 )
             repacked = RecordDict()
+            node_id = message.metadata.dst_node_id
             for key, record in content.items():
-                if downlink_record is not None and _is_global_model(record, arrays):
-                    record = downlink_record
+                if downlink_for is not None and _is_global_model(record, arrays):
+                    record = downlink_for(node_id)
+                elif self._proxies is not None and isinstance(record, ArrayRecord):
+                    raise ValueError(
+                        f"downlink proxies: the wrapped strategy's message to node {node_id} holds an "
+                        f"ArrayRecord {key!r} that is not the global model it was given; it would be "
+                        "sent unmasked"
+                    )
                 repacked[key] = record
             if request_for is not None:
-                repacked[CONFIG_RECORD] = request_for(message.metadata.dst_node_id)
+                repacked[CONFIG_RECORD] = request_for(node_id)
             message.content = repacked
             sent_bytes += sum(record.count_bytes() for record in repacked.array_records.values())
         return messages, sent_bytes
@@ -299,13 +340,19 @@ class FstqStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Configure the round with the wrapped strategy, then add compression to each message."""
-        downlink_record, received = self._pack(arrays)
+        """Configure the round with the wrapped strategy, then add compression to each message
+        (with proxies: each client's own proxy in place of the global model)."""
+        if self._proxies is None:
+            downlink_record, received = self._pack(arrays)
+            downlink_for = None if downlink_record is None else (lambda node_id: downlink_record)
+        else:
+            received = plain_tensors(arrays)  # the true global model: the masked mean is added to it
+            downlink_for = lambda node_id: self._proxies.train_record(received, node_id, server_round)  # noqa: E731
         messages = self.strategy.configure_train(server_round, arrays, config, grid)
         messages, sent_bytes = self._repack_messages(
             messages,
             arrays,
-            downlink_record,
+            downlink_for,
             lambda node_id: self._client_request(server_round, node_id),
         )
         self._references[server_round] = received
@@ -316,10 +363,19 @@ class FstqStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Configure evaluation with the wrapped strategy; compress its model if asked."""
-        downlink_record, _ = self._pack(arrays)
+        """Configure evaluation with the wrapped strategy; compress its model if asked (with
+        proxies: each client's proxy of the round, and the record naming the fill)."""
         messages = self.strategy.configure_evaluate(server_round, arrays, config, grid)
-        messages, sent_bytes = self._repack_messages(messages, arrays, downlink_record, None)
+        if self._proxies is None:
+            downlink_record, _ = self._pack(arrays)
+            downlink_for = None if downlink_record is None else (lambda node_id: downlink_record)
+            request_for = None
+        else:
+            tensors = plain_tensors(arrays)
+            downlink_for = lambda node_id: self._proxies.evaluate_record(tensors, node_id, server_round)  # noqa: E731
+            fill_record = proxy_fill_record(self._proxies.options.fill)
+            request_for = lambda node_id: fill_record  # noqa: E731
+        messages, sent_bytes = self._repack_messages(messages, arrays, downlink_for, request_for)
         self.traffic.setdefault(server_round, RoundTraffic()).evaluate_downlink_bytes += sent_bytes
         return messages
 
@@ -349,7 +405,10 @@ class FstqStrategy(Strategy):
             )
         received = self._references.pop(server_round)
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
-        summed = StreamingRound(received, self.strategy) if self.streaming else None
+        if self._proxies is not None:
+            summed = MaskedRound(received, self.strategy)
+        else:
+            summed = StreamingRound(received, self.strategy) if self.streaming else None
         # What the wrapped strategy gets: the error replies, and the accepted ones unless streaming.
         handed: list[Message] = []
         for reply in replies:
@@ -358,7 +417,10 @@ class FstqStrategy(Strategy):
                 continue
             traffic.uplink_bytes += sum(r.count_bytes() for r in reply.content.array_records.values())
             try:
-                decoded_bytes = self._accept(reply, received, summed)
+                if self._proxies is not None:
+                    decoded_bytes = self._accept_masked(reply, server_round, summed)
+                else:
+                    decoded_bytes = self._accept(reply, received, summed)
             except ProtocolError as rejection:
                 self._drop(traffic, DroppedReply(server_round, reply.metadata.src_node_id, str(rejection)))
                 continue
@@ -380,6 +442,9 @@ class FstqStrategy(Strategy):
         metrics["fstq.downlink-bytes"] = traffic.downlink_bytes
         metrics["fstq.replies-accepted"] = traffic.replies_accepted
         metrics["fstq.replies-dropped"] = len(traffic.dropped)
+        if self._proxies is not None:
+            for name, value in self._proxies.finish(server_round).items():
+                metrics[f"fstq.{name}"] = value
         return arrays, metrics
 
     @staticmethod
@@ -409,10 +474,7 @@ class FstqStrategy(Strategy):
             If the reply is dropped (spec/FLOWER.md, Section 7), with the reason.
         """
         content = reply.content
-        records = content.array_records
-        if len(records) != 1:
-            raise ProtocolError(f"expected exactly one ArrayRecord in the reply, found {sorted(records)}")
-        (key, record), = records.items()
+        key, record = _the_record(content)
         data = message_bytes(record, STYPE_UPDATE)
         weight = reply_weight(content, self.strategy)
         if data is None:
@@ -435,6 +497,33 @@ class FstqStrategy(Strategy):
         reply.content = restored
         return restored[key].count_bytes()
 
+    def _accept_masked(self, reply: Message, server_round: int, masked: MaskedRound) -> int:
+        """Check one reply of a proxy round against the proxy its node was sent, and add its
+        update into ``masked`` where that proxy carried entries.
+
+        Returns
+        -------
+        int
+            What the reply weighs as plain arrays.
+
+        Raises
+        ------
+        ProtocolError
+            If the reply is dropped (spec/FLOWER.md, Section 7), with the reason.
+        """
+        content = reply.content
+        key, record = _the_record(content)
+        received, visible = self._proxies.received(server_round, reply.metadata.src_node_id)
+        data = message_bytes(record, STYPE_UPDATE)
+        weight = reply_weight(content, self.strategy)
+        if data is None:
+            plain = matching_tensors(record, received, "the reply", unreadable="unreadable arrays")
+            update = plain_update(plain, received)
+        else:
+            update = decode_update(data, received, self.limits)
+        masked.add(update, weight, content, key, visible=visible)
+        return masked.decoded_bytes
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
@@ -451,6 +540,15 @@ def _log_replies(results: int, failures: list[Message]) -> None:
     logger.info("aggregate_train: Received %s results and %s failures", results, len(failures))
     for reply in failures:
         logger.info("\t> Received error in reply from node %d: %s", reply.metadata.src_node_id, reply.error.reason)
+
+
+def _the_record(content: RecordDict) -> tuple[str, ArrayRecord]:
+    """The key and record of a reply's one ArrayRecord; else :class:`ProtocolError`."""
+    records = content.array_records
+    if len(records) != 1:
+        raise ProtocolError(f"expected exactly one ArrayRecord in the reply, found {sorted(records)}")
+    (key, record), = records.items()
+    return key, record
 
 
 def _is_global_model(record: object, arrays: ArrayRecord) -> bool:

@@ -139,14 +139,22 @@ class StreamingRound:
     def __init__(self, received: Mapping[str, np.ndarray], strategy: FedAvg):
         self.received = received
         self.strategy = strategy
-        expected = {name: (value.shape, update_dtype(value.dtype).name) for name, value in received.items()}
-        self.aggregator = fstqcodec.StreamingAggregator(expected)
+        self.aggregator = self._new_sum()
         # What the metrics aggregation and FedAvg's consistency checks read of each accepted
         # reply: its records without the ArrayRecord (a few numbers each).
         self.contents: list[RecordDict] = []
         self.record_keys: list[str] = []
         self.failures = 0
         self._decoded_bytes: int | None = None
+
+    def _new_sum(self):
+        """The running sum of the round's weighted updates."""
+        expected = {name: (value.shape, update_dtype(value.dtype).name) for name, value in self.received.items()}
+        return fstqcodec.StreamingAggregator(expected)
+
+    def _mean_update(self) -> dict:
+        """The weighted mean of the updates added (name -> array)."""
+        return self.aggregator.result()
 
     @property
     def decoded_bytes(self) -> int:
@@ -191,7 +199,7 @@ class StreamingRound:
                 reason="All ArrayRecords must have the same keys for aggregation. "
                 "This condition wasn't met. Skipping aggregation."
             )
-        mean_update = self.aggregator.result()
+        mean_update = self._mean_update()
         arrays = ArrayRecord()
         for name, reference in self.received.items():
             # One tensor at a time: the mean shrinks as the returned record grows.

@@ -61,6 +61,10 @@ RUN_CONFIG_KEYS = {
     "lora_rank": "lora-rank",
     "lora_alpha": "lora-alpha",
     "threads": "threads",
+    "server_mask": "server-mask",
+    "client_mask": "client-mask",
+    "downlink_bpp": "downlink-bpp",
+    "proxy_fill": "proxy-fill",
 }
 # TOML has no null: eval_size's None (the whole held-out set) and deadline_s's (one budget for all)
 # travel as 0; other None values are not passed, so the app's own setting applies (threads: one

@@ -15,8 +15,14 @@ from fstqcodec.flower import FISHER_RECORD, FstqMod
 from fstq_flower_app.links import answer_link_query
 from fstq_flower_app.task import config_from_run_config, workbench
 
+def _initial_adapter(context: Context) -> dict:
+    """The shared initial adapter: a "previous"-filled proxy's hidden entries before the first round."""
+    settings = config_from_run_config(context.run_config, clients=int(context.node_config["num-partitions"]))
+    return workbench(settings).initial_state
+
+
 # FstqMod first: it is the outermost mod, so any clipping or DP mod added after it sees plain arrays.
-app = ClientApp(mods=[FstqMod()])
+app = ClientApp(mods=[FstqMod(initial_model=_initial_adapter)])
 
 
 def _arrays(tensors) -> ArrayRecord:

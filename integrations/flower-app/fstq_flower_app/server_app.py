@@ -2,7 +2,9 @@
 
 The wrapped ``FedAvg`` is Flower's own, unchanged: :class:`fstqcodec.flower.FstqStrategy` asks
 each client for an fstq message under the budget, decodes and validates the replies, and hands
-FedAvg plain arrays. The global model is evaluated on the server after every round, on the same
+FedAvg plain arrays. With ``server-mask`` or ``client-mask`` above 0 no client is sent the
+global adapter: each gets its own proxy (:class:`fstqcodec.flower.DownlinkProxies`) and the
+round is masked FedAvg. The global model is evaluated on the server after every round, on the same
 held-out subset as ``fstq simulate``, and the run is recorded in the same ``results.json`` format.
 """
 
@@ -19,7 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 import fstqcodec
-from fstqcodec.flower import FstqStrategy
+from fstqcodec.flower import DownlinkProxies, FstqStrategy
+from fstqcodec.sim.client import seed_for
 from fstq_flower_app.links import ask_for_links
 from fstq_flower_app.task import config_from_run_config, workbench
 
@@ -34,6 +37,13 @@ def main(grid: Grid, context: Context) -> None:
     settings = config_from_run_config(config)
     bench = workbench(settings)
     downlink = {"none": None, "lossless": "lossless"}[str(config["downlink"])]
+    if settings.uses_proxies:
+        if downlink is not None:
+            raise ValueError("downlink proxies replace the downlink: set downlink = \"none\" with server-mask/client-mask")
+        # The in-process loop's mask seed (fstqcodec.sim.loop); Flower's node ids stand for its clients.
+        downlink = DownlinkProxies(server_mask=settings.server_mask, client_mask=settings.client_mask,
+                                   fill=settings.proxy_fill, budget=fstqcodec.Budget(bits_per_param=settings.downlink_bpp),
+                                   seed=seed_for(settings.seed, 7))
     # deadline-s > 0: each node's own budget, its uplink x the deadline; else budget-bpp for all.
     per_node = ask_for_links(grid, config, clients) if float(config["deadline-s"]) > 0 else None
     encoder = fstqcodec.EncodeConfig(
@@ -78,6 +88,19 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fstq-flower-app: wrote %s", out_dir / "results.json")
 
 
+def _proxy_figures(strategy, server_round: int) -> dict:
+    """The loop's per-round proxy figures (``fstq simulate --server-mask``), where proxies ran."""
+    figures = strategy.proxy_figures.get(server_round)
+    if not figures:
+        return {}
+    return {
+        "proxy_downlink_bytes": strategy.traffic[server_round].downlink_bytes,
+        "proxy_cosine_mean": figures.get("proxy-cosine-mean"),
+        "proxy_cosine_max": figures.get("proxy-cosine-max"),
+        "fraction_ever_seen": figures.get("proxy-seen-fraction"),
+    }
+
+
 def write_results(out_dir, config, settings, strategy, accuracy, finished_at) -> None:
     """Write ``results.json`` (and the CSV and summary table) as ``fstq simulate`` does.
 
@@ -106,6 +129,7 @@ def write_results(out_dir, config, settings, strategy, accuracy, finished_at) ->
             "sim_time_s": finished_at[server_round],
             "replies_accepted": traffic.replies_accepted,
             "dropped_replies": [drop.reason for drop in traffic.dropped],
+            **_proxy_figures(strategy, server_round),
         })
     parameters = sum(value.size for value in workbench(settings).adapter().values())
     mean_message = cumulative / replies if replies else 0.0
