@@ -142,3 +142,35 @@ def test_the_server_optimizer_rejects_invalid_settings():
     for settings, message in (({"server_lr": 0.0}, "server_lr"), ({"server_momentum": 1.0}, "server_momentum")):
         with pytest.raises(ValueError, match=message):
             SimConfig(**settings).validate()
+
+
+def test_ef21_client_and_server_hold_the_same_reference_and_the_server_averages_references():
+    run = _run("fstq-ef21", clients=3, rounds=2, budget_bpp=2.0)
+    before = {name: a.copy() for name, a in run.global_state.items()}
+    run.play_round(1)
+    for client in range(3):
+        for name in SHAPES:
+            np.testing.assert_array_equal(run.client_states[client].reference[name],
+                                          run.server_references[client][name])
+    weights = run.bench.client_sizes[:3]
+    for name in SHAPES:  # round 1: the references are the decoded messages; the model moved by their mean
+        expected = sum(w * run.server_references[c][name].astype(np.float64) for c, w in enumerate(weights))
+        np.testing.assert_allclose(run.global_state[name] - before[name], expected / weights.sum(), rtol=1e-5,
+                                   atol=1e-7)
+    # Round 2 codes the change: the reference moves toward the client's new update.
+    first = {c: {n: a.copy() for n, a in run.server_references[c].items()} for c in range(3)}
+    run.play_round(2)
+    for client in range(3):
+        target = run.bench.step(client, 2)
+        for name in SHAPES:
+            after = np.linalg.norm(run.server_references[client][name] - target[name])
+            assert after < np.linalg.norm(first[client][name] - target[name])
+
+
+def test_ef21_a_lost_message_moves_neither_reference():
+    run = _run("fstq-ef21", clients=3, rounds=1, uplink_loss=0.99)
+    run.play_round(1)
+    assert len(run.faults) == 3 and run.server_references == {}
+    assert all(state.reference == {} for state in run.client_states)
+    for name in SHAPES:
+        np.testing.assert_array_equal(run.global_state[name], 0.0)
