@@ -84,6 +84,12 @@ def test_run_config_refuses_methods_the_app_does_not_run():
         engine.run_config_for(SimConfig(methods=("fp32", "fstq")), "/tmp/out")
 
 
+@pytest.mark.parametrize("setting", [{"server_momentum": 0.5}, {"server_lr": 2.0}])
+def test_run_config_refuses_a_server_optimizer_the_app_does_not_run(setting):
+    with pytest.raises(ValueError, match="FedAvg"):
+        engine.run_config_for(SimConfig(methods=("fstq",), **setting), "/tmp/out")
+
+
 def _app_run_config() -> dict:
     pyproject = engine.app_dir() / "pyproject.toml"
     return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]

@@ -100,10 +100,14 @@ def run_config_for(config: SimConfig, out_dir: str | os.PathLike) -> str:
     Raises
     ------
     ValueError
-        If ``config.methods`` names anything but ``fstq``: the app runs that method only.
+        If ``config.methods`` names anything but ``fstq`` (the app runs that method only), or the
+        config asks for a server optimizer other than FedAvg.
     """
     if tuple(config.methods) != ("fstq",):
         raise ValueError(f"the Flower app runs the 'fstq' method only, not {config.methods}")
+    if config.server_lr != 1.0 or config.server_momentum != 0.0:
+        raise ValueError("the Flower app aggregates with FedAvg; --server-lr and --server-momentum run "
+                         "with the in-process engine only")
     pairs = {}
     for field, key in RUN_CONFIG_KEYS.items():
         value = getattr(config, field)

@@ -28,6 +28,10 @@ eden, signsgd-ef
 fstq, fstq-nofisher
     :func:`fstqcodec.encode` under ``Budget(bits_per_param=...)`` with :class:`fstqcodec.ErrorFeedback`,
     with the diagonal Fisher from the client's accumulator, or with uniform importance (ablation).
+fstq-ef21
+    fstq with predictive coding across rounds instead of error feedback: each message encodes the
+    client's update minus a reference both ends hold (:mod:`fstqcodec.sim.predictive`; measured as
+    an ablation under label skew, where it did worse than error feedback).
 """
 
 from __future__ import annotations
