@@ -248,3 +248,16 @@ def test_merge_results_combines_methods_of_identical_setups():
         merge_results([first, other])
     with pytest.raises(ValueError, match="more than one"):
         merge_results([first, first])
+
+
+def test_merge_counts_a_setting_a_run_predates_as_its_default():
+    from fstqcodec.sim.report import merge_results
+
+    whole = _fake_results()
+    older = {**whole, "methods": {"fp32": whole["methods"]["fp32"]},
+             "config": {k: v for k, v in whole["config"].items() if k != "server_momentum"}}
+    newer = {**whole, "methods": {"fstq": whole["methods"]["fstq"]},
+             "config": {**whole["config"], "server_momentum": 0.0}}
+    assert list(merge_results([older, newer])["methods"]) == ["fp32", "fstq"]
+    with pytest.raises(ValueError, match="server_momentum"):
+        merge_results([older, {**newer, "config": {**newer["config"], "server_momentum": 0.5}}])

@@ -281,6 +281,15 @@ def write_outputs(results: dict, out_dir: str | pathlib.Path, *, plots: bool = T
 _MERGE_IGNORED = {"methods", "workers", "threads", "quick", "platform", "extra"}
 
 
+def _comparable_settings(config: Mapping[str, Any]) -> dict:
+    """A run's settings as merging compares them: a setting added to the loop after the run was
+    recorded counts as its default (the run had no other), ignored keys left out."""
+    from fstqcodec.sim.config import SimConfig
+
+    defaults = SimConfig().record()
+    return {k: v for k, v in {**defaults, **config}.items() if k not in _MERGE_IGNORED}
+
+
 def merge_results(runs: list[Mapping[str, Any]]) -> dict:
     """Combine runs of different methods under the same settings into one results record.
 
@@ -296,10 +305,10 @@ def merge_results(runs: list[Mapping[str, Any]]) -> dict:
     if not runs:
         raise ValueError("nothing to merge")
     first = runs[0]
-    base = {k: v for k, v in first["config"].items() if k not in _MERGE_IGNORED}
+    base = _comparable_settings(first["config"])
     merged_methods: dict[str, Any] = {}
     for run in runs:
-        config = {k: v for k, v in run["config"].items() if k not in _MERGE_IGNORED}
+        config = _comparable_settings(run["config"])
         differing = sorted(k for k in set(base) | set(config) if base.get(k) != config.get(k))
         if differing:
             raise ValueError(f"runs differ in settings {differing}; only runs of the same setup merge")
