@@ -51,6 +51,14 @@ EXPERIMENTS = {
     "seeds-bbc-alpha0.1-partial": ["--alpha", "0.1", "--rounds", "40", "--clients", "30", "--participation", "0.3",
                                    "--target-of-fp32", "0.95", "--methods", "fp32,nf4,qsgd4,topk,fstq-nofisher,fstq",
                                    "--seeds", "0,1,2", *_CLOCK],
+    # Server momentum (FedAvgM, every method alike): what moved the hard regime (issue 11).
+    "seeds-bbc-alpha0.1-momentum": ["--alpha", "0.1", "--rounds", "40", "--server-momentum", "0.5",
+                                    "--target-of-fp32", "0.95", "--methods", "fp32,fstq", "--seeds", "0,1,2", *_CLOCK],
+    # The distributed-mean-estimation peers in the loop (issue 16), beside seeds-bbc-default.
+    "seeds-bbc-peers": ["--methods", "eden,signsgd-ef", "--seeds", "0,1,2", *_CLOCK],
+    # One-seed exploration behind the above (bbc-*-variants-seed0 in the records).
+    "bbc-alpha0.1-ef21": ["--alpha", "0.1", "--methods", "fstq,fstq-ef21", *_CLOCK],
+    "bbc-alpha0.1-momentum": ["--alpha", "0.1", "--methods", "fp32,fstq", "--server-momentum", "0.5", *_CLOCK],
 }
 # Not run by default (hours on two cores): only when named with --only.
 _ON_REQUEST = {name for name in EXPERIMENTS if name.startswith("seeds-")}
