@@ -9,9 +9,11 @@ import numpy as np
 
 from ..errors import BudgetError
 from ..policy.allocation import BlockStats, shape_sample
+from ..policy.fisher import ElementWeights
 from ..wire.header import DTYPES
 from .assembly import assemble
-from .plans import Plan, absmax_rows, dtype_max_rows, lossless_plan, rd_plan
+from .moments import block_moments, weight_prescale
+from .plans import Plan, dtype_max_rows, lossless_plan, rd_plan
 from .source import Input
 
 __all__ = ["encode_to_budget", "block_stats", "LOW_WATER"]
@@ -27,34 +29,19 @@ _LOW_WATER_MEASURED = 0.985
 _MAX_SIZE_ITERATIONS = 8
 
 
-def _value_scale(absmax: np.ndarray) -> float:
-    """A power of two that brings the largest |x| near 1, where squares cannot overflow or
-    underflow in float32 (they do beyond about 1e19 and below about 1e-19). Multiplying by a
-    power of two is exact, and only ratios matter to the allocation."""
-    top = float(absmax.max()) if len(absmax) else 0.0
-    if top == 0.0 or 2.0**-40 < top < 2.0**40:
-        return 1.0
-    return 2.0 ** -math.frexp(top)[1]
-
-
 def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockStats:
-    """Per-block statistics for the allocation (in float64; the sums in float32 on values
-    rescaled by a power of two when their magnitude is extreme). ``sign``: whether the two-level
-    sign quantizer is a candidate (it needs centroid codebooks, so nearest rounding)."""
-    matrix = source.matrix
+    """Per-block statistics for the allocation (float64; the sums from :mod:`.moments`).
+    ``sign``: whether the two-level sign quantizer is a candidate (it needs centroid codebooks,
+    so nearest rounding)."""
     n = source.counts
-    absmax = absmax_rows(matrix).astype(np.float64)
-    scale = _value_scale(absmax)
-    work = matrix if scale == 1.0 else matrix * np.float32(scale)
-    unscale = 1.0 / (scale * scale)
-    sum_squares = np.einsum("ij,ij->i", work, work).astype(np.float64) * unscale if len(n) else np.zeros(0)
-    sum_abs = np.abs(work).sum(axis=1, dtype=np.float64) / scale if len(n) else np.zeros(0)
+    moments = block_moments(source, weights)
+    sum_squares, sum_abs, absmax = moments.sum_squares, moments.sum_abs, moments.absmax
     mean_square = sum_squares / np.maximum(n, 1)
-    weight, energy, weighted_abs, weight_sum = _weighted_sums(source, weights, work, scale, sum_squares, sum_abs)
+    weight, energy, weighted_abs, weight_sum = _weighted_sums(source, weights, moments)
     raw_bits = np.array([16 if s.dtype == "bfloat16" else 8 * DTYPES[s.dtype].itemsize for s in source.specs], dtype=np.int64)
     stats = BlockStats(
         count=n, weight=weight, mean_square=mean_square, weighted_energy=energy, absmax=absmax,
-        raw_bits=raw_bits[source.block_tensor], shape_sample=shape_sample(matrix, n, mean_square),
+        raw_bits=raw_bits[source.block_tensor], shape_sample=shape_sample(source.matrix, n, mean_square),
     )
     if sign and stats.shape_sample is not None:
         # Sign blocks' scales: the block's own mean |x|, or its tensor's (equal scales cost
@@ -74,29 +61,28 @@ def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockSta
     return stats
 
 
-def _weighted_sums(source: Input, weights: dict, work, scale, sum_squares, sum_abs):
-    """Per block: mean weight, sum w x**2, sum w |x| and sum w."""
+def _weighted_sums(source: Input, weights: dict, moments):
+    """Per block: mean weight, sum w x**2, sum w |x| and sum w (weights normalised)."""
     n = source.counts
-    if all(np.ndim(weights[name]) == 0 for name in source.names):
+    sum_squares, sum_abs = moments.sum_squares, moments.sum_abs
+    if moments.weight_sum is None:
         weight = np.array([weights[s.name] for s in source.specs], dtype=np.float64)[source.block_tensor]
         return weight, weight * sum_squares, weight * sum_abs, weight * n
     weight, energy, weighted_abs, weight_sum = (np.empty(len(n), dtype=np.float64) for _ in range(4))
     for t, spec in enumerate(source.specs):
         lo, hi = int(source.first_block[t]), int(source.first_block[t + 1])
         w = weights[spec.name]
-        if np.ndim(w) == 0:
+        if not isinstance(w, ElementWeights):
             weight[lo:hi] = w
             energy[lo:hi] = w * sum_squares[lo:hi]
             weighted_abs[lo:hi] = w * sum_abs[lo:hi]
             weight_sum[lo:hi] = w * n[lo:hi]
             continue
-        # Weights arrive normalised to a maximum of 1 (policy.fisher), so float32 holds them.
-        w = np.pad(np.asarray(w, dtype=np.float32).reshape(-1), (0, (-spec.size) % source.block_size))
-        w = w.reshape(-1, source.block_size)
-        weight_sum[lo:hi] = w.sum(axis=1, dtype=np.float64)
+        norm = w.top * weight_prescale(w) if w.top > 0 else 1.0
+        weight_sum[lo:hi] = moments.weight_sum[lo:hi] / norm
         weight[lo:hi] = weight_sum[lo:hi] / np.maximum(n[lo:hi], 1)
-        energy[lo:hi] = np.einsum("ij,ij,ij->i", w, work[lo:hi], work[lo:hi]).astype(np.float64) / (scale * scale)
-        weighted_abs[lo:hi] = np.einsum("ij,ij->i", w, np.abs(work[lo:hi])).astype(np.float64) / scale
+        energy[lo:hi] = moments.weighted_energy[lo:hi] / norm
+        weighted_abs[lo:hi] = moments.weighted_abs[lo:hi] / norm
     return weight, energy, weighted_abs, weight_sum
 
 
