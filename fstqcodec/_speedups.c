@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #define RANS_L (1u << 16)
 
@@ -424,10 +425,197 @@ done:
     return PyLong_FromSsize_t(pos);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Encoder passes (fstqcodec/encoder): the same arithmetic as the numpy reference, operation for
+ * operation, so that both give the same bits (no FMA contraction: setup.py passes
+ * -ffp-contract=off). Each loop reads its inputs once and runs without the GIL.
+ */
+
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+/* Hot loops are compiled twice where the compiler can (AVX2 and the baseline) and the loader
+ * picks one: the arithmetic is the same IEEE operations either way, so are the results. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
+/* Sums terms[0 .. padded) by halving, as encoder/moments.py's tree_sum_rows does. */
+static inline double tree_sum(double *terms, Py_ssize_t padded) {
+    for (Py_ssize_t half = padded / 2; half >= 1; half /= 2)
+        for (Py_ssize_t k = 0; k < half; k++) terms[k] += terms[k + half];
+    return terms[0];
+}
+
+/* Largest |x| of a row: the integer max of the sign-cleared bits (plans.absmax_rows). */
+static inline float row_absmax(const float *row, Py_ssize_t count) {
+    const uint32_t *bits = (const uint32_t *)row;
+    uint32_t top = 0;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        uint32_t b = bits[k] & 0x7FFFFFFFu;
+        top = b > top ? b : top;
+    }
+    float value;
+    memcpy(&value, &top, 4);
+    return value;
+}
+
+/* The weights of one row, times prescale, zero past the tensor's last element. */
+static inline void row_weights(double *w, const void *weights, int itemsize, Py_ssize_t first, Py_ssize_t valid,
+                               Py_ssize_t padded, int root, double prescale) {
+    Py_ssize_t count = valid - first;
+    count = count < 0 ? 0 : count > padded ? padded : count;
+    if (itemsize == 4) {
+        const float *f = (const float *)weights + first;
+        if (root) for (Py_ssize_t k = 0; k < count; k++) w[k] = sqrt((double)f[k]) * prescale;
+        else for (Py_ssize_t k = 0; k < count; k++) w[k] = (double)f[k] * prescale;
+    } else {
+        const double *f = (const double *)weights + first;
+        if (root) for (Py_ssize_t k = 0; k < count; k++) w[k] = sqrt(f[k]) * prescale;
+        else for (Py_ssize_t k = 0; k < count; k++) w[k] = f[k] * prescale;
+    }
+    for (Py_ssize_t k = count; k < padded; k++) w[k] = 0.0;
+}
+
+HOT static void moments_rows(const float *x, Py_ssize_t block_size, Py_ssize_t padded, Py_ssize_t rows, Py_ssize_t lo, Py_ssize_t hi,
+                             const void *weights, int itemsize, Py_ssize_t valid, int root, double prescale, double *terms, double *o) {
+    double *sq = terms, *ab = terms + padded, *w = terms + 2 * padded, *wq = terms + 3 * padded, *wa = terms + 4 * padded;
+    for (Py_ssize_t k = block_size; k < padded; k++) sq[k] = ab[k] = 0.0;
+    for (Py_ssize_t r = lo; r < hi; r++) {
+        const float *row = x + r * block_size;
+        for (Py_ssize_t k = 0; k < block_size; k++) {
+            double v = (double)row[k];
+            sq[k] = v * v;
+            ab[k] = fabs(v);
+        }
+        if (weights) {
+            row_weights(w, weights, itemsize, (r - lo) * block_size, valid, block_size, root, prescale);
+            for (Py_ssize_t k = block_size; k < padded; k++) w[k] = 0.0;
+            for (Py_ssize_t k = 0; k < padded; k++) {
+                wq[k] = w[k] * sq[k];
+                wa[k] = w[k] * ab[k];
+            }
+            o[3 * rows + r] = tree_sum(w, padded);
+            o[4 * rows + r] = tree_sum(wq, padded);
+            o[5 * rows + r] = tree_sum(wa, padded);
+        }
+        o[2 * rows + r] = (double)row_absmax(row, block_size);
+        /* tree_sum works in place but writes only terms[0 .. padded/2), below block_size: the
+         * next row overwrites them, and the zeros of the padding stay. */
+        o[r] = tree_sum(sq, padded);
+        o[rows + r] = tree_sum(ab, padded);
+    }
+}
+
+/* block_moments(matrix_f32, block_size, lo, hi, weights|None, weight_itemsize, root, prescale, out)
+ * out: float64 (3 or 6, rows) C-contiguous; rows lo..hi of out[0..2] get sum x^2, sum |x|, max |x|;
+ * with weights (the tensor's own, unpadded: rows lo..hi are its blocks) out[3..5] get sum w,
+ * sum w x^2, sum w |x| with w = (root ? sqrt(F) : F) * prescale. */
+static PyObject *block_moments(PyObject *self, PyObject *args) {
+    Py_buffer matrix, out, weights = {0};
+    PyObject *weights_object;
+    Py_ssize_t block_size, lo, hi;
+    int itemsize, root;
+    double prescale;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnnOiidw*", &matrix, &block_size, &lo, &hi, &weights_object, &itemsize, &root, &prescale, &out))
+        return NULL;
+    int weighted = weights_object != Py_None;
+    if (weighted && PyObject_GetBuffer(weights_object, &weights, PyBUF_SIMPLE) < 0) goto done;
+    Py_ssize_t rows = block_size > 0 ? matrix.len / 4 / block_size : 0;
+    Py_ssize_t planes = weighted ? 6 : 3;
+    if (block_size < 1 || matrix.len % (4 * block_size) || lo < 0 || hi < lo || hi > rows || (itemsize != 4 && itemsize != 8)
+        || out.len < (Py_ssize_t)sizeof(double) * planes * rows || (weighted && weights.len % itemsize)) {
+        PyErr_SetString(PyExc_ValueError, "block_moments: inconsistent arguments");
+        goto done;
+    }
+    {
+        Py_ssize_t padded = 1;
+        while (padded < block_size) padded *= 2;
+        double *terms = (double *)calloc((size_t)(5 * padded), sizeof(double));
+        if (!terms) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        moments_rows((const float *)matrix.buf, block_size, padded, rows, lo, hi, weighted ? weights.buf : NULL, itemsize,
+                     weighted ? weights.len / itemsize : 0, root, prescale, terms, (double *)out.buf);
+        Py_END_ALLOW_THREADS
+        free(terms);
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    if (weighted && weights.buf) PyBuffer_Release(&weights);
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* Float bits with -0.0 mapped to +0.0: then a weight is bad (negative, NaN or infinite) exactly
+ * when its bits reach the exponent-all-ones pattern, and good ones order as their values. */
+HOT static int max_bits32(const uint32_t *bits, Py_ssize_t count, uint32_t *largest) {
+    uint32_t top = 0, worst = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t b = bits[i] == 0x80000000u ? 0u : bits[i];
+        top = b > top ? b : top;
+        worst = b >= 0x7F800000u ? 1u : worst;
+    }
+    *largest = top;
+    return (int)worst;
+}
+
+HOT static int max_bits64(const uint64_t *bits, Py_ssize_t count, uint64_t *largest) {
+    uint64_t top = 0, worst = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint64_t b = bits[i] == 0x8000000000000000ull ? 0u : bits[i];
+        top = b > top ? b : top;
+        worst = b >= 0x7FF0000000000000ull ? 1u : worst;
+    }
+    *largest = top;
+    return (int)worst;
+}
+
+/* weights_max(array, itemsize) -> the largest element (-inf if empty), or None if any element is
+ * negative, NaN or infinite (policy/fisher.py's checks in one pass). */
+static PyObject *weights_max(PyObject *self, PyObject *args) {
+    Py_buffer buffer;
+    int itemsize, bad = 0;
+    double largest = -INFINITY;
+    if (!PyArg_ParseTuple(args, "y*i", &buffer, &itemsize)) return NULL;
+    if ((itemsize != 4 && itemsize != 8) || buffer.len % itemsize) {
+        PyBuffer_Release(&buffer);
+        PyErr_SetString(PyExc_ValueError, "weights_max: itemsize must be 4 or 8");
+        return NULL;
+    }
+    Py_ssize_t count = buffer.len / itemsize;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4) {
+        uint32_t top;
+        float value;
+        bad = max_bits32((const uint32_t *)buffer.buf, count, &top);
+        memcpy(&value, &top, 4);
+        largest = value;
+    } else {
+        uint64_t top;
+        bad = max_bits64((const uint64_t *)buffer.buf, count, &top);
+        memcpy(&largest, &top, 8);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buffer);
+    if (bad) Py_RETURN_NONE;
+    return PyFloat_FromDouble(count ? largest : -INFINITY);
+}
+
 static PyMethodDef methods[] = {
     {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"msgpack_scan", msgpack_scan, METH_VARARGS, "msgpack_scan(header_bytes, container_budget) -> None (FORMAT.md 5.1)"},
+    {"block_moments", block_moments, METH_VARARGS, "block_moments(matrix, block_size, lo, hi, weights, itemsize, root, prescale, out) (encoder/moments.py)"},
+    {"weights_max", weights_max, METH_VARARGS, "weights_max(array, itemsize) -> largest element, or None if one is negative or not finite"},
     {"zstd_walk", zstd_walk, METH_VARARGS, "zstd_walk(stored, declared_length) -> frame length (FORMAT.md 11, pass 1)"},
     {NULL, NULL, 0, NULL},
 };

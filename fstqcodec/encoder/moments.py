@@ -84,9 +84,10 @@ def block_moments(source: Input, weights: dict) -> Moments:
 def _native_moments(source: Input, lo: int, hi: int, weights: ElementWeights | None, out: np.ndarray) -> None:
     native = _rans._speedups.block_moments
     if weights is None:
-        native(source.matrix, lo, hi, None, False, 1.0, out)
+        native(source.matrix, source.block_size, lo, hi, None, 4, False, 1.0, out)
     else:
-        native(source.matrix, lo, hi, weights.values, weights.root, weight_prescale(weights), out)
+        values = weights.values
+        native(source.matrix, source.block_size, lo, hi, values, values.itemsize, weights.root, weight_prescale(weights), out)
 
 
 def _numpy_moments(source: Input, lo: int, hi: int, weights: ElementWeights | None, out: np.ndarray) -> None:

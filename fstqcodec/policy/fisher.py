@@ -118,7 +118,7 @@ def _checked_max(array: np.ndarray):
     """The largest element (-inf for an empty array), or None if any is negative or not finite."""
     native = getattr(_rans._speedups, "weights_max", None)
     if native is not None:
-        return native(array)
+        return native(array, array.itemsize)
     if not np.all(np.isfinite(array)) or np.any(array < 0):
         return None
     return float(np.max(array)) if array.size else -math.inf
