@@ -610,12 +610,166 @@ static PyObject *weights_max(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(count ? largest : -INFINITY);
 }
 
+/* The allocation's per-block choice at one multiplier (policy/allocation.py, _Evaluator._evaluate),
+ * for every block whose best step is not capped; capped blocks get mode -1 and are left to the
+ * numpy reference (their cost needs exp2). Returns the number of capped blocks. */
+enum { MODE_DROP = 0, MODE_QUANTIZE = 1, MODE_RAW = 3, MODE_SIGN = 4, MODE_SIGN_SHARED = 5 };
+
+typedef struct {
+    const double *log2_energy, *log2_r_cap, *n, *drop_energy, *energy, *exact_bits, *sign, *shared, *tables;
+    const unsigned char *empty;
+    Py_ssize_t blocks, grid;
+    double grid0, lam, log2_lam, drop_bits, scale_bits, shared_scale_bits;
+    signed char *mode;
+    double *log2_r, *tau, *bits, *distortion;
+} evaluation;
+
+HOT static Py_ssize_t evaluate_rows(const evaluation *e) {
+    const double *G = e->tables, *R = e->tables + e->grid, *T = e->tables + 2 * e->grid, *H = e->tables + 3 * e->grid,
+                 *D = e->tables + 4 * e->grid;
+    double last = (double)(e->grid - 1);
+    Py_ssize_t capped = 0;
+    for (Py_ssize_t j = 0; j < e->blocks; j++) {
+        double log2_u = e->log2_energy[j] - e->log2_lam;
+        double index = nearbyint((log2_u - e->grid0) * 16);
+        index = fmin(fmax(index, 0.0), last);
+        Py_ssize_t ui = (Py_ssize_t)index;
+        double log2_r = R[ui];
+        if (log2_r > e->log2_r_cap[j]) {
+            e->mode[j] = -1;
+            capped++;
+            continue;
+        }
+        double n = e->n[j];
+        double best = e->drop_energy[j] / e->lam + e->drop_bits;
+        signed char mode = MODE_DROP;
+        double bits = e->drop_bits, distortion = e->drop_energy[j];
+        double cost = n * G[ui] + e->scale_bits;
+        if (cost < best) {
+            best = cost;
+            mode = MODE_QUANTIZE;
+            bits = n * H[ui] + e->scale_bits;
+            distortion = e->energy[j] * D[ui];
+        }
+        if (e->sign) {
+            double sign_bits = n + e->scale_bits;
+            cost = e->sign[j] / e->lam + sign_bits;
+            if (cost < best) {
+                best = cost;
+                mode = MODE_SIGN;
+                bits = sign_bits;
+                distortion = e->sign[j];
+            }
+            double shared_bits = n + e->shared_scale_bits;
+            cost = e->shared[j] / e->lam + shared_bits;
+            if (cost < best) {
+                best = cost;
+                mode = MODE_SIGN_SHARED;
+                bits = shared_bits;
+                distortion = e->shared[j];
+            }
+        }
+        if (e->exact_bits[j] < best) {
+            mode = MODE_RAW;
+            bits = e->exact_bits[j];
+            distortion = 0.0;
+        }
+        if (e->empty[j]) {
+            mode = MODE_DROP;
+            bits = e->drop_bits;
+            distortion = 0.0;
+        }
+        e->mode[j] = mode;
+        e->log2_r[j] = log2_r;
+        e->tau[j] = T[ui];
+        e->bits[j] = bits;
+        e->distortion[j] = distortion;
+    }
+    return capped;
+}
+
+static int double_buffer(PyObject *object, Py_buffer *view, Py_ssize_t count, int writable, const char *what) {
+    if (PyObject_GetBuffer(object, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) return -1;
+    if (view->len != (Py_ssize_t)sizeof(double) * count) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "evaluate_blocks: %s has the wrong size", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* evaluate_blocks(log2_energy, log2_r_cap, n, drop_energy, energy, exact_bits, empty_u8, sign|None,
+ *                 shared|None, tables (5, grid), grid0, lam, log2_lam, (drop, scale, shared scale bits),
+ *                 out_mode_i8, out_log2_r, out_tau, out_bits, out_distortion) -> capped count */
+static PyObject *evaluate_blocks(PyObject *self, PyObject *args) {
+    PyObject *objects[16];
+    double constants[3];
+    evaluation e;
+    Py_buffer views[16];
+    int held = 0, ok = 0;
+    Py_ssize_t capped = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOddd(ddd)OOOOO", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
+                          &objects[5], &objects[6], &objects[7], &objects[8], &objects[9], &e.grid0, &e.lam, &e.log2_lam,
+                          &constants[0], &constants[1], &constants[2], &objects[10], &objects[11], &objects[12], &objects[13],
+                          &objects[14]))
+        return NULL;
+    e.drop_bits = constants[0];
+    e.scale_bits = constants[1];
+    e.shared_scale_bits = constants[2];
+    if (PyObject_GetBuffer(objects[6], &views[held], PyBUF_SIMPLE) < 0) return NULL;
+    e.blocks = views[held].len;
+    e.empty = (const unsigned char *)views[held++].buf;
+    const double **inputs[] = {&e.log2_energy, &e.log2_r_cap, &e.n, &e.drop_energy, &e.energy, &e.exact_bits};
+    for (int i = 0; i < 6; i++) {
+        if (double_buffer(objects[i], &views[held], e.blocks, 0, "a per-block input") < 0) goto done;
+        *inputs[i] = (const double *)views[held++].buf;
+    }
+    e.sign = e.shared = NULL;
+    if ((objects[7] == Py_None) != (objects[8] == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "evaluate_blocks: give both sign distortions or neither");
+        goto done;
+    }
+    if (objects[7] != Py_None) {
+        if (double_buffer(objects[7], &views[held], e.blocks, 0, "sign") < 0) goto done;
+        e.sign = (const double *)views[held++].buf;
+        if (double_buffer(objects[8], &views[held], e.blocks, 0, "shared") < 0) goto done;
+        e.shared = (const double *)views[held++].buf;
+    }
+    if (PyObject_GetBuffer(objects[9], &views[held], PyBUF_SIMPLE) < 0) goto done;
+    e.tables = (const double *)views[held].buf;
+    e.grid = views[held++].len / (Py_ssize_t)sizeof(double) / 5;
+    if (e.grid < 1) {
+        PyErr_SetString(PyExc_ValueError, "evaluate_blocks: empty tables");
+        goto done;
+    }
+    if (PyObject_GetBuffer(objects[10], &views[held], PyBUF_WRITABLE) < 0) goto done;
+    if (views[held].len != e.blocks) {
+        held++;
+        PyErr_SetString(PyExc_ValueError, "evaluate_blocks: mode has the wrong size");
+        goto done;
+    }
+    e.mode = (signed char *)views[held++].buf;
+    double **outputs[] = {&e.log2_r, &e.tau, &e.bits, &e.distortion};
+    for (int i = 0; i < 4; i++) {
+        if (double_buffer(objects[11 + i], &views[held], e.blocks, 1, "an output") < 0) goto done;
+        *outputs[i] = (double *)views[held++].buf;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    capped = evaluate_rows(&e);
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    return ok ? PyLong_FromSsize_t(capped) : NULL;
+}
+
 static PyMethodDef methods[] = {
     {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"msgpack_scan", msgpack_scan, METH_VARARGS, "msgpack_scan(header_bytes, container_budget) -> None (FORMAT.md 5.1)"},
     {"block_moments", block_moments, METH_VARARGS, "block_moments(matrix, block_size, lo, hi, weights, itemsize, root, prescale, out) (encoder/moments.py)"},
     {"weights_max", weights_max, METH_VARARGS, "weights_max(array, itemsize) -> largest element, or None if one is negative or not finite"},
+    {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> capped count (policy/allocation.py)"},
     {"zstd_walk", zstd_walk, METH_VARARGS, "zstd_walk(stored, declared_length) -> frame length (FORMAT.md 11, pass 1)"},
     {NULL, NULL, 0, NULL},
 };

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from ..errors import BudgetError
-from ..policy.allocation import BlockStats, shape_sample
+from ..policy.allocation import BlockStats, evaluator, shape_sample
 from ..policy.fisher import ElementWeights
 from ..wire.header import DTYPES
 from .assembly import assemble
@@ -126,8 +126,9 @@ def _fill_budget(source: Input, stats: BlockStats, limit: int, smallest: bytes, 
     target = max(8.0 * limit * _AIM - fixed_bits, 0.0)
     best, best_size = smallest, len(smallest)
     fits, overshoots = 0.0, math.inf  # bracket on the model target
+    terms = evaluator(stats)
     for _ in range(_MAX_SIZE_ITERATIONS):
-        plan = rd_plan(source, stats, target, rounding=rounding, rng=np.random.default_rng(seed))
+        plan = rd_plan(source, stats, target, rounding=rounding, rng=np.random.default_rng(seed), evaluator=terms)
         message = assemble(source, plan, **options)
         size = len(message)
         if size <= limit:

@@ -186,9 +186,10 @@ def _signed_width(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return np.maximum(2, np.ceil(np.log2(need)).astype(np.int64) + 1)
 
 
-def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: str, rng) -> Plan:
-    """Quantize as the Fisher-weighted allocation says for a model cost of ``target_bits``."""
-    allocation = allocate(stats, target_bits)
+def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: str, rng, evaluator=None) -> Plan:
+    """Quantize as the Fisher-weighted allocation says for a model cost of ``target_bits``
+    (``evaluator``: from ``policy.allocation.evaluator(stats)``, reused across calls)."""
+    allocation = allocate(stats, target_bits, evaluator=evaluator)
     mode = allocation.mode.astype(np.int8, copy=True)
     sign_rows = np.flatnonzero((allocation.mode == SIGN) | (allocation.mode == SIGN_SHARED))
     mode[sign_rows] = QUANTIZE

@@ -26,8 +26,10 @@ import math
 
 import numpy as np
 
+from ..stages import rans as _rans
+
 __all__ = [
-    "BlockStats", "Allocation", "gaussian_tables", "empirical_tables", "shape_sample", "allocate",
+    "BlockStats", "Allocation", "gaussian_tables", "empirical_tables", "shape_sample", "allocate", "evaluator",
     "DROP", "QUANTIZE", "RAW_EXACT", "SIGN", "SIGN_SHARED",
 ]
 
@@ -260,14 +262,19 @@ DROP_BITS = 0.3
 class _Evaluator:
     """Evaluates the best choice per block for a given multiplier, with the per-block parts that
     do not depend on it computed once. Look-ups index the tables directly (uniform grids), which
-    is several times faster than interpolating."""
+    is several times faster than interpolating.
+
+    The C accelerator evaluates every block whose best step is not capped, with the same
+    operations in the same order as :meth:`_evaluate` (which is the reference, and evaluates the
+    capped blocks: their cost needs ``exp2``, which numpy and C libraries may round differently).
+    """
 
     def __init__(self, stats: BlockStats):
         sample = stats.shape_sample
         self.tables = gaussian_tables() if sample is None else empirical_tables(sample)
         self.stats = stats
         self.n = stats.count.astype(np.float64)
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):
             self.log2_energy = np.log2(stats.weight * stats.mean_square)
             # The widest grid holds |code| <= 127: a step below absmax / 127.5 would clip.
             self.log2_r_cap = np.log2((MAX_CODE + 0.5) * np.sqrt(stats.mean_square) / stats.absmax)
@@ -276,6 +283,8 @@ class _Evaluator:
         self.drop_energy = stats.weighted_energy
         with np.errstate(invalid="ignore"):
             self.energy = np.nan_to_num(stats.weight * stats.mean_square * self.n)
+        names = ("G", "log2_r_best", "tau_best", "H_best", "D_best")
+        self.packed_tables = np.ascontiguousarray(np.stack([self.tables[k] for k in names]), dtype=np.float64)
 
     def _u_index(self, log2_u):
         grid = self.tables["log2_u"]
@@ -294,36 +303,56 @@ class _Evaluator:
 
     def __call__(self, lam: float) -> "_Choice":
         """The best choice per block at multiplier ``lam``."""
-        tables, n = self.tables, self.n
-        log2_u = self.log2_energy - math.log2(lam)
+        count = len(self.n)
+        choice = _Choice(np.zeros(count, dtype=np.int8), np.empty(count), np.empty(count), np.empty(count), np.empty(count), lam)
+        native = getattr(_rans._speedups, "evaluate_blocks", None)
+        if native is None:
+            self._evaluate(lam, slice(None), choice)
+            return choice
+        stats = self.stats
+        capped = native(
+            self.log2_energy, self.log2_r_cap, self.n, self.drop_energy, self.energy, self.exact_bits,
+            self.empty.view(np.uint8), stats.sign_distortion, stats.shared_sign_distortion, self.packed_tables,
+            float(self.tables["log2_u"][0]), lam, math.log2(lam), (DROP_BITS, SCALE_BITS, SHARED_SCALE_BITS),
+            choice.mode, choice.log2_r, choice.tau, choice.bits, choice.distortion,
+        )
+        if capped:
+            self._evaluate(lam, np.flatnonzero(choice.mode < 0), choice)
+        return choice
+
+    def _evaluate(self, lam: float, rows, choice: "_Choice") -> None:
+        """The numpy reference: the best choice at ``lam`` of blocks ``rows``, into ``choice``."""
+        tables, n = self.tables, self.n[rows]
+        log2_u = self.log2_energy[rows] - math.log2(lam)
         ui = self._u_index(log2_u)
         cost_per_element = tables["G"][ui]
         log2_r = tables["log2_r_best"][ui]
         tau = tables["tau_best"][ui]
         entropy = tables["H_best"][ui]
         relative = tables["D_best"][ui]
-        capped = log2_r > self.log2_r_cap
+        log2_r_cap = self.log2_r_cap[rows]
+        capped = log2_r > log2_r_cap
         if capped.any():
-            ri = self._r_index(self.log2_r_cap[capped])
+            ri = self._r_index(log2_r_cap[capped])
             d, h = tables["D0"][ri], tables["H0"][ri]
-            log2_r, cost_per_element, entropy, tau, relative = (
-                log2_r.copy(), cost_per_element.copy(), entropy.copy(), tau.copy(), relative.copy())
-            log2_r[capped] = self.log2_r_cap[capped]
+            log2_r[capped] = log2_r_cap[capped]
             cost_per_element[capped] = np.exp2(log2_u[capped]) * d + h
             entropy[capped] = h
             tau[capped] = 0.0
             relative[capped] = d
-        best_cost = self.drop_energy / lam + DROP_BITS
+        drop_energy = self.drop_energy[rows]
+        best_cost = drop_energy / lam + DROP_BITS
         mode = np.zeros(len(n), dtype=np.int8)
         bits = np.full(len(n), DROP_BITS)
-        distortion = self.drop_energy.astype(np.float64, copy=True)
-        candidates = [(QUANTIZE, n * cost_per_element + SCALE_BITS, n * entropy + SCALE_BITS, self.energy * relative)]
+        distortion = drop_energy.astype(np.float64, copy=True)
+        candidates = [(QUANTIZE, n * cost_per_element + SCALE_BITS, n * entropy + SCALE_BITS, self.energy[rows] * relative)]
         if self.stats.sign_distortion is not None:
-            sign, sign_bits = self.stats.sign_distortion, n + SCALE_BITS
+            sign, sign_bits = self.stats.sign_distortion[rows], n + SCALE_BITS
             candidates.append((SIGN, sign / lam + sign_bits, sign_bits, sign))
-            shared, shared_bits = self.stats.shared_sign_distortion, n + SHARED_SCALE_BITS
+            shared, shared_bits = self.stats.shared_sign_distortion[rows], n + SHARED_SCALE_BITS
             candidates.append((SIGN_SHARED, shared / lam + shared_bits, shared_bits, shared))
-        candidates.append((RAW_EXACT, self.exact_bits, self.exact_bits, np.zeros(len(n))))
+        exact_bits = self.exact_bits[rows]
+        candidates.append((RAW_EXACT, exact_bits, exact_bits, np.zeros(len(n))))
         for candidate, cost, candidate_bits, candidate_distortion in candidates:
             better = cost < best_cost
             best_cost = np.where(better, cost, best_cost)
@@ -331,18 +360,20 @@ class _Evaluator:
             bits = np.where(better, candidate_bits, bits)
             distortion = np.where(better, candidate_distortion, distortion)
         # Blocks with no energy are exactly zero: always dropped, whatever lambda says.
-        mode[self.empty] = DROP
-        bits[self.empty] = DROP_BITS
-        distortion[self.empty] = 0.0
-        return _Choice(mode, np.exp2(log2_r), tau, bits, distortion, lam)
+        empty = self.empty[rows]
+        mode[empty] = DROP
+        bits[empty] = DROP_BITS
+        distortion[empty] = 0.0
+        choice.mode[rows], choice.log2_r[rows], choice.tau[rows] = mode, log2_r, tau
+        choice.bits[rows], choice.distortion[rows] = bits, distortion
 
 
 @dataclasses.dataclass
 class _Choice:
-    """One evaluation of the allocation: per block mode, r, tau, model bits and distortion."""
+    """One evaluation of the allocation: per block mode, log2 r, tau, model bits and distortion."""
 
     mode: np.ndarray
-    r: np.ndarray
+    log2_r: np.ndarray
     tau: np.ndarray
     bits: np.ndarray
     distortion: np.ndarray
@@ -352,7 +383,8 @@ class _Choice:
     def total(self) -> float:
         return float(self.bits.sum())
 
-def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tolerance: float = 0.002) -> Allocation:
+def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tolerance: float = 0.002,
+             evaluator: "_Evaluator | None" = None) -> Allocation:
     """Choose per block to minimise Fisher-weighted error with about ``target_bits`` in all.
 
     The model's bits fall as ``lambda`` rises, so ``lambda`` is bracketed and searched on its
@@ -367,8 +399,11 @@ def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tol
     stats : BlockStats
     target_bits : float
         Bits the blocks may cost, by the model (the caller subtracts header and framing).
+    evaluator : optional
+        From :func:`evaluator` for these ``stats``: the size loop allocates several times on the
+        same statistics, and the tables and per-block terms need computing only once.
     """
-    evaluate = _Evaluator(stats)
+    evaluate = evaluator if evaluator is not None else _Evaluator(stats)
     positive = stats.weight * stats.mean_square
     positive = positive[positive > 0]
     if positive.size == 0:
@@ -415,7 +450,7 @@ def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tol
 def _fill(under: _Choice, over: _Choice, target_bits: float) -> _Choice:
     """``under`` with some blocks moved to their choice in ``over``, best distortion saved per
     extra bit first, while the total stays within ``target_bits`` (in block order on ties)."""
-    differ = np.flatnonzero((under.mode != over.mode) | (under.r != over.r) | (under.tau != over.tau))
+    differ = np.flatnonzero((under.mode != over.mode) | (under.log2_r != over.log2_r) | (under.tau != over.tau))
     extra = over.bits[differ] - under.bits[differ]
     saved = under.distortion[differ] - over.distortion[differ]
     useful = (saved > 0) | (extra < 0) & (saved >= 0)
@@ -429,15 +464,20 @@ def _fill(under: _Choice, over: _Choice, target_bits: float) -> _Choice:
     spend = np.cumsum(np.maximum(extra[order], 0.0))
     room = target_bits - under.total
     take = differ[order[spend <= room]]
-    mode, r, tau, bits, distortion = (a.copy() for a in (under.mode, under.r, under.tau, under.bits, under.distortion))
-    for array, source in ((mode, over.mode), (r, over.r), (tau, over.tau), (bits, over.bits), (distortion, over.distortion)):
+    mode, log2_r, tau, bits, distortion = (a.copy() for a in (under.mode, under.log2_r, under.tau, under.bits, under.distortion))
+    for array, source in ((mode, over.mode), (log2_r, over.log2_r), (tau, over.tau), (bits, over.bits), (distortion, over.distortion)):
         array[take] = source[take]
-    return _Choice(mode, r, tau, bits, distortion, under.lam)
+    return _Choice(mode, log2_r, tau, bits, distortion, under.lam)
+
+
+def evaluator(stats: BlockStats) -> _Evaluator:
+    """The per-block terms of the allocation for ``stats``, to pass to :func:`allocate`."""
+    return _Evaluator(stats)
 
 
 def _allocation(stats: BlockStats, choice: _Choice) -> Allocation:
     quantized = choice.mode == QUANTIZE
     with np.errstate(divide="ignore"):
-        step = np.where(quantized, np.sqrt(stats.mean_square) / choice.r, 0.0)
+        step = np.where(quantized, np.sqrt(stats.mean_square) / np.exp2(choice.log2_r), 0.0)
     return Allocation(mode=choice.mode, step=step, deadzone=np.where(quantized, choice.tau, 0.0),
                       model_bits=choice.total, lam=choice.lam)
