@@ -610,46 +610,52 @@ static PyObject *weights_max(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(count ? largest : -INFINITY);
 }
 
-/* The allocation's per-block choice at one multiplier (policy/allocation.py, _Evaluator._evaluate),
- * for every block whose best step is not capped; capped blocks get mode -1 and are left to the
- * numpy reference (their cost needs exp2). Returns the number of capped blocks. */
+/* The allocation's per-block choice at one multiplier (policy/allocation.py, _Evaluator._evaluate,
+ * the reference: the same operations in the same order). */
 enum { MODE_DROP = 0, MODE_QUANTIZE = 1, MODE_RAW = 3, MODE_SIGN = 4, MODE_SIGN_SHARED = 5 };
 
 typedef struct {
-    const double *log2_energy, *log2_r_cap, *n, *drop_energy, *energy, *exact_bits, *sign, *shared, *tables;
+    const double *log2_energy, *log2_r_cap, *n, *drop_energy, *energy, *exact_bits, *sign, *shared, *tables, *density, *r_tables;
     const unsigned char *empty;
-    Py_ssize_t blocks, grid;
-    double grid0, lam, log2_lam, drop_bits, scale_bits, shared_scale_bits;
+    Py_ssize_t blocks, grid, r_grid;
+    double grid0, r_grid0, lam, log2_lam, drop_bits, scale_bits, shared_scale_bits;
     signed char *mode;
     double *log2_r, *tau, *bits, *distortion;
 } evaluation;
 
-HOT static Py_ssize_t evaluate_rows(const evaluation *e) {
+/* Nearest index into a 1/16-octave grid starting at grid0, clamped; NaN and -inf give 0. */
+static inline Py_ssize_t grid_index(double log2_value, double grid0, Py_ssize_t length) {
+    double index = nearbyint((log2_value - grid0) * 16);
+    return (Py_ssize_t)fmin(fmax(index, 0.0), (double)(length - 1));
+}
+
+HOT static void evaluate_rows(const evaluation *e) {
     const double *G = e->tables, *R = e->tables + e->grid, *T = e->tables + 2 * e->grid, *H = e->tables + 3 * e->grid,
-                 *D = e->tables + 4 * e->grid;
-    double last = (double)(e->grid - 1);
-    Py_ssize_t capped = 0;
+                 *D = e->tables + 4 * e->grid, *D0 = e->r_tables, *H0 = e->r_tables + e->r_grid;
     for (Py_ssize_t j = 0; j < e->blocks; j++) {
         double log2_u = e->log2_energy[j] - e->log2_lam;
-        double index = nearbyint((log2_u - e->grid0) * 16);
-        index = fmin(fmax(index, 0.0), last);
-        Py_ssize_t ui = (Py_ssize_t)index;
-        double log2_r = R[ui];
+        Py_ssize_t ui = grid_index(log2_u, e->grid0, e->grid);
+        double log2_r = R[ui], cost_per_element = G[ui], tau = T[ui], entropy = H[ui], relative = D[ui];
         if (log2_r > e->log2_r_cap[j]) {
-            e->mode[j] = -1;
-            capped++;
-            continue;
+            /* The widest grid caps the step: the tau = 0 quantizer at the capped step. */
+            Py_ssize_t ri = grid_index(e->log2_r_cap[j], e->r_grid0, e->r_grid);
+            double d = D0[ri], h = H0[ri];
+            log2_r = e->log2_r_cap[j];
+            cost_per_element = e->density[j] / e->lam * d + h;
+            entropy = h;
+            tau = 0.0;
+            relative = d;
         }
         double n = e->n[j];
         double best = e->drop_energy[j] / e->lam + e->drop_bits;
         signed char mode = MODE_DROP;
         double bits = e->drop_bits, distortion = e->drop_energy[j];
-        double cost = n * G[ui] + e->scale_bits;
+        double cost = n * cost_per_element + e->scale_bits;
         if (cost < best) {
             best = cost;
             mode = MODE_QUANTIZE;
-            bits = n * H[ui] + e->scale_bits;
-            distortion = e->energy[j] * D[ui];
+            bits = n * entropy + e->scale_bits;
+            distortion = e->energy[j] * relative;
         }
         if (e->sign) {
             double sign_bits = n + e->scale_bits;
@@ -681,11 +687,10 @@ HOT static Py_ssize_t evaluate_rows(const evaluation *e) {
         }
         e->mode[j] = mode;
         e->log2_r[j] = log2_r;
-        e->tau[j] = T[ui];
+        e->tau[j] = tau;
         e->bits[j] = bits;
         e->distortion[j] = distortion;
     }
-    return capped;
 }
 
 static int double_buffer(PyObject *object, Py_buffer *view, Py_ssize_t count, int writable, const char *what) {
@@ -700,18 +705,18 @@ static int double_buffer(PyObject *object, Py_buffer *view, Py_ssize_t count, in
 
 /* evaluate_blocks(log2_energy, log2_r_cap, n, drop_energy, energy, exact_bits, empty_u8, sign|None,
  *                 shared|None, tables (5, grid), grid0, lam, log2_lam, (drop, scale, shared scale bits),
- *                 out_mode_i8, out_log2_r, out_tau, out_bits, out_distortion) -> capped count */
+ *                 out_mode_i8, out_log2_r, out_tau, out_bits, out_distortion, density, r_tables (2, r_grid),
+ *                 r_grid0) -> None */
 static PyObject *evaluate_blocks(PyObject *self, PyObject *args) {
-    PyObject *objects[16];
+    PyObject *objects[17];
     double constants[3];
     evaluation e;
-    Py_buffer views[16];
+    Py_buffer views[17];
     int held = 0, ok = 0;
-    Py_ssize_t capped = 0;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOddd(ddd)OOOOO", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOddd(ddd)OOOOOOOd", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
                           &objects[5], &objects[6], &objects[7], &objects[8], &objects[9], &e.grid0, &e.lam, &e.log2_lam,
                           &constants[0], &constants[1], &constants[2], &objects[10], &objects[11], &objects[12], &objects[13],
-                          &objects[14]))
+                          &objects[14], &objects[15], &objects[16], &e.r_grid0))
         return NULL;
     e.drop_bits = constants[0];
     e.scale_bits = constants[1];
@@ -754,13 +759,23 @@ static PyObject *evaluate_blocks(PyObject *self, PyObject *args) {
         if (double_buffer(objects[11 + i], &views[held], e.blocks, 1, "an output") < 0) goto done;
         *outputs[i] = (double *)views[held++].buf;
     }
+    if (double_buffer(objects[15], &views[held], e.blocks, 0, "density") < 0) goto done;
+    e.density = (const double *)views[held++].buf;
+    if (PyObject_GetBuffer(objects[16], &views[held], PyBUF_SIMPLE) < 0) goto done;
+    e.r_tables = (const double *)views[held].buf;
+    e.r_grid = views[held++].len / (Py_ssize_t)sizeof(double) / 2;
+    if (e.r_grid < 1) {
+        PyErr_SetString(PyExc_ValueError, "evaluate_blocks: empty tables");
+        goto done;
+    }
     Py_BEGIN_ALLOW_THREADS
-    capped = evaluate_rows(&e);
+    evaluate_rows(&e);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
     for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
-    return ok ? PyLong_FromSsize_t(capped) : NULL;
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
@@ -769,7 +784,7 @@ static PyMethodDef methods[] = {
     {"msgpack_scan", msgpack_scan, METH_VARARGS, "msgpack_scan(header_bytes, container_budget) -> None (FORMAT.md 5.1)"},
     {"block_moments", block_moments, METH_VARARGS, "block_moments(matrix, block_size, lo, hi, weights, itemsize, root, prescale, out) (encoder/moments.py)"},
     {"weights_max", weights_max, METH_VARARGS, "weights_max(array, itemsize) -> largest element, or None if one is negative or not finite"},
-    {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> capped count (policy/allocation.py)"},
+    {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> None (policy/allocation.py, _Evaluator)"},
     {"zstd_walk", zstd_walk, METH_VARARGS, "zstd_walk(stored, declared_length) -> frame length (FORMAT.md 11, pass 1)"},
     {NULL, NULL, 0, NULL},
 };

@@ -264,9 +264,9 @@ class _Evaluator:
     do not depend on it computed once. Look-ups index the tables directly (uniform grids), which
     is several times faster than interpolating.
 
-    The C accelerator evaluates every block whose best step is not capped, with the same
-    operations in the same order as :meth:`_evaluate` (which is the reference, and evaluates the
-    capped blocks: their cost needs ``exp2``, which numpy and C libraries may round differently).
+    The C accelerator evaluates the blocks with the same operations in the same order as
+    :meth:`_evaluate`, the reference (which is why it uses no ``exp2`` or ``log2`` per block:
+    numpy's and a C library's may round differently).
     """
 
     def __init__(self, stats: BlockStats):
@@ -274,17 +274,19 @@ class _Evaluator:
         self.tables = gaussian_tables() if sample is None else empirical_tables(sample)
         self.stats = stats
         self.n = stats.count.astype(np.float64)
+        self.density = stats.weight * stats.mean_square
         with np.errstate(divide="ignore", invalid="ignore"):
-            self.log2_energy = np.log2(stats.weight * stats.mean_square)
+            self.log2_energy = np.log2(self.density)
             # The widest grid holds |code| <= 127: a step below absmax / 127.5 would clip.
             self.log2_r_cap = np.log2((MAX_CODE + 0.5) * np.sqrt(stats.mean_square) / stats.absmax)
         self.empty = stats.mean_square <= 0
         self.exact_bits = (stats.raw_bits * self.n + 1).astype(np.float64)
-        self.drop_energy = stats.weighted_energy
+        self.drop_energy = np.ascontiguousarray(stats.weighted_energy, dtype=np.float64)
         with np.errstate(invalid="ignore"):
             self.energy = np.nan_to_num(stats.weight * stats.mean_square * self.n)
         names = ("G", "log2_r_best", "tau_best", "H_best", "D_best")
         self.packed_tables = np.ascontiguousarray(np.stack([self.tables[k] for k in names]), dtype=np.float64)
+        self.packed_r_tables = np.ascontiguousarray(np.stack([self.tables["D0"], self.tables["H0"]]), dtype=np.float64)
 
     def _u_index(self, log2_u):
         grid = self.tables["log2_u"]
@@ -310,14 +312,13 @@ class _Evaluator:
             self._evaluate(lam, slice(None), choice)
             return choice
         stats = self.stats
-        capped = native(
+        native(
             self.log2_energy, self.log2_r_cap, self.n, self.drop_energy, self.energy, self.exact_bits,
             self.empty.view(np.uint8), stats.sign_distortion, stats.shared_sign_distortion, self.packed_tables,
             float(self.tables["log2_u"][0]), lam, math.log2(lam), (DROP_BITS, SCALE_BITS, SHARED_SCALE_BITS),
             choice.mode, choice.log2_r, choice.tau, choice.bits, choice.distortion,
+            self.density, self.packed_r_tables, float(self.tables["log2_r"][0]),
         )
-        if capped:
-            self._evaluate(lam, np.flatnonzero(choice.mode < 0), choice)
         return choice
 
     def _evaluate(self, lam: float, rows, choice: "_Choice") -> None:
@@ -336,7 +337,8 @@ class _Evaluator:
             ri = self._r_index(log2_r_cap[capped])
             d, h = tables["D0"][ri], tables["H0"][ri]
             log2_r[capped] = log2_r_cap[capped]
-            cost_per_element[capped] = np.exp2(log2_u[capped]) * d + h
+            # u = w s**2 / lambda, divided rather than exp2(log2 u): the same in numpy and C.
+            cost_per_element[capped] = self.density[rows][capped] / lam * d + h
             entropy[capped] = h
             tau[capped] = 0.0
             relative[capped] = d
