@@ -117,7 +117,8 @@ def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan) -> None
             symbols = flat.view(np.uint8)
         else:
             codebook_index = None
-            symbols = (flat.astype(np.int16) + (1 << (width - 1))).astype(np.uint8)
+            # Codes lie in [-2**(w-1), 2**(w-1) - 1]: adding the offset modulo 256 is exact.
+            symbols = flat.view(np.uint8) + np.uint8(1 << (width - 1))
             # A sign context (width 1) always decodes through its two centroids.
             if plan.class_sums is not None and (
                 width == 1 or width <= _CENTROID_MAX_WIDTH and len(symbols) >= _CENTROID_MIN_ELEMENTS

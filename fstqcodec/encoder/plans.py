@@ -227,7 +227,7 @@ def _sign_rows(source: Input, mean_abs: np.ndarray, rows: np.ndarray) -> tuple:
     whose scales are ``mean_abs`` (snapped)."""
     snapped = np.exp2(np.round(np.log2(mean_abs) * _SIGN_SCALE_GRID_PER_OCTAVE) / _SIGN_SCALE_GRID_PER_OCTAVE)
     scale_bits = to_bf16_bits(snapped.astype(np.float32), mode="nearest")
-    codes = np.where(source.matrix[rows] < 0, -1, 0).astype(np.int8)
+    codes = np.negative(np.less(source.matrix[rows], 0).view(np.int8))
     ones = np.ones(len(rows), dtype=np.int64)
     return rows, scale_bits, from_bf16_bits(scale_bits), codes, 0 * ones, ones, np.array([1], dtype=np.int64)
 

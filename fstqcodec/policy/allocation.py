@@ -287,6 +287,7 @@ class _Evaluator:
         names = ("G", "log2_r_best", "tau_best", "H_best", "D_best")
         self.packed_tables = np.ascontiguousarray(np.stack([self.tables[k] for k in names]), dtype=np.float64)
         self.packed_r_tables = np.ascontiguousarray(np.stack([self.tables["D0"], self.tables["H0"]]), dtype=np.float64)
+        self._remembered = {}
 
     def _u_index(self, log2_u):
         grid = self.tables["log2_u"]
@@ -304,7 +305,16 @@ class _Evaluator:
         return np.fmin(np.fmax(index, 0.0), float(len(grid) - 1)).astype(np.intp)
 
     def __call__(self, lam: float) -> "_Choice":
-        """The best choice per block at multiplier ``lam``."""
+        """The best choice per block at multiplier ``lam`` (the same object for a repeated ``lam``:
+        every search of the size loop starts from the same bracket)."""
+        if lam in self._remembered:
+            return self._remembered[lam]
+        choice = self._choose(lam)
+        if len(self._remembered) < 2:
+            self._remembered[lam] = choice
+        return choice
+
+    def _choose(self, lam: float) -> "_Choice":
         count = len(self.n)
         choice = _Choice(np.zeros(count, dtype=np.int8), np.empty(count), np.empty(count), np.empty(count), np.empty(count), lam)
         native = getattr(_rans._speedups, "evaluate_blocks", None)
@@ -381,9 +391,10 @@ class _Choice:
     distortion: np.ndarray
     lam: float
 
-    @property
+    @functools.cached_property
     def total(self) -> float:
         return float(self.bits.sum())
+
 
 def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tolerance: float = 0.002,
              evaluator: "_Evaluator | None" = None) -> Allocation:
