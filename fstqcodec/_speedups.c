@@ -70,6 +70,8 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
             goto done_buffers;
         }
         int zero_frequency = 0;
+        double inverse[256];
+        for (Py_ssize_t k = 0; k < alphabet; k++) inverse[k] = freq[k] ? 1.0 / (double)freq[k] : 0.0;
         for (lane = 0; lane < lanes; lane++) state[lane] = RANS_L;
         lane = n > 0 ? (n - 1) % lanes : 0;
         /* The coding loop touches only C memory and the held buffer: other threads (a server
@@ -87,9 +89,13 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
                 words[count++] = (uint16_t)(x & 0xFFFF);
                 x >>= 16;
             }
-            /* x < f << (32 - prob_bits) <= 2**32 here: a 32-bit division (several times faster). */
+            /* x < f << (32 - prob_bits) <= 2**32 here, so x / f < 2**31. The quotient by a
+             * multiplication (a division costs several times more): x * (1/f) is within 2**-21
+             * of x / f, and x / f is an integer or at least 1/f >= 2**-16 below the next one, so
+             * adding 2**-20 and truncating gives exactly floor(x / f). */
             uint32_t x32 = (uint32_t)x;
-            x = ((uint64_t)(x32 / f) << prob_bits) + (x32 % f) + cum[s];
+            uint32_t q = (uint32_t)((double)x32 * inverse[s] + 0x1p-20);
+            x = ((uint64_t)q << prob_bits) + (x32 - q * f) + cum[s];
             state[lane] = (uint32_t)x;
             lane = lane == 0 ? lanes - 1 : lane - 1;
         }
@@ -780,6 +786,117 @@ done:
     Py_RETURN_NONE;
 }
 
+/* quantize_rows(matrix_f32, block_size, rows_i64, scales_f32, offsets_f32, uniform, out_codes_i8)
+ * plans._quantize_rows with nearest or dead-zone rounding: v = x / scale in float32, then
+ * rint(v) where every offset is 1/2 (uniform), else copysign(floor(|v| + offset), v). */
+HOT static void quantize_loop(const float *x, Py_ssize_t block_size, const int64_t *rows, Py_ssize_t count, const float *scales,
+                              const float *offsets, int uniform, signed char *codes) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const float *row = x + rows[i] * block_size;
+        signed char *out = codes + i * block_size;
+        float scale = scales[i], offset = offsets[i];
+        if (uniform) {
+            for (Py_ssize_t k = 0; k < block_size; k++) out[k] = (signed char)(int)nearbyintf(row[k] / scale);
+        } else {
+            for (Py_ssize_t k = 0; k < block_size; k++) {
+                float v = row[k] / scale;
+                out[k] = (signed char)(int)copysignf(floorf(fabsf(v) + offset), v);
+            }
+        }
+    }
+}
+
+static int check_rows(const int64_t *rows, Py_ssize_t count, Py_ssize_t total) {
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (rows[i] < 0 || rows[i] >= total) return -1;
+    return 0;
+}
+
+static PyObject *quantize_rows(PyObject *self, PyObject *args) {
+    Py_buffer matrix, rows, scales, offsets, codes;
+    Py_ssize_t block_size;
+    int uniform;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*pw*", &matrix, &block_size, &rows, &scales, &offsets, &uniform, &codes)) return NULL;
+    Py_ssize_t count = rows.len / 8;
+    if (block_size < 1 || matrix.len % (4 * block_size) || rows.len % 8 || scales.len != 4 * count || offsets.len != 4 * count
+        || codes.len != count * block_size || check_rows((const int64_t *)rows.buf, count, matrix.len / 4 / block_size) < 0) {
+        PyErr_SetString(PyExc_ValueError, "quantize_rows: inconsistent arguments");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    quantize_loop((const float *)matrix.buf, block_size, (const int64_t *)rows.buf, count, (const float *)scales.buf,
+                  (const float *)offsets.buf, uniform, (signed char *)codes.buf);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&codes);
+    return result;
+}
+
+/* class_statistics(matrix_f32, block_size, rows_i64, scales_f32, codes_i8 (rows, block_size),
+ *                  classes_i64, counts_i64, hist_i64 out, sums_f64 out | None)
+ * plans._class_statistics over the sampled rows, in the order numpy's bincount adds: row by
+ * row, the first counts[i] elements of each; index = class * 256 + 128 + code; sums add
+ * (double)(x / scale) computed in float32. */
+static PyObject *class_statistics(PyObject *self, PyObject *args) {
+    Py_buffer matrix, rows, scales, codes, classes, counts, hist, sums = {0};
+    PyObject *sums_object, *result = NULL;
+    Py_ssize_t block_size;
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*y*w*O", &matrix, &block_size, &rows, &scales, &codes, &classes, &counts, &hist, &sums_object))
+        return NULL;
+    int with_sums = sums_object != Py_None;
+    if (with_sums && PyObject_GetBuffer(sums_object, &sums, PyBUF_WRITABLE) < 0) goto done;
+    Py_ssize_t count = rows.len / 8, bins = hist.len / 8;
+    if (block_size < 1 || matrix.len % (4 * block_size) || rows.len % 8 || scales.len != 4 * count || codes.len != count * block_size
+        || classes.len != 8 * count || counts.len != 8 * count || hist.len % 8 || (with_sums && sums.len != hist.len)
+        || check_rows((const int64_t *)rows.buf, count, matrix.len / 4 / block_size) < 0) {
+        PyErr_SetString(PyExc_ValueError, "class_statistics: inconsistent arguments");
+        goto done;
+    }
+    const int64_t *cls = (const int64_t *)classes.buf, *cnt = (const int64_t *)counts.buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (cls[i] < 0 || (cls[i] + 1) * 256 > bins || cnt[i] < 0 || cnt[i] > block_size) {
+            PyErr_SetString(PyExc_ValueError, "class_statistics: a class or count out of range");
+            goto done;
+        }
+    }
+    {
+        const float *x = (const float *)matrix.buf, *scale = (const float *)scales.buf;
+        const int64_t *row = (const int64_t *)rows.buf;
+        const signed char *code = (const signed char *)codes.buf;
+        int64_t *h = (int64_t *)hist.buf;
+        double *sum = with_sums ? (double *)sums.buf : NULL;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < count; i++) {
+            const float *values = x + row[i] * block_size;
+            const signed char *c = code + i * block_size;
+            int64_t base = cls[i] * 256 + 128;
+            for (Py_ssize_t k = 0; k < cnt[i]; k++) h[base + c[k]]++;
+            if (sum)
+                for (Py_ssize_t k = 0; k < cnt[i]; k++) sum[base + c[k]] += (double)(values[k] / scale[i]);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    if (with_sums && sums.buf) PyBuffer_Release(&sums);
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&classes);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&hist);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
@@ -787,6 +904,8 @@ static PyMethodDef methods[] = {
     {"block_moments", block_moments, METH_VARARGS, "block_moments(matrix, block_size, lo, hi, weights, itemsize, root, prescale, out) (encoder/moments.py)"},
     {"weights_max", weights_max, METH_VARARGS, "weights_max(array, itemsize) -> largest element, or None if one is negative or not finite"},
     {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> None (policy/allocation.py, _Evaluator)"},
+    {"quantize_rows", quantize_rows, METH_VARARGS, "quantize_rows(matrix, block_size, rows, scales, offsets, uniform, out_codes) (encoder/plans.py)"},
+    {"class_statistics", class_statistics, METH_VARARGS, "class_statistics(matrix, block_size, rows, scales, codes, classes, counts, hist, sums) (encoder/plans.py)"},
     {"zstd_walk", zstd_walk, METH_VARARGS, "zstd_walk(stored, declared_length) -> frame length (FORMAT.md 11, pass 1)"},
     {NULL, NULL, 0, NULL},
 };

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..policy.allocation import DROP, QUANTIZE, RAW_EXACT, SIGN, SIGN_SHARED, BlockStats, allocate
+from ..stages import rans as _rans
 from ..stages.codebooks import resolve_codebook
 from ..stages.scales import from_bf16_bits, to_bf16_bits
 from .source import Input
@@ -294,6 +295,12 @@ def _quantize_rows(source: Input, rows, scales, offset, rounding: str, rng) -> n
     """Signed grid codes of ``rows`` (nearest, dead-zone or stochastic rounding), in chunks."""
     codes = np.empty((len(rows), source.block_size), dtype=np.int8)
     uniform_offset = bool(np.all(offset == np.float32(0.5)))
+    native = getattr(_rans._speedups, "quantize_rows", None)
+    if native is not None and rounding != "stochastic":
+        native(source.matrix, source.block_size, np.ascontiguousarray(rows, dtype=np.int64),
+               np.ascontiguousarray(scales, dtype=np.float32), np.ascontiguousarray(offset, dtype=np.float32),
+               uniform_offset, codes)
+        return codes
     chunk = max(1, _CHUNK_ELEMENTS // source.block_size)
     for lo in range(0, len(rows), chunk):
         hi = min(len(rows), lo + chunk)
@@ -324,21 +331,40 @@ def _class_statistics(source: Input, rows, codes, row_class, scales, largest, *,
     class_count = int(row_class.max()) + 1
     stride = max(1, -(-len(rows) * source.block_size // _STATISTICS_ELEMENTS))
     sample = np.arange(0, len(rows), stride)
+    native = getattr(_rans._speedups, "class_statistics", None)
+    if native is not None:
+        counts = np.zeros(class_count * 256, dtype=np.int64)
+        sums = np.zeros(class_count * 256, dtype=np.float64) if with_centroids else None
+        native(source.matrix, source.block_size, np.ascontiguousarray(rows[sample], dtype=np.int64),
+               np.ascontiguousarray(scales[sample], dtype=np.float32), np.ascontiguousarray(codes[sample]),
+               np.ascontiguousarray(row_class[sample], dtype=np.int64), source.counts[rows[sample]].astype(np.int64), counts, sums)
+        hist = counts.reshape(class_count, 256).astype(np.float64) * stride
+        if sums is not None:
+            sums = sums.reshape(class_count, 256)
+        return _class_tables(hist, sums, stride, row_class, largest, class_count)
     index = (np.repeat(row_class[sample] * 256 + 128, source.block_size) + codes[sample].reshape(-1)).astype(np.intp)
     valid = None
     if not source.aligned:
         valid = (np.arange(source.block_size)[None, :] < source.counts[rows[sample]][:, None]).reshape(-1)
         index = index[valid]
     hist = np.bincount(index, minlength=class_count * 256).reshape(class_count, 256).astype(np.float64) * stride
+    sums = None
+    if with_centroids:
+        normalized = (source.matrix[rows[sample]] / scales[sample, None]).reshape(-1)
+        if valid is not None:
+            normalized = normalized[valid]
+        sums = np.bincount(index, weights=normalized, minlength=class_count * 256).reshape(class_count, 256)
+    return _class_tables(hist, sums, stride, row_class, largest, class_count)
+
+
+def _class_tables(hist, sums, stride: int, row_class, largest, class_count: int) -> tuple:
+    """(histograms with every in-range symbol counted, centroid sums scaled by the stride or
+    None, the sampled counts or None) from the sampled counts ``hist`` and sums ``sums``."""
     class_largest = np.zeros(class_count, dtype=np.int64)
     np.maximum.at(class_largest, row_class, largest)
     symbol = np.arange(256) - 128
     in_range = np.abs(symbol)[None, :] <= class_largest[:, None]
     class_hist = np.where(in_range, np.maximum(hist, 1.0), 0.0)
-    if not with_centroids:
+    if sums is None:
         return class_hist, None, None
-    normalized = (source.matrix[rows[sample]] / scales[sample, None]).reshape(-1)
-    if valid is not None:
-        normalized = normalized[valid]
-    sums = np.bincount(index, weights=normalized, minlength=class_count * 256).reshape(class_count, 256)
     return class_hist, sums * stride, hist
