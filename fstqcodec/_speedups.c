@@ -786,14 +786,15 @@ done:
     Py_RETURN_NONE;
 }
 
-/* quantize_rows(matrix_f32, block_size, rows_i64, scales_f32, offsets_f32, uniform, out_codes_i8)
- * plans._quantize_rows with nearest or dead-zone rounding: v = x / scale in float32, then
- * rint(v) where every offset is 1/2 (uniform), else copysign(floor(|v| + offset), v). */
+/* quantize_rows(matrix_f32, block_size, rows_i64, scales_f32, offsets_f32, uniform, codes_i8, where_i64)
+ * plans._quantize_rows with nearest or dead-zone rounding, row i into codes row where[i]:
+ * v = x / scale in float32, then rint(v) where every offset is 1/2 (uniform), else
+ * copysign(floor(|v| + offset), v). */
 HOT static void quantize_loop(const float *x, Py_ssize_t block_size, const int64_t *rows, Py_ssize_t count, const float *scales,
-                              const float *offsets, int uniform, signed char *codes) {
+                              const float *offsets, int uniform, signed char *codes, const int64_t *where) {
     for (Py_ssize_t i = 0; i < count; i++) {
         const float *row = x + rows[i] * block_size;
-        signed char *out = codes + i * block_size;
+        signed char *out = codes + where[i] * block_size;
         float scale = scales[i], offset = offsets[i];
         if (uniform) {
             for (Py_ssize_t k = 0; k < block_size; k++) out[k] = (signed char)(int)nearbyintf(row[k] / scale);
@@ -813,20 +814,21 @@ static int check_rows(const int64_t *rows, Py_ssize_t count, Py_ssize_t total) {
 }
 
 static PyObject *quantize_rows(PyObject *self, PyObject *args) {
-    Py_buffer matrix, rows, scales, offsets, codes;
+    Py_buffer matrix, rows, scales, offsets, codes, where;
     Py_ssize_t block_size;
     int uniform;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*ny*y*y*pw*", &matrix, &block_size, &rows, &scales, &offsets, &uniform, &codes)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*pw*y*", &matrix, &block_size, &rows, &scales, &offsets, &uniform, &codes, &where)) return NULL;
     Py_ssize_t count = rows.len / 8;
     if (block_size < 1 || matrix.len % (4 * block_size) || rows.len % 8 || scales.len != 4 * count || offsets.len != 4 * count
-        || codes.len != count * block_size || check_rows((const int64_t *)rows.buf, count, matrix.len / 4 / block_size) < 0) {
+        || where.len != rows.len || codes.len % block_size || check_rows((const int64_t *)rows.buf, count, matrix.len / 4 / block_size) < 0
+        || check_rows((const int64_t *)where.buf, count, codes.len / block_size) < 0) {
         PyErr_SetString(PyExc_ValueError, "quantize_rows: inconsistent arguments");
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
     quantize_loop((const float *)matrix.buf, block_size, (const int64_t *)rows.buf, count, (const float *)scales.buf,
-                  (const float *)offsets.buf, uniform, (signed char *)codes.buf);
+                  (const float *)offsets.buf, uniform, (signed char *)codes.buf, (const int64_t *)where.buf);
     Py_END_ALLOW_THREADS
     Py_INCREF(Py_None);
     result = Py_None;
@@ -836,6 +838,43 @@ done:
     PyBuffer_Release(&scales);
     PyBuffer_Release(&offsets);
     PyBuffer_Release(&codes);
+    PyBuffer_Release(&where);
+    return result;
+}
+
+/* sign_codes(matrix_f32, block_size, rows_i64, codes_i8, where_i64): codes row where[i] of
+ * matrix row rows[i] is -1 where x < 0, else 0 (plans._sign_codes). */
+static PyObject *sign_codes(PyObject *self, PyObject *args) {
+    Py_buffer matrix, rows, codes, where;
+    Py_ssize_t block_size;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*w*y*", &matrix, &block_size, &rows, &codes, &where)) return NULL;
+    Py_ssize_t count = rows.len / 8;
+    if (block_size < 1 || matrix.len % (4 * block_size) || rows.len % 8 || where.len != rows.len || codes.len % block_size
+        || check_rows((const int64_t *)rows.buf, count, matrix.len / 4 / block_size) < 0
+        || check_rows((const int64_t *)where.buf, count, codes.len / block_size) < 0) {
+        PyErr_SetString(PyExc_ValueError, "sign_codes: inconsistent arguments");
+        goto done;
+    }
+    {
+        const float *x = (const float *)matrix.buf;
+        const int64_t *row = (const int64_t *)rows.buf, *at = (const int64_t *)where.buf;
+        signed char *out = (signed char *)codes.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < count; i++) {
+            const float *values = x + row[i] * block_size;
+            signed char *c = out + at[i] * block_size;
+            for (Py_ssize_t k = 0; k < block_size; k++) c[k] = values[k] < 0.0f ? -1 : 0;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&where);
     return result;
 }
 
@@ -904,7 +943,8 @@ static PyMethodDef methods[] = {
     {"block_moments", block_moments, METH_VARARGS, "block_moments(matrix, block_size, lo, hi, weights, itemsize, root, prescale, out) (encoder/moments.py)"},
     {"weights_max", weights_max, METH_VARARGS, "weights_max(array, itemsize) -> largest element, or None if one is negative or not finite"},
     {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> None (policy/allocation.py, _Evaluator)"},
-    {"quantize_rows", quantize_rows, METH_VARARGS, "quantize_rows(matrix, block_size, rows, scales, offsets, uniform, out_codes) (encoder/plans.py)"},
+    {"quantize_rows", quantize_rows, METH_VARARGS, "quantize_rows(matrix, block_size, rows, scales, offsets, uniform, codes, where) (encoder/plans.py)"},
+    {"sign_codes", sign_codes, METH_VARARGS, "sign_codes(matrix, block_size, rows, codes, where) (encoder/plans.py)"},
     {"class_statistics", class_statistics, METH_VARARGS, "class_statistics(matrix, block_size, rows, scales, codes, classes, counts, hist, sums) (encoder/plans.py)"},
     {"zstd_walk", zstd_walk, METH_VARARGS, "zstd_walk(stored, declared_length) -> frame length (FORMAT.md 11, pass 1)"},
     {NULL, NULL, 0, NULL},
