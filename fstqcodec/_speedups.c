@@ -693,11 +693,13 @@ HOT static void evaluate_rows(const evaluation *e) {
             bits = e->drop_bits;
             distortion = 0.0;
         }
-        e->mode[j] = mode;
-        e->log2_r[j] = log2_r;
-        e->tau[j] = tau;
         e->bits[j] = bits;
-        e->distortion[j] = distortion;
+        if (e->mode) {
+            e->mode[j] = mode;
+            e->log2_r[j] = log2_r;
+            e->tau[j] = tau;
+            e->distortion[j] = distortion;
+        }
     }
 }
 
@@ -755,15 +757,21 @@ static PyObject *evaluate_blocks(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "evaluate_blocks: empty tables");
         goto done;
     }
-    if (PyObject_GetBuffer(objects[10], &views[held], PyBUF_WRITABLE) < 0) goto done;
-    if (views[held].len != e.blocks) {
-        held++;
-        PyErr_SetString(PyExc_ValueError, "evaluate_blocks: mode has the wrong size");
-        goto done;
+    /* mode, log2_r, tau and distortion may all be None: then only the bits are written. */
+    e.mode = NULL;
+    e.log2_r = e.tau = e.distortion = NULL;
+    if (objects[10] != Py_None) {
+        if (PyObject_GetBuffer(objects[10], &views[held], PyBUF_WRITABLE) < 0) goto done;
+        if (views[held].len != e.blocks) {
+            held++;
+            PyErr_SetString(PyExc_ValueError, "evaluate_blocks: mode has the wrong size");
+            goto done;
+        }
+        e.mode = (signed char *)views[held++].buf;
     }
-    e.mode = (signed char *)views[held++].buf;
     double **outputs[] = {&e.log2_r, &e.tau, &e.bits, &e.distortion};
     for (int i = 0; i < 4; i++) {
+        if (objects[11 + i] == Py_None && i != 2 && !e.mode) continue;
         if (double_buffer(objects[11 + i], &views[held], e.blocks, 1, "an output") < 0) goto done;
         *outputs[i] = (double *)views[held++].buf;
     }

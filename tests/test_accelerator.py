@@ -140,6 +140,9 @@ def test_allocation_evaluations_are_identical(which, power, monkeypatch):
         native, reference = _both(lambda: terms(float(2.0**log2_lam)), monkeypatch)
         for field in ("mode", "log2_r", "tau", "bits", "distortion"):
             assert np.array_equal(getattr(native, field), getattr(reference, field)), (log2_lam, field)
+        # The search's bits-only evaluations give the full evaluation's total.
+        total, total_reference = _both(lambda: allocation.evaluator(stats).total(float(2.0**log2_lam)), monkeypatch)
+        assert total == total_reference == native.total
 
 
 def _digest(tensors, **options) -> str:

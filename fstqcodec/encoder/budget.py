@@ -35,7 +35,8 @@ def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockSta
     so nearest rounding)."""
     n = source.counts
     moments = block_moments(source, weights)
-    sum_squares, sum_abs, absmax = moments.sum_squares, moments.sum_abs, moments.absmax
+    # Copies: the moments are rows of one array, which would otherwise stay alive.
+    sum_squares, sum_abs, absmax = moments.sum_squares, moments.sum_abs.copy(), moments.absmax.copy()
     mean_square = sum_squares / np.maximum(n, 1)
     weight, energy, weighted_abs, weight_sum = _weighted_sums(source, weights, moments)
     raw_bits = np.array([16 if s.dtype == "bfloat16" else 8 * DTYPES[s.dtype].itemsize for s in source.specs], dtype=np.int64)
@@ -130,6 +131,7 @@ def _fill_budget(source: Input, stats: BlockStats, limit: int, smallest: bytes, 
     for _ in range(_MAX_SIZE_ITERATIONS):
         plan = rd_plan(source, stats, target, rounding=rounding, rng=np.random.default_rng(seed), evaluator=terms)
         message = assemble(source, plan, **options)
+        del plan  # its codes: not held while the next plan is built
         size = len(message)
         if size <= limit:
             if size > best_size:

@@ -106,15 +106,20 @@ def _best_per_u(entropy: np.ndarray, distortion: np.ndarray) -> dict:
     """The tables of :func:`gaussian_tables` from per-(r, tau) entropy and distortion."""
     flat_h, flat_d = entropy.ravel(), distortion.ravel()
     u = 2.0 ** _LOG2_U[:, None]
-    cost = u * flat_d[None, :] + flat_h[None, :]
-    best = np.argmin(cost, axis=1)
+    best = np.empty(len(_LOG2_U), dtype=np.intp)
+    least = np.empty(len(_LOG2_U))
+    # In slices of u: the whole (u, r, tau) cost table would be 16 MB, for every encode.
+    for lo in range(0, len(_LOG2_U), 64):
+        cost = u[lo : lo + 64] * flat_d[None, :] + flat_h[None, :]
+        best[lo : lo + 64] = np.argmin(cost, axis=1)
+        least[lo : lo + 64] = cost[np.arange(len(cost)), best[lo : lo + 64]]
     best_r, best_tau = np.unravel_index(best, entropy.shape)
     return {
         "log2_r": _LOG2_R,
         "H0": entropy[:, 0],
         "D0": distortion[:, 0],
         "log2_u": _LOG2_U,
-        "G": cost[np.arange(len(_LOG2_U)), best],
+        "G": least,
         "log2_r_best": _LOG2_R[best_r],
         "tau_best": DEADZONES[best_tau],
         "H_best": flat_h[best],
@@ -287,7 +292,7 @@ class _Evaluator:
         names = ("G", "log2_r_best", "tau_best", "H_best", "D_best")
         self.packed_tables = np.ascontiguousarray(np.stack([self.tables[k] for k in names]), dtype=np.float64)
         self.packed_r_tables = np.ascontiguousarray(np.stack([self.tables["D0"], self.tables["H0"]]), dtype=np.float64)
-        self._remembered = {}
+        self._totals = {}
 
     def _u_index(self, log2_u):
         grid = self.tables["log2_u"]
@@ -305,31 +310,37 @@ class _Evaluator:
         return np.fmin(np.fmax(index, 0.0), float(len(grid) - 1)).astype(np.intp)
 
     def __call__(self, lam: float) -> "_Choice":
-        """The best choice per block at multiplier ``lam`` (the same object for a repeated ``lam``:
-        every search of the size loop starts from the same bracket)."""
-        if lam in self._remembered:
-            return self._remembered[lam]
-        choice = self._choose(lam)
-        if len(self._remembered) < 2:
-            self._remembered[lam] = choice
-        return choice
-
-    def _choose(self, lam: float) -> "_Choice":
+        """The best choice per block at multiplier ``lam``."""
         count = len(self.n)
         choice = _Choice(np.zeros(count, dtype=np.int8), np.empty(count), np.empty(count), np.empty(count), np.empty(count), lam)
+        self._run(lam, choice.bits, choice)
+        return choice
+
+    def total(self, lam: float) -> float:
+        """The model bits of the best choice at ``lam`` (remembered: every search of the size
+        loop starts from the same bracket), computing no more than the bits per block."""
+        if lam not in self._totals:
+            bits = np.empty(len(self.n))
+            self._run(lam, bits, None)
+            self._totals[lam] = float(bits.sum())
+        return self._totals[lam]
+
+    def _run(self, lam: float, bits: np.ndarray, choice: "_Choice | None") -> None:
         native = getattr(_rans._speedups, "evaluate_blocks", None)
         if native is None:
-            self._evaluate(lam, slice(None), choice)
-            return choice
+            full = choice if choice is not None else _Choice(*(np.empty(len(self.n)) for _ in range(5)), lam)
+            full.mode = np.zeros(len(self.n), dtype=np.int8)
+            self._evaluate(lam, slice(None), full)
+            bits[:] = full.bits
+            return
         stats = self.stats
+        outputs = (None, None, None, bits, None) if choice is None else (choice.mode, choice.log2_r, choice.tau, bits, choice.distortion)
         native(
             self.log2_energy, self.log2_r_cap, self.n, self.drop_energy, self.energy, self.exact_bits,
             self.empty.view(np.uint8), stats.sign_distortion, stats.shared_sign_distortion, self.packed_tables,
             float(self.tables["log2_u"][0]), lam, math.log2(lam), (DROP_BITS, SCALE_BITS, SHARED_SCALE_BITS),
-            choice.mode, choice.log2_r, choice.tau, choice.bits, choice.distortion,
-            self.density, self.packed_r_tables, float(self.tables["log2_r"][0]),
+            *outputs, self.density, self.packed_r_tables, float(self.tables["log2_r"][0]),
         )
-        return choice
 
     def _evaluate(self, lam: float, rows, choice: "_Choice") -> None:
         """The numpy reference: the best choice at ``lam`` of blocks ``rows``, into ``choice``."""
@@ -428,36 +439,41 @@ def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tol
     # log2(lambda), which needs far fewer evaluations than bisection on this smooth curve.
     low = math.log2(float(positive.min())) - 50.0
     high = math.log2(float(positive.max())) + 20.0
-    over = evaluate(2.0**low)  # the richest choice: over the target unless everything fits
-    under = evaluate(2.0**high)
-    f_low, f_high = over.total - target_bits, under.total - target_bits
+    # The search needs only the model totals: the two choices it ends with are evaluated in full
+    # once it is over (the same lambdas give the same choices), so no more are held meanwhile.
+    lam_over, lam_under = 2.0**low, 2.0**high
+    over_total = evaluate.total(lam_over)  # the richest choice: over the target unless everything fits
+    under_total = evaluate.total(lam_under)
+    f_low, f_high = over_total - target_bits, under_total - target_bits
     if f_low <= 0:  # even the smallest lambda fits: spend everything
-        return _allocation(stats, over)
+        return _allocation(stats, evaluate(lam_over))
     side = 0
     for _ in range(iterations):
-        if under.total <= target_bits and under.total >= target_bits * (1 - tolerance):
+        if under_total <= target_bits and under_total >= target_bits * (1 - tolerance):
             break
         middle = (low * f_high - high * f_low) / (f_high - f_low) if f_high != f_low else 0.5 * (low + high)
         if not low < middle < high:
             middle = 0.5 * (low + high)
-        choice = evaluate(2.0**middle)
-        value = choice.total - target_bits
+        lam = 2.0**middle
+        total = evaluate.total(lam)
+        value = total - target_bits
         if value > 0:
-            low, f_low, over = middle, value, choice
+            low, f_low, lam_over, over_total = middle, value, lam, total
             if side == -1:
                 f_high *= 0.5
             side = -1
         else:
             high, f_high = middle, value
             # The model's total is monotone in lambda only up to its grids: keep the fullest.
-            if under.total > target_bits or choice.total > under.total:
-                under = choice
+            if under_total > target_bits or total > under_total:
+                lam_under, under_total = lam, total
             if side == 1:
                 f_low *= 0.5
             side = 1
-    if under.total > target_bits or under.total >= target_bits * (1 - tolerance):
+    under = evaluate(lam_under)
+    if under_total > target_bits or under_total >= target_bits * (1 - tolerance):
         return _allocation(stats, under)  # nothing fits the target, or the search met it
-    return _allocation(stats, _fill(under, over, target_bits))
+    return _allocation(stats, _fill(under, evaluate(lam_over), target_bits))
 
 
 def _fill(under: _Choice, over: _Choice, target_bits: float) -> _Choice:
