@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from .. import _threads
 from ..policy.fisher import ElementWeights
 from ..stages import rans as _rans
 from .source import Input
@@ -70,11 +71,13 @@ def block_moments(source: Input, weights: dict) -> Moments:
     native = getattr(_rans._speedups, "block_moments", None)
     compute = _native_moments if native is not None else _numpy_moments
     if not elementwise:
-        compute(source, 0, rows, None, out)
+        _threads.map_ranges(rows, lambda lo, hi: compute(source, lo, hi, None, out))
     else:
-        for t, spec in enumerate(source.specs):
+        def tensor(t):
             lo, hi = int(source.first_block[t]), int(source.first_block[t + 1])
-            compute(source, lo, hi, weights[spec.name] if t in elementwise else None, out)
+            compute(source, lo, hi, weights[source.names[t]] if t in elementwise else None, out)
+
+        _threads.map_items(tensor, range(len(source.specs)))
     moments = Moments(*out[:3])
     if elementwise:
         moments.weight_sum, moments.weighted_energy, moments.weighted_abs = out[3:]

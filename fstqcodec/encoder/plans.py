@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..policy.allocation import DROP, QUANTIZE, RAW_EXACT, SIGN, SIGN_SHARED, BlockStats, allocate
+from .. import _threads
 from ..stages import rans as _rans
 from ..stages.codebooks import resolve_codebook
 from ..stages.scales import from_bf16_bits, to_bf16_bits
@@ -252,8 +253,8 @@ def _sign_codes(source: Input, rows: np.ndarray, codes: np.ndarray, where: np.nd
     """Codes of sign blocks ``rows`` into ``codes[where]``: -1 where x < 0, else 0."""
     native = getattr(_rans._speedups, "sign_codes", None)
     if native is not None:
-        native(source.matrix, source.block_size, np.ascontiguousarray(rows, dtype=np.int64), codes,
-               np.ascontiguousarray(where, dtype=np.int64))
+        rows, where = np.ascontiguousarray(rows, dtype=np.int64), np.ascontiguousarray(where, dtype=np.int64)
+        _threads.map_ranges(len(rows), lambda lo, hi: native(source.matrix, source.block_size, rows[lo:hi], codes, where[lo:hi]))
         return
     chunk = max(1, _CHUNK_ELEMENTS // source.block_size)
     for lo in range(0, len(rows), chunk):
@@ -323,9 +324,10 @@ def _quantize_rows(source: Input, grid: dict, rounding: str, rng, codes: np.ndar
     uniform_offset = bool(np.all(offset == np.float32(0.5)))
     native = getattr(_rans._speedups, "quantize_rows", None)
     if native is not None and rounding != "stochastic":
-        native(source.matrix, source.block_size, np.ascontiguousarray(rows, dtype=np.int64),
-               np.ascontiguousarray(scales, dtype=np.float32), np.ascontiguousarray(offset, dtype=np.float32),
-               uniform_offset, codes, np.ascontiguousarray(where, dtype=np.int64))
+        rows, where = np.ascontiguousarray(rows, dtype=np.int64), np.ascontiguousarray(where, dtype=np.int64)
+        scales, offset = np.ascontiguousarray(scales, dtype=np.float32), np.ascontiguousarray(offset, dtype=np.float32)
+        _threads.map_ranges(len(rows), lambda lo, hi: native(
+            source.matrix, source.block_size, rows[lo:hi], scales[lo:hi], offset[lo:hi], uniform_offset, codes, where[lo:hi]))
     else:
         chunk = max(1, _CHUNK_ELEMENTS // source.block_size)
         for lo in range(0, len(rows), chunk):

@@ -26,6 +26,7 @@ import math
 
 import numpy as np
 
+from .. import _threads
 from ..stages import rans as _rans
 
 __all__ = [
@@ -335,12 +336,18 @@ class _Evaluator:
             return
         stats = self.stats
         outputs = (None, None, None, bits, None) if choice is None else (choice.mode, choice.log2_r, choice.tau, bits, choice.distortion)
-        native(
-            self.log2_energy, self.log2_r_cap, self.n, self.drop_energy, self.energy, self.exact_bits,
-            self.empty.view(np.uint8), stats.sign_distortion, stats.shared_sign_distortion, self.packed_tables,
-            float(self.tables["log2_u"][0]), lam, math.log2(lam), (DROP_BITS, SCALE_BITS, SHARED_SCALE_BITS),
-            *outputs, self.density, self.packed_r_tables, float(self.tables["log2_r"][0]),
-        )
+        inputs = (self.log2_energy, self.log2_r_cap, self.n, self.drop_energy, self.energy, self.exact_bits,
+                  self.empty.view(np.uint8), stats.sign_distortion, stats.shared_sign_distortion)
+
+        def blocks(lo, hi):
+            part = [None if a is None else a[lo:hi] for a in inputs]
+            native(
+                *part, self.packed_tables, float(self.tables["log2_u"][0]), lam, math.log2(lam),
+                (DROP_BITS, SCALE_BITS, SHARED_SCALE_BITS), *(None if a is None else a[lo:hi] for a in outputs),
+                self.density[lo:hi], self.packed_r_tables, float(self.tables["log2_r"][0]),
+            )
+
+        _threads.map_ranges(len(self.n), blocks)
 
     def _evaluate(self, lam: float, rows, choice: "_Choice") -> None:
         """The numpy reference: the best choice at ``lam`` of blocks ``rows``, into ``choice``."""
