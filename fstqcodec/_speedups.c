@@ -944,6 +944,51 @@ done:
     return result;
 }
 
+/* best_per_u(u_f64, distortion_f64, entropy_f64, out_best_intp, out_least_f64): for each u the
+ * first index minimising u * distortion + entropy, and that minimum (allocation._best_per_u). */
+static PyObject *best_per_u(PyObject *self, PyObject *args) {
+    Py_buffer u, d, h, best, least;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*", &u, &d, &h, &best, &least)) return NULL;
+    Py_ssize_t rows = u.len / 8, candidates = d.len / 8;
+    if (u.len % 8 || d.len % 8 || h.len != d.len || candidates < 1 || best.len != (Py_ssize_t)sizeof(Py_ssize_t) * rows
+        || least.len != 8 * rows) {
+        PyErr_SetString(PyExc_ValueError, "best_per_u: inconsistent arguments");
+        goto done;
+    }
+    {
+        const double *uu = (const double *)u.buf, *dd = (const double *)d.buf, *hh = (const double *)h.buf;
+        Py_ssize_t *out = (Py_ssize_t *)best.buf;
+        double *low = (double *)least.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < rows; i++) {
+            Py_ssize_t at = 0;
+            double smallest = uu[i] * dd[0] + hh[0];
+            for (Py_ssize_t k = 1; k < candidates; k++) {
+                double cost = uu[i] * dd[k] + hh[k];
+                /* numpy's argmin: the first minimum; a NaN is a minimum, the first NaN wins. */
+                if (smallest != smallest) break;
+                if (cost < smallest || cost != cost) {
+                    smallest = cost;
+                    at = k;
+                }
+            }
+            out[i] = at;
+            low[i] = smallest;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&h);
+    PyBuffer_Release(&best);
+    PyBuffer_Release(&least);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
@@ -952,6 +997,7 @@ static PyMethodDef methods[] = {
     {"weights_max", weights_max, METH_VARARGS, "weights_max(array, itemsize) -> largest element, or None if one is negative or not finite"},
     {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> None (policy/allocation.py, _Evaluator)"},
     {"quantize_rows", quantize_rows, METH_VARARGS, "quantize_rows(matrix, block_size, rows, scales, offsets, uniform, codes, where) (encoder/plans.py)"},
+    {"best_per_u", best_per_u, METH_VARARGS, "best_per_u(u, distortion, entropy, out_best, out_least) (policy/allocation.py)"},
     {"sign_codes", sign_codes, METH_VARARGS, "sign_codes(matrix, block_size, rows, codes, where) (encoder/plans.py)"},
     {"class_statistics", class_statistics, METH_VARARGS, "class_statistics(matrix, block_size, rows, scales, codes, classes, counts, hist, sums) (encoder/plans.py)"},
     {"zstd_walk", zstd_walk, METH_VARARGS, "zstd_walk(stored, declared_length) -> frame length (FORMAT.md 11, pass 1)"},

@@ -173,3 +173,32 @@ def test_messages_are_identical(which, options, monkeypatch):
         kwargs["budget"] = fstqcodec.Budget(bits_per_param=options["bits_per_param"])
     native, reference = _both(lambda: _digest(tensors, **kwargs), monkeypatch)
     assert native == reference
+
+
+@pytest.mark.parametrize("which", ["bbc", "lora"])
+def test_rate_model_tables_are_identical(which, monkeypatch):
+    tensors, _ = INPUTS[which]()
+    source = encoder.Input(tensors, 64, "error")
+    stats = encoder.budget.block_stats(source, {n: 1.0 for n in source.names})
+    native, reference = _both(lambda: allocation.empirical_tables(stats.shape_sample), monkeypatch)
+    assert native.keys() == reference.keys()
+    for key in native:
+        assert np.array_equal(native[key], reference[key]), key
+
+
+def test_threads_give_the_same_bytes():
+    tensors, fisher = _lora(4)
+    budget = fstqcodec.Budget(bits_per_param=1)
+    for options in ({"fisher": fisher, "budget": budget}, {"budget": budget}, {"bits": 3}, {}):
+        single = fstqcodec.encode(tensors, **options)
+        assert fstqcodec.encode(tensors, threads=3, **options) == single
+        decoded, threaded = fstqcodec.decode(single), fstqcodec.decode(single, threads=3)
+        assert all(np.array_equal(decoded[name], threaded[name]) for name in decoded)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_threads_are_refused(threads):
+    with pytest.raises(ValueError, match="threads"):
+        fstqcodec.encode({"w": np.ones(4, np.float32)}, threads=threads)
+    with pytest.raises(ValueError, match="threads"):
+        fstqcodec.decode(fstqcodec.encode({"w": np.ones(4, np.float32)}), threads=threads)

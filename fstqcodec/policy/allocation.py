@@ -109,11 +109,16 @@ def _best_per_u(entropy: np.ndarray, distortion: np.ndarray) -> dict:
     u = 2.0 ** _LOG2_U[:, None]
     best = np.empty(len(_LOG2_U), dtype=np.intp)
     least = np.empty(len(_LOG2_U))
-    # In slices of u: the whole (u, r, tau) cost table would be 16 MB, for every encode.
-    for lo in range(0, len(_LOG2_U), 64):
-        cost = u[lo : lo + 64] * flat_d[None, :] + flat_h[None, :]
-        best[lo : lo + 64] = np.argmin(cost, axis=1)
-        least[lo : lo + 64] = cost[np.arange(len(cost)), best[lo : lo + 64]]
+    native = getattr(_rans._speedups, "best_per_u", None)
+    if native is not None:
+        native(np.ascontiguousarray(u[:, 0]), np.ascontiguousarray(flat_d, dtype=np.float64),
+               np.ascontiguousarray(flat_h, dtype=np.float64), best, least)
+    else:
+        # In slices of u: the whole (u, r, tau) cost table would be 16 MB, for every encode.
+        for lo in range(0, len(_LOG2_U), 64):
+            cost = u[lo : lo + 64] * flat_d[None, :] + flat_h[None, :]
+            best[lo : lo + 64] = np.argmin(cost, axis=1)
+            least[lo : lo + 64] = cost[np.arange(len(cost)), best[lo : lo + 64]]
     best_r, best_tau = np.unravel_index(best, entropy.shape)
     return {
         "log2_r": _LOG2_R,
