@@ -89,7 +89,7 @@ def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: b
     declared, masks = masked if masked is not None else (source.specs, {})
     layout = Layout(tensors=declared, contexts=built.contexts, codebooks=built.codebooks, meta=meta or {}, masks=masks)
     header = build_header(layout, section_table, schema=schema)
-    return write_container(header, b"".join(body_parts), compress_header=compress_header, minor=1 if masks else 0)
+    return write_container(header, body_parts, compress_header=compress_header, minor=1 if masks else 0)
 
 
 def _add_raw_contexts(built: _Contexts, source: Input, plan: Plan) -> None:
@@ -97,10 +97,16 @@ def _add_raw_contexts(built: _Contexts, source: Input, plan: Plan) -> None:
     raw = np.flatnonzero(plan.mode == RAW_EXACT)
     if not len(raw):
         return
-    formats = np.array([RAW_FORMAT_OF_DTYPE[s.dtype] for s in source.specs])[source.block_tensor[raw]]
-    for fmt in sorted(set(formats.tolist()), key=list(RAW_FORMATS).index):
-        rows = raw[formats == fmt]
-        built.add(Context("raw", width=8 * RAW_FORMATS[fmt], raw_format=fmt), source.raw_values(rows, fmt).tobytes(), rows)
+    # Formats as their index in RAW_FORMATS, per tensor and then per raw block.
+    order = list(RAW_FORMATS)
+    tensor_format = np.array([order.index(RAW_FORMAT_OF_DTYPE[s.dtype]) for s in source.specs], dtype=np.int8)
+    formats = tensor_format[source.block_tensor[raw]]
+    for code in np.unique(tensor_format[np.unique(source.block_tensor[raw])]):
+        fmt = order[int(code)]
+        rows = raw if len(order) == 1 or np.all(formats == code) else raw[formats == code]
+        # The values' own buffer: bytes() would copy a raw section once more.
+        values = np.ascontiguousarray(source.raw_values(rows, fmt))
+        built.add(Context("raw", width=8 * RAW_FORMATS[fmt], raw_format=fmt), memoryview(values).cast("B"), rows)
 
 
 def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan) -> None:

@@ -159,10 +159,11 @@ class Input:
         can hold them."""
         if fmt != "f64":
             # float32, float16 and bfloat16 values sit exactly in the float32 matrix.
-            values = self.flatten_rows(self.matrix[rows], rows)
+            every_row = len(rows) == len(self.matrix) and (not len(rows) or int(rows[-1]) == len(rows) - 1)
+            values = self.flatten_rows(self.matrix if every_row else self.matrix[rows], rows)
             if fmt == "bf16":
                 return (round_bf16(values).view(np.uint32) >> np.uint32(16)).astype("<u2")
-            return values.astype(_RAW_NUMPY[fmt])
+            return values.astype(_RAW_NUMPY[fmt], copy=False)
         # float64: from the original arrays, one contiguous run of blocks per tensor.
         pieces = []
         tensor_of_row = self.block_tensor[rows]
