@@ -587,6 +587,37 @@ HOT static int max_bits64(const uint64_t *bits, Py_ssize_t count, uint64_t *larg
     return (int)worst;
 }
 
+/* Whether every float is finite: the exponent field is all ones exactly when adding one unit of
+ * exponent carries into the sign bit (an OR-reduction the compiler vectorises). */
+HOT static int finite32(const uint32_t *bits, Py_ssize_t count) {
+    uint32_t carry = 0;
+    for (Py_ssize_t i = 0; i < count; i++) carry |= (bits[i] & 0x7F800000u) + 0x00800000u;
+    return !(carry & 0x80000000u);
+}
+
+HOT static int finite64(const uint64_t *bits, Py_ssize_t count) {
+    uint64_t carry = 0;
+    for (Py_ssize_t i = 0; i < count; i++) carry |= (bits[i] & 0x7FF0000000000000ull) + 0x0010000000000000ull;
+    return !(carry & 0x8000000000000000ull);
+}
+
+/* all_finite(array, itemsize) -> bool (float32 or float64 values). */
+static PyObject *all_finite(PyObject *self, PyObject *args) {
+    Py_buffer buffer;
+    int itemsize, finite;
+    if (!PyArg_ParseTuple(args, "y*i", &buffer, &itemsize)) return NULL;
+    if ((itemsize != 4 && itemsize != 8) || buffer.len % itemsize) {
+        PyBuffer_Release(&buffer);
+        PyErr_SetString(PyExc_ValueError, "all_finite: itemsize must be 4 or 8");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    finite = itemsize == 4 ? finite32((const uint32_t *)buffer.buf, buffer.len / 4) : finite64((const uint64_t *)buffer.buf, buffer.len / 8);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buffer);
+    return PyBool_FromLong(finite);
+}
+
 /* weights_max(array, itemsize) -> the largest element (-inf if empty), or None if any element is
  * negative, NaN or infinite (policy/fisher.py's checks in one pass). */
 static PyObject *weights_max(PyObject *self, PyObject *args) {
@@ -994,6 +1025,7 @@ static PyMethodDef methods[] = {
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"msgpack_scan", msgpack_scan, METH_VARARGS, "msgpack_scan(header_bytes, container_budget) -> None (FORMAT.md 5.1)"},
     {"block_moments", block_moments, METH_VARARGS, "block_moments(matrix, block_size, lo, hi, weights, itemsize, root, prescale, out) (encoder/moments.py)"},
+    {"all_finite", all_finite, METH_VARARGS, "all_finite(array, itemsize) -> whether every float32/float64 value is finite"},
     {"weights_max", weights_max, METH_VARARGS, "weights_max(array, itemsize) -> largest element, or None if one is negative or not finite"},
     {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> None (policy/allocation.py, _Evaluator)"},
     {"quantize_rows", quantize_rows, METH_VARARGS, "quantize_rows(matrix, block_size, rows, scales, offsets, uniform, codes, where) (encoder/plans.py)"},

@@ -202,3 +202,20 @@ def test_bad_threads_are_refused(threads):
         fstqcodec.encode({"w": np.ones(4, np.float32)}, threads=threads)
     with pytest.raises(ValueError, match="threads"):
         fstqcodec.decode(fstqcodec.encode({"w": np.ones(4, np.float32)}), threads=threads)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_nonfinite_values_are_found_by_both(dtype, bad, monkeypatch):
+    values = np.linspace(-1, 1, 5000).astype(dtype)
+    values[4321] = bad
+
+    def outcome():
+        try:
+            fstqcodec.encode({"w": values})
+        except fstqcodec.EncodeError as error:
+            refused = str(error)
+        return refused, hashlib.sha256(fstqcodec.encode({"w": values}, nonfinite="zero")).hexdigest()
+
+    native, reference = _both(outcome, monkeypatch)
+    assert native == reference and "non-finite" in native[0]

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import EncodeError
 from ..limits import DEFAULT_LIMITS
+from ..stages import rans as _rans
 from ..stages.scales import round_bf16
 from ..wire.header import DTYPES, TensorSpec
 
@@ -62,6 +63,8 @@ def _flat_tensor(name, value, nonfinite: str) -> tuple[str, tuple, np.ndarray]:
         )
     shape = tuple(int(d) for d in array.shape)
     array = np.ascontiguousarray(array).reshape(-1)
+    if _all_finite(array):
+        return dtype_name, shape, array
     finite = np.isfinite(array)
     if not finite.all():
         if nonfinite == "error":
@@ -73,6 +76,13 @@ def _flat_tensor(name, value, nonfinite: str) -> tuple[str, tuple, np.ndarray]:
             )
         array = np.where(finite, array, 0).astype(array.dtype)
     return dtype_name, shape, array
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    native = getattr(_rans._speedups, "all_finite", None)
+    if native is not None and array.dtype.itemsize in (4, 8):
+        return native(array, array.itemsize)
+    return bool(np.isfinite(array).all())
 
 
 class Input:
