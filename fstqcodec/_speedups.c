@@ -451,15 +451,8 @@ done:
 #define HOT
 #endif
 
-/* Sums terms[0 .. padded) by halving, as encoder/moments.py's tree_sum_rows does. */
-static inline double tree_sum(double *terms, Py_ssize_t padded) {
-    for (Py_ssize_t half = padded / 2; half >= 1; half /= 2)
-        for (Py_ssize_t k = 0; k < half; k++) terms[k] += terms[k + half];
-    return terms[0];
-}
-
 /* Largest |x| of a row: the integer max of the sign-cleared bits (plans.absmax_rows). */
-static inline float row_absmax(const float *row, Py_ssize_t count) {
+static inline float row_absmax_one(const float *row, Py_ssize_t count) {
     const uint32_t *bits = (const uint32_t *)row;
     uint32_t top = 0;
     for (Py_ssize_t k = 0; k < count; k++) {
@@ -471,94 +464,65 @@ static inline float row_absmax(const float *row, Py_ssize_t count) {
     return value;
 }
 
-/* The weights of one row, times prescale, zero past the tensor's last element. */
-static inline void row_weights(double *w, const void *weights, int itemsize, Py_ssize_t first, Py_ssize_t valid,
-                               Py_ssize_t padded, int root, double prescale) {
-    Py_ssize_t count = valid - first;
-    count = count < 0 ? 0 : count > padded ? padded : count;
-    if (itemsize == 4) {
-        const float *f = (const float *)weights + first;
-        if (root) for (Py_ssize_t k = 0; k < count; k++) w[k] = sqrt((double)f[k]) * prescale;
-        else for (Py_ssize_t k = 0; k < count; k++) w[k] = (double)f[k] * prescale;
-    } else {
-        const double *f = (const double *)weights + first;
-        if (root) for (Py_ssize_t k = 0; k < count; k++) w[k] = sqrt(f[k]) * prescale;
-        else for (Py_ssize_t k = 0; k < count; k++) w[k] = f[k] * prescale;
-    }
-    for (Py_ssize_t k = count; k < padded; k++) w[k] = 0.0;
+HOT static void absmax_loop(const float *x, Py_ssize_t block_size, Py_ssize_t rows, double *out) {
+    for (Py_ssize_t r = 0; r < rows; r++) out[r] = (double)row_absmax_one(x + r * block_size, block_size);
 }
 
-HOT static void moments_rows(const float *x, Py_ssize_t block_size, Py_ssize_t padded, Py_ssize_t rows, Py_ssize_t lo, Py_ssize_t hi,
-                             const void *weights, int itemsize, Py_ssize_t valid, int root, double prescale, double *terms, double *o) {
-    double *sq = terms, *ab = terms + padded, *w = terms + 2 * padded, *wq = terms + 3 * padded, *wa = terms + 4 * padded;
-    for (Py_ssize_t k = block_size; k < padded; k++) sq[k] = ab[k] = 0.0;
-    for (Py_ssize_t r = lo; r < hi; r++) {
-        const float *row = x + r * block_size;
-        for (Py_ssize_t k = 0; k < block_size; k++) {
-            double v = (double)row[k];
-            sq[k] = v * v;
-            ab[k] = fabs(v);
-        }
-        if (weights) {
-            row_weights(w, weights, itemsize, (r - lo) * block_size, valid, block_size, root, prescale);
-            for (Py_ssize_t k = block_size; k < padded; k++) w[k] = 0.0;
-            for (Py_ssize_t k = 0; k < padded; k++) {
-                wq[k] = w[k] * sq[k];
-                wa[k] = w[k] * ab[k];
-            }
-            o[3 * rows + r] = tree_sum(w, padded);
-            o[4 * rows + r] = tree_sum(wq, padded);
-            o[5 * rows + r] = tree_sum(wa, padded);
-        }
-        o[2 * rows + r] = (double)row_absmax(row, block_size);
-        /* tree_sum works in place but writes only terms[0 .. padded/2), below block_size: the
-         * next row overwrites them, and the zeros of the padding stay. */
-        o[r] = tree_sum(sq, padded);
-        o[rows + r] = tree_sum(ab, padded);
-    }
-}
-
-/* block_moments(matrix_f32, block_size, lo, hi, weights|None, weight_itemsize, root, prescale, out)
- * out: float64 (3 or 6, rows) C-contiguous; rows lo..hi of out[0..2] get sum x^2, sum |x|, max |x|;
- * with weights (the tensor's own, unpadded: rows lo..hi are its blocks) out[3..5] get sum w,
- * sum w x^2, sum w |x| with w = (root ? sqrt(F) : F) * prescale. */
-static PyObject *block_moments(PyObject *self, PyObject *args) {
-    Py_buffer matrix, out, weights = {0};
-    PyObject *weights_object;
-    Py_ssize_t block_size, lo, hi;
-    int itemsize, root;
-    double prescale;
+/* row_absmax(matrix_f32, block_size, out_f64): the largest |x| of every row. */
+static PyObject *row_absmax(PyObject *self, PyObject *args) {
+    Py_buffer matrix, out;
+    Py_ssize_t block_size;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*nnnOiidw*", &matrix, &block_size, &lo, &hi, &weights_object, &itemsize, &root, &prescale, &out))
-        return NULL;
-    int weighted = weights_object != Py_None;
-    if (weighted && PyObject_GetBuffer(weights_object, &weights, PyBUF_SIMPLE) < 0) goto done;
+    if (!PyArg_ParseTuple(args, "y*nw*", &matrix, &block_size, &out)) return NULL;
     Py_ssize_t rows = block_size > 0 ? matrix.len / 4 / block_size : 0;
-    Py_ssize_t planes = weighted ? 6 : 3;
-    if (block_size < 1 || matrix.len % (4 * block_size) || lo < 0 || hi < lo || hi > rows || (itemsize != 4 && itemsize != 8)
-        || out.len < (Py_ssize_t)sizeof(double) * planes * rows || (weighted && weights.len % itemsize)) {
-        PyErr_SetString(PyExc_ValueError, "block_moments: inconsistent arguments");
+    if (block_size < 1 || matrix.len % (4 * block_size) || out.len != 8 * rows) {
+        PyErr_SetString(PyExc_ValueError, "row_absmax: inconsistent arguments");
         goto done;
     }
-    {
-        Py_ssize_t padded = 1;
-        while (padded < block_size) padded *= 2;
-        double *terms = (double *)calloc((size_t)(5 * padded), sizeof(double));
-        if (!terms) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        Py_BEGIN_ALLOW_THREADS
-        moments_rows((const float *)matrix.buf, block_size, padded, rows, lo, hi, weighted ? weights.buf : NULL, itemsize,
-                     weighted ? weights.len / itemsize : 0, root, prescale, terms, (double *)out.buf);
-        Py_END_ALLOW_THREADS
-        free(terms);
-    }
+    Py_BEGIN_ALLOW_THREADS
+    absmax_loop((const float *)matrix.buf, block_size, rows, (double *)out.buf);
+    Py_END_ALLOW_THREADS
     Py_INCREF(Py_None);
     result = Py_None;
 done:
-    if (weighted && weights.buf) PyBuffer_Release(&weights);
     PyBuffer_Release(&matrix);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+HOT static void normalize_loop(const void *values, int itemsize, Py_ssize_t count, int root, double top, float *out) {
+    if (itemsize == 4) {
+        const float *v = (const float *)values;
+        if (root) for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)(sqrt((double)v[i]) / top);
+        else for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)((double)v[i] / top);
+    } else {
+        const double *v = (const double *)values;
+        if (root) for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)(sqrt(v[i]) / top);
+        else for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)(v[i] / top);
+    }
+}
+
+/* normalized_weights(values, itemsize, root, top, out_f32): out[i] = float32((root ? sqrt(v) : v)
+ * / top) in float64 (policy/fisher.py's normalisation and the cast the encoder applies), for the
+ * values present; out may be longer (padding, left as it is). */
+static PyObject *normalized_weights(PyObject *self, PyObject *args) {
+    Py_buffer values, out;
+    int itemsize, root;
+    double top;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*ipdw*", &values, &itemsize, &root, &top, &out)) return NULL;
+    Py_ssize_t count = (itemsize == 4 || itemsize == 8) ? values.len / itemsize : 0;
+    if ((itemsize != 4 && itemsize != 8) || values.len % itemsize || out.len % 4 || out.len / 4 < count) {
+        PyErr_SetString(PyExc_ValueError, "normalized_weights: inconsistent arguments");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    normalize_loop(values.buf, itemsize, count, root, top, (float *)out.buf);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&values);
     PyBuffer_Release(&out);
     return result;
 }
@@ -650,14 +614,16 @@ static PyObject *weights_max(PyObject *self, PyObject *args) {
 }
 
 /* The allocation's per-block choice at one multiplier (policy/allocation.py, _Evaluator._evaluate,
- * the reference: the same operations in the same order). */
+ * the reference: the same operations in the same order), except for the blocks whose best step
+ * the widest grid caps: their indices go to `capped`, and the caller evaluates them. */
 enum { MODE_DROP = 0, MODE_QUANTIZE = 1, MODE_RAW = 3, MODE_SIGN = 4, MODE_SIGN_SHARED = 5 };
 
 typedef struct {
-    const double *log2_energy, *log2_r_cap, *n, *drop_energy, *energy, *exact_bits, *sign, *shared, *tables, *density, *r_tables;
+    const double *log2_energy, *log2_r_cap, *n, *drop_energy, *energy, *exact_bits, *sign, *shared, *tables;
     const unsigned char *empty;
-    Py_ssize_t blocks, grid, r_grid;
-    double grid0, r_grid0, lam, log2_lam, drop_bits, scale_bits, shared_scale_bits;
+    Py_ssize_t blocks, grid;
+    double grid0, lam, log2_lam, drop_bits, scale_bits, shared_scale_bits;
+    int64_t *capped;
     signed char *mode;
     double *log2_r, *tau, *bits, *distortion;
 } evaluation;
@@ -668,33 +634,30 @@ static inline Py_ssize_t grid_index(double log2_value, double grid0, Py_ssize_t 
     return (Py_ssize_t)fmin(fmax(index, 0.0), (double)(length - 1));
 }
 
-HOT static void evaluate_rows(const evaluation *e) {
+HOT static Py_ssize_t evaluate_rows(const evaluation *e) {
     const double *G = e->tables, *R = e->tables + e->grid, *T = e->tables + 2 * e->grid, *H = e->tables + 3 * e->grid,
-                 *D = e->tables + 4 * e->grid, *D0 = e->r_tables, *H0 = e->r_tables + e->r_grid;
+                 *D = e->tables + 4 * e->grid;
+    Py_ssize_t capped = 0;
     for (Py_ssize_t j = 0; j < e->blocks; j++) {
         double log2_u = e->log2_energy[j] - e->log2_lam;
         Py_ssize_t ui = grid_index(log2_u, e->grid0, e->grid);
-        double log2_r = R[ui], cost_per_element = G[ui], tau = T[ui], entropy = H[ui], relative = D[ui];
+        double log2_r = R[ui];
         if (log2_r > e->log2_r_cap[j]) {
-            /* The widest grid caps the step: the tau = 0 quantizer at the capped step. */
-            Py_ssize_t ri = grid_index(e->log2_r_cap[j], e->r_grid0, e->r_grid);
-            double d = D0[ri], h = H0[ri];
-            log2_r = e->log2_r_cap[j];
-            cost_per_element = e->density[j] / e->lam * d + h;
-            entropy = h;
-            tau = 0.0;
-            relative = d;
+            /* The widest grid caps the step: the reference evaluates these blocks (their cost
+             * needs exp2, which numpy and the C library may round differently). */
+            e->capped[capped++] = j;
+            continue;
         }
         double n = e->n[j];
         double best = e->drop_energy[j] / e->lam + e->drop_bits;
         signed char mode = MODE_DROP;
         double bits = e->drop_bits, distortion = e->drop_energy[j];
-        double cost = n * cost_per_element + e->scale_bits;
+        double cost = n * G[ui] + e->scale_bits;
         if (cost < best) {
             best = cost;
             mode = MODE_QUANTIZE;
-            bits = n * entropy + e->scale_bits;
-            distortion = e->energy[j] * relative;
+            bits = n * H[ui] + e->scale_bits;
+            distortion = e->energy[j] * D[ui];
         }
         if (e->sign) {
             double sign_bits = n + e->scale_bits;
@@ -728,10 +691,11 @@ HOT static void evaluate_rows(const evaluation *e) {
         if (e->mode) {
             e->mode[j] = mode;
             e->log2_r[j] = log2_r;
-            e->tau[j] = tau;
+            e->tau[j] = T[ui];
             e->distortion[j] = distortion;
         }
     }
+    return capped;
 }
 
 static int double_buffer(PyObject *object, Py_buffer *view, Py_ssize_t count, int writable, const char *what) {
@@ -746,18 +710,19 @@ static int double_buffer(PyObject *object, Py_buffer *view, Py_ssize_t count, in
 
 /* evaluate_blocks(log2_energy, log2_r_cap, n, drop_energy, energy, exact_bits, empty_u8, sign|None,
  *                 shared|None, tables (5, grid), grid0, lam, log2_lam, (drop, scale, shared scale bits),
- *                 out_mode_i8, out_log2_r, out_tau, out_bits, out_distortion, density, r_tables (2, r_grid),
- *                 r_grid0) -> None */
+ *                 out_mode_i8|None, out_log2_r|None, out_tau|None, out_bits, out_distortion|None,
+ *                 out_capped_i64) -> number of capped blocks (their indices lead out_capped) */
 static PyObject *evaluate_blocks(PyObject *self, PyObject *args) {
-    PyObject *objects[17];
+    PyObject *objects[16];
     double constants[3];
     evaluation e;
-    Py_buffer views[17];
+    Py_buffer views[16];
     int held = 0, ok = 0;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOddd(ddd)OOOOOOOd", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
+    Py_ssize_t capped = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOddd(ddd)OOOOOO", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
                           &objects[5], &objects[6], &objects[7], &objects[8], &objects[9], &e.grid0, &e.lam, &e.log2_lam,
                           &constants[0], &constants[1], &constants[2], &objects[10], &objects[11], &objects[12], &objects[13],
-                          &objects[14], &objects[15], &objects[16], &e.r_grid0))
+                          &objects[14], &objects[15]))
         return NULL;
     e.drop_bits = constants[0];
     e.scale_bits = constants[1];
@@ -806,23 +771,20 @@ static PyObject *evaluate_blocks(PyObject *self, PyObject *args) {
         if (double_buffer(objects[11 + i], &views[held], e.blocks, 1, "an output") < 0) goto done;
         *outputs[i] = (double *)views[held++].buf;
     }
-    if (double_buffer(objects[15], &views[held], e.blocks, 0, "density") < 0) goto done;
-    e.density = (const double *)views[held++].buf;
-    if (PyObject_GetBuffer(objects[16], &views[held], PyBUF_SIMPLE) < 0) goto done;
-    e.r_tables = (const double *)views[held].buf;
-    e.r_grid = views[held++].len / (Py_ssize_t)sizeof(double) / 2;
-    if (e.r_grid < 1) {
-        PyErr_SetString(PyExc_ValueError, "evaluate_blocks: empty tables");
+    if (PyObject_GetBuffer(objects[15], &views[held], PyBUF_WRITABLE) < 0) goto done;
+    if (views[held].len != 8 * e.blocks) {
+        held++;
+        PyErr_SetString(PyExc_ValueError, "evaluate_blocks: capped has the wrong size");
         goto done;
     }
+    e.capped = (int64_t *)views[held++].buf;
     Py_BEGIN_ALLOW_THREADS
-    evaluate_rows(&e);
+    capped = evaluate_rows(&e);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
     for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+    return ok ? PyLong_FromSsize_t(capped) : NULL;
 }
 
 /* quantize_rows(matrix_f32, block_size, rows_i64, scales_f32, offsets_f32, uniform, codes_i8, where_i64)
@@ -1024,10 +986,11 @@ static PyMethodDef methods[] = {
     {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"msgpack_scan", msgpack_scan, METH_VARARGS, "msgpack_scan(header_bytes, container_budget) -> None (FORMAT.md 5.1)"},
-    {"block_moments", block_moments, METH_VARARGS, "block_moments(matrix, block_size, lo, hi, weights, itemsize, root, prescale, out) (encoder/moments.py)"},
+    {"row_absmax", row_absmax, METH_VARARGS, "row_absmax(matrix, block_size, out) (encoder/moments.py)"},
+    {"normalized_weights", normalized_weights, METH_VARARGS, "normalized_weights(values, itemsize, root, top, out) (encoder/moments.py)"},
     {"all_finite", all_finite, METH_VARARGS, "all_finite(array, itemsize) -> whether every float32/float64 value is finite"},
     {"weights_max", weights_max, METH_VARARGS, "weights_max(array, itemsize) -> largest element, or None if one is negative or not finite"},
-    {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> None (policy/allocation.py, _Evaluator)"},
+    {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> capped count (policy/allocation.py, _Evaluator)"},
     {"quantize_rows", quantize_rows, METH_VARARGS, "quantize_rows(matrix, block_size, rows, scales, offsets, uniform, codes, where) (encoder/plans.py)"},
     {"best_per_u", best_per_u, METH_VARARGS, "best_per_u(u, distortion, entropy, out_best, out_least) (policy/allocation.py)"},
     {"sign_codes", sign_codes, METH_VARARGS, "sign_codes(matrix, block_size, rows, codes, where) (encoder/plans.py)"},

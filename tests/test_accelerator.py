@@ -17,7 +17,6 @@ import pytest
 
 import fstqcodec
 from fstqcodec import encoder
-from fstqcodec.encoder import moments
 from fstqcodec.policy import allocation
 from fstqcodec.policy.fisher import normalize_fisher
 from fstqcodec.stages import rans
@@ -85,25 +84,14 @@ INPUTS = {
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 64, 100, 256])
-@pytest.mark.parametrize("power", [1.0, 0.5, 0.3])
-def test_block_moments_are_identical(block_size, power, monkeypatch):
+@pytest.mark.parametrize("power", [1.0, 0.5, 0.3, 0.0])
+def test_block_statistics_are_identical(block_size, power, monkeypatch):
     tensors, fisher = _ragged(3)
     source = encoder.Input(tensors, block_size, "error")
     weights = normalize_fisher(fisher, source.names, {s.name: s.shape for s in source.specs}, power)
-    native, reference = _both(lambda: moments.block_moments(source, weights), monkeypatch)
-    for field in ("sum_squares", "sum_abs", "absmax", "weight_sum", "weighted_energy", "weighted_abs"):
+    native, reference = _both(lambda: encoder.budget.block_stats(source, weights, sign=True), monkeypatch)
+    for field in ("weight", "mean_square", "weighted_energy", "absmax", "mean_abs", "sign_distortion", "shared_sign_distortion"):
         assert np.array_equal(getattr(native, field), getattr(reference, field)), field
-    plain, plain_reference = _both(lambda: moments.block_moments(source, {n: 1.0 for n in source.names}), monkeypatch)
-    assert plain.weight_sum is None
-    for field in ("sum_squares", "sum_abs", "absmax"):
-        assert np.array_equal(getattr(plain, field), getattr(plain_reference, field)), field
-
-
-def test_tree_sum_order_is_the_halving_one():
-    terms = np.array([[1e16, 1.0, -1e16, 1.0, 0.5]])
-    # Padded to 8: (1e16 + 0.5) + (1 + 0) ... halving gives ((t0+t4)+(t2+t6)) + ((t1+t5)+(t3+t7)).
-    expected = ((1e16 + 0.5) + (-1e16 + 0.0)) + ((1.0 + 0.0) + (1.0 + 0.0))
-    assert moments.tree_sum_rows(terms)[0] == expected
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

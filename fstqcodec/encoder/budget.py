@@ -7,12 +7,13 @@ import math
 
 import numpy as np
 
+from .. import _threads
 from ..errors import BudgetError
 from ..policy.allocation import BlockStats, evaluator, shape_sample
 from ..policy.fisher import ElementWeights
 from ..wire.header import DTYPES
+from . import moments
 from .assembly import assemble
-from .moments import block_moments, weight_prescale
 from .plans import Plan, dtype_max_rows, lossless_plan, rd_plan
 from .source import Input
 
@@ -30,19 +31,21 @@ _MAX_SIZE_ITERATIONS = 8
 
 
 def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockStats:
-    """Per-block statistics for the allocation (float64; the sums from :mod:`.moments`).
-    ``sign``: whether the two-level sign quantizer is a candidate (it needs centroid codebooks,
-    so nearest rounding)."""
+    """Per-block statistics for the allocation (in float64; the sums in float32 on values
+    rescaled by a power of two when their magnitude is extreme, :mod:`.moments`). ``sign``:
+    whether the two-level sign quantizer is a candidate (it needs centroid codebooks, so
+    nearest rounding)."""
+    matrix = source.matrix
     n = source.counts
-    moments = block_moments(source, weights)
-    # Copies: the moments are rows of one array, which would otherwise stay alive.
-    sum_squares, sum_abs, absmax = moments.sum_squares, moments.sum_abs.copy(), moments.absmax.copy()
+    absmax = moments.absmax(matrix)
+    scale = moments.value_scale(absmax)
+    sum_squares, sum_abs = moments.value_sums(matrix, scale) if len(n) else (np.zeros(0), np.zeros(0))
     mean_square = sum_squares / np.maximum(n, 1)
-    weight, energy, weighted_abs, weight_sum = _weighted_sums(source, weights, moments)
+    weight, energy, weighted_abs, weight_sum = _weighted_sums(source, weights, scale, sum_squares, sum_abs)
     raw_bits = np.array([16 if s.dtype == "bfloat16" else 8 * DTYPES[s.dtype].itemsize for s in source.specs], dtype=np.int64)
     stats = BlockStats(
         count=n, weight=weight, mean_square=mean_square, weighted_energy=energy, absmax=absmax,
-        raw_bits=raw_bits[source.block_tensor], shape_sample=shape_sample(source.matrix, n, mean_square),
+        raw_bits=raw_bits[source.block_tensor], shape_sample=shape_sample(matrix, n, mean_square),
     )
     if sign and stats.shape_sample is not None:
         # Sign blocks' scales: the block's own mean |x|, or its tensor's (equal scales cost
@@ -62,15 +65,16 @@ def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockSta
     return stats
 
 
-def _weighted_sums(source: Input, weights: dict, moments):
-    """Per block: mean weight, sum w x**2, sum w |x| and sum w (weights normalised)."""
+def _weighted_sums(source: Input, weights: dict, scale, sum_squares, sum_abs):
+    """Per block: mean weight, sum w x**2, sum w |x| and sum w."""
     n = source.counts
-    sum_squares, sum_abs = moments.sum_squares, moments.sum_abs
-    if moments.weight_sum is None:
+    if not any(isinstance(weights[name], ElementWeights) for name in source.names):
         weight = np.array([weights[s.name] for s in source.specs], dtype=np.float64)[source.block_tensor]
         return weight, weight * sum_squares, weight * sum_abs, weight * n
     weight, energy, weighted_abs, weight_sum = (np.empty(len(n), dtype=np.float64) for _ in range(4))
-    for t, spec in enumerate(source.specs):
+
+    def tensor(t):
+        spec = source.specs[t]
         lo, hi = int(source.first_block[t]), int(source.first_block[t + 1])
         w = weights[spec.name]
         if not isinstance(w, ElementWeights):
@@ -78,12 +82,11 @@ def _weighted_sums(source: Input, weights: dict, moments):
             energy[lo:hi] = w * sum_squares[lo:hi]
             weighted_abs[lo:hi] = w * sum_abs[lo:hi]
             weight_sum[lo:hi] = w * n[lo:hi]
-            continue
-        norm = w.top * weight_prescale(w) if w.top > 0 else 1.0
-        weight_sum[lo:hi] = moments.weight_sum[lo:hi] / norm
+            return
+        weight_sum[lo:hi], energy[lo:hi], weighted_abs[lo:hi] = moments.weighted_sums(source, t, w, scale)
         weight[lo:hi] = weight_sum[lo:hi] / np.maximum(n[lo:hi], 1)
-        energy[lo:hi] = moments.weighted_energy[lo:hi] / norm
-        weighted_abs[lo:hi] = moments.weighted_abs[lo:hi] / norm
+
+    _threads.map_items(tensor, range(len(source.specs)))
     return weight, energy, weighted_abs, weight_sum
 
 

@@ -276,8 +276,9 @@ class _Evaluator:
     is several times faster than interpolating.
 
     The C accelerator evaluates the blocks with the same operations in the same order as
-    :meth:`_evaluate`, the reference (which is why it uses no ``exp2`` or ``log2`` per block:
-    numpy's and a C library's may round differently).
+    :meth:`_evaluate`, the reference, except the blocks whose best step the widest grid caps:
+    their cost needs ``exp2``, which numpy and a C library may round differently, so the
+    reference evaluates them (few, but every one at the richest end of the search).
     """
 
     def __init__(self, stats: BlockStats):
@@ -285,9 +286,8 @@ class _Evaluator:
         self.tables = gaussian_tables() if sample is None else empirical_tables(sample)
         self.stats = stats
         self.n = stats.count.astype(np.float64)
-        self.density = stats.weight * stats.mean_square
         with np.errstate(divide="ignore", invalid="ignore"):
-            self.log2_energy = np.log2(self.density)
+            self.log2_energy = np.log2(stats.weight * stats.mean_square)
             # The widest grid holds |code| <= 127: a step below absmax / 127.5 would clip.
             self.log2_r_cap = np.log2((MAX_CODE + 0.5) * np.sqrt(stats.mean_square) / stats.absmax)
         self.empty = stats.mean_square <= 0
@@ -297,7 +297,6 @@ class _Evaluator:
             self.energy = np.nan_to_num(stats.weight * stats.mean_square * self.n)
         names = ("G", "log2_r_best", "tau_best", "H_best", "D_best")
         self.packed_tables = np.ascontiguousarray(np.stack([self.tables[k] for k in names]), dtype=np.float64)
-        self.packed_r_tables = np.ascontiguousarray(np.stack([self.tables["D0"], self.tables["H0"]]), dtype=np.float64)
         self._totals = {}
 
     def _u_index(self, log2_u):
@@ -343,19 +342,32 @@ class _Evaluator:
         outputs = (None, None, None, bits, None) if choice is None else (choice.mode, choice.log2_r, choice.tau, bits, choice.distortion)
         inputs = (self.log2_energy, self.log2_r_cap, self.n, self.drop_energy, self.energy, self.exact_bits,
                   self.empty.view(np.uint8), stats.sign_distortion, stats.shared_sign_distortion)
+        capped = np.empty(len(self.n), dtype=np.int64)
+        found = []
 
         def blocks(lo, hi):
             part = [None if a is None else a[lo:hi] for a in inputs]
-            native(
+            count = native(
                 *part, self.packed_tables, float(self.tables["log2_u"][0]), lam, math.log2(lam),
                 (DROP_BITS, SCALE_BITS, SHARED_SCALE_BITS), *(None if a is None else a[lo:hi] for a in outputs),
-                self.density[lo:hi], self.packed_r_tables, float(self.tables["log2_r"][0]),
+                capped[lo:hi],
             )
+            found.append(capped[lo : lo + count] + lo)
 
         _threads.map_ranges(len(self.n), blocks)
+        rows = np.sort(np.concatenate(found)) if len(found) > 1 else found[0]
+        if not len(rows):
+            return
+        if choice is not None:
+            self._evaluate(lam, rows, choice)
+            return
+        part = _Choice(np.zeros(len(rows), dtype=np.int8), *(np.empty(len(rows)) for _ in range(4)), lam)
+        self._evaluate(lam, rows, part, at=slice(None))
+        bits[rows] = part.bits
 
-    def _evaluate(self, lam: float, rows, choice: "_Choice") -> None:
-        """The numpy reference: the best choice at ``lam`` of blocks ``rows``, into ``choice``."""
+    def _evaluate(self, lam: float, rows, choice: "_Choice", at=None) -> None:
+        """The numpy reference: the best choice at ``lam`` of blocks ``rows``, into ``choice`` at
+        ``at`` (default: at ``rows``)."""
         tables, n = self.tables, self.n[rows]
         log2_u = self.log2_energy[rows] - math.log2(lam)
         ui = self._u_index(log2_u)
@@ -370,8 +382,7 @@ class _Evaluator:
             ri = self._r_index(log2_r_cap[capped])
             d, h = tables["D0"][ri], tables["H0"][ri]
             log2_r[capped] = log2_r_cap[capped]
-            # u = w s**2 / lambda, divided rather than exp2(log2 u): the same in numpy and C.
-            cost_per_element[capped] = self.density[rows][capped] / lam * d + h
+            cost_per_element[capped] = np.exp2(log2_u[capped]) * d + h
             entropy[capped] = h
             tau[capped] = 0.0
             relative[capped] = d
@@ -399,8 +410,9 @@ class _Evaluator:
         mode[empty] = DROP
         bits[empty] = DROP_BITS
         distortion[empty] = 0.0
-        choice.mode[rows], choice.log2_r[rows], choice.tau[rows] = mode, log2_r, tau
-        choice.bits[rows], choice.distortion[rows] = bits, distortion
+        at = rows if at is None else at
+        choice.mode[at], choice.log2_r[at], choice.tau[at] = mode, log2_r, tau
+        choice.bits[at], choice.distortion[at] = bits, distortion
 
 
 @dataclasses.dataclass

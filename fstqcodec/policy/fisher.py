@@ -25,10 +25,10 @@ def check_fisher_power(power) -> float:
 class ElementWeights:
     """One tensor's per-element weights, ``sqrt(values) / top`` (``root``) or ``values / top``.
 
-    The caller's Fisher array is kept as given (float32 or float64), not normalised element by
-    element: the encoder sums the weights per block in float64 and divides the block sums by
-    ``top`` (:mod:`fstqcodec.encoder.moments`), which saves two whole-array passes and a float64
-    copy of every Fisher array.
+    The caller's Fisher array is kept as given (float32 or float64): the encoder normalises it
+    one tensor at a time, as it sums the weights per block (:mod:`fstqcodec.encoder.moments`),
+    instead of holding a float64 copy of every Fisher array. (For fractional powers other than
+    0.5, ``values`` holds ``F ** power`` in float64.)
     """
 
     values: np.ndarray
@@ -105,7 +105,7 @@ def _tensor_weights(name: str, value, shape: tuple, power: float) -> tuple:
     if top is None:
         raise EncodeError(f"fisher for {name!r} holds negative or non-finite weights", tensor=name)
     if power == 0:
-        return 1.0, 1.0  # every weight 1, as for a scalar
+        return (np.ones(array.size, dtype=np.float32), False), (1.0 if array.size else -math.inf)
     if power == 1:
         return (array, False), top
     if power == 0.5:
