@@ -624,6 +624,9 @@ typedef struct {
     Py_ssize_t blocks, grid;
     double grid0, lam, log2_lam, drop_bits, scale_bits, shared_scale_bits;
     int64_t *capped;
+    const double *r_tables;
+    Py_ssize_t r_grid;
+    double r_grid0;
     signed char *mode;
     double *log2_r, *tau, *bits, *distortion;
 } evaluation;
@@ -634,6 +637,58 @@ static inline Py_ssize_t grid_index(double log2_value, double grid0, Py_ssize_t 
     return (Py_ssize_t)fmin(fmax(index, 0.0), (double)(length - 1));
 }
 
+/* The best of drop, the quantizer (at the given per-element cost, entropy and relative
+ * distortion), the sign candidates and raw for block j; written to the outputs. */
+static inline void choose(const evaluation *e, Py_ssize_t j, double cost_per_element, double entropy, double relative,
+                          double log2_r, double tau) {
+    double n = e->n[j];
+    double best = e->drop_energy[j] / e->lam + e->drop_bits;
+    signed char mode = MODE_DROP;
+    double bits = e->drop_bits, distortion = e->drop_energy[j];
+    double cost = n * cost_per_element + e->scale_bits;
+    if (cost < best) {
+        best = cost;
+        mode = MODE_QUANTIZE;
+        bits = n * entropy + e->scale_bits;
+        distortion = e->energy[j] * relative;
+    }
+    if (e->sign) {
+        double sign_bits = n + e->scale_bits;
+        cost = e->sign[j] / e->lam + sign_bits;
+        if (cost < best) {
+            best = cost;
+            mode = MODE_SIGN;
+            bits = sign_bits;
+            distortion = e->sign[j];
+        }
+        double shared_bits = n + e->shared_scale_bits;
+        cost = e->shared[j] / e->lam + shared_bits;
+        if (cost < best) {
+            best = cost;
+            mode = MODE_SIGN_SHARED;
+            bits = shared_bits;
+            distortion = e->shared[j];
+        }
+    }
+    if (e->exact_bits[j] < best) {
+        mode = MODE_RAW;
+        bits = e->exact_bits[j];
+        distortion = 0.0;
+    }
+    if (e->empty[j]) {
+        mode = MODE_DROP;
+        bits = e->drop_bits;
+        distortion = 0.0;
+    }
+    e->bits[j] = bits;
+    if (e->mode) {
+        e->mode[j] = mode;
+        e->log2_r[j] = log2_r;
+        e->tau[j] = tau;
+        e->distortion[j] = distortion;
+    }
+}
+
 HOT static Py_ssize_t evaluate_rows(const evaluation *e) {
     const double *G = e->tables, *R = e->tables + e->grid, *T = e->tables + 2 * e->grid, *H = e->tables + 3 * e->grid,
                  *D = e->tables + 4 * e->grid;
@@ -641,62 +696,30 @@ HOT static Py_ssize_t evaluate_rows(const evaluation *e) {
     for (Py_ssize_t j = 0; j < e->blocks; j++) {
         double log2_u = e->log2_energy[j] - e->log2_lam;
         Py_ssize_t ui = grid_index(log2_u, e->grid0, e->grid);
-        double log2_r = R[ui];
-        if (log2_r > e->log2_r_cap[j]) {
-            /* The widest grid caps the step: the reference evaluates these blocks (their cost
-             * needs exp2, which numpy and the C library may round differently). */
+        if (R[ui] > e->log2_r_cap[j]) {
+            /* The widest grid caps the step: the caller computes exp2(log2 u) as numpy does
+             * and evaluates these blocks with evaluate_capped_rows. */
             e->capped[capped++] = j;
             continue;
         }
-        double n = e->n[j];
-        double best = e->drop_energy[j] / e->lam + e->drop_bits;
-        signed char mode = MODE_DROP;
-        double bits = e->drop_bits, distortion = e->drop_energy[j];
-        double cost = n * G[ui] + e->scale_bits;
-        if (cost < best) {
-            best = cost;
-            mode = MODE_QUANTIZE;
-            bits = n * H[ui] + e->scale_bits;
-            distortion = e->energy[j] * D[ui];
-        }
-        if (e->sign) {
-            double sign_bits = n + e->scale_bits;
-            cost = e->sign[j] / e->lam + sign_bits;
-            if (cost < best) {
-                best = cost;
-                mode = MODE_SIGN;
-                bits = sign_bits;
-                distortion = e->sign[j];
-            }
-            double shared_bits = n + e->shared_scale_bits;
-            cost = e->shared[j] / e->lam + shared_bits;
-            if (cost < best) {
-                best = cost;
-                mode = MODE_SIGN_SHARED;
-                bits = shared_bits;
-                distortion = e->shared[j];
-            }
-        }
-        if (e->exact_bits[j] < best) {
-            mode = MODE_RAW;
-            bits = e->exact_bits[j];
-            distortion = 0.0;
-        }
-        if (e->empty[j]) {
-            mode = MODE_DROP;
-            bits = e->drop_bits;
-            distortion = 0.0;
-        }
-        e->bits[j] = bits;
-        if (e->mode) {
-            e->mode[j] = mode;
-            e->log2_r[j] = log2_r;
-            e->tau[j] = T[ui];
-            e->distortion[j] = distortion;
-        }
+        choose(e, j, G[ui], H[ui], D[ui], R[ui], T[ui]);
     }
     return capped;
 }
+
+/* Capped blocks: the tau = 0 quantizer at the capped step, whose cost per element is
+ * u * D0 + H0 with u = exp2(log2 u) given (computed by numpy, as the reference does). */
+static void evaluate_capped_rows(const evaluation *e, const int64_t *rows, const double *exp_u, Py_ssize_t count) {
+    const double *D0 = e->r_tables, *H0 = e->r_tables + e->r_grid;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t j = (Py_ssize_t)rows[i];
+        double cap = e->log2_r_cap[j];
+        Py_ssize_t ri = grid_index(cap, e->r_grid0, e->r_grid);
+        choose(e, j, exp_u[i] * D0[ri] + H0[ri], H0[ri], D0[ri], cap, 0.0);
+    }
+}
+
+static int check_rows(const int64_t *rows, Py_ssize_t count, Py_ssize_t total);
 
 static int double_buffer(PyObject *object, Py_buffer *view, Py_ssize_t count, int writable, const char *what) {
     if (PyObject_GetBuffer(object, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) return -1;
@@ -711,19 +734,24 @@ static int double_buffer(PyObject *object, Py_buffer *view, Py_ssize_t count, in
 /* evaluate_blocks(log2_energy, log2_r_cap, n, drop_energy, energy, exact_bits, empty_u8, sign|None,
  *                 shared|None, tables (5, grid), grid0, lam, log2_lam, (drop, scale, shared scale bits),
  *                 out_mode_i8|None, out_log2_r|None, out_tau|None, out_bits, out_distortion|None,
- *                 out_capped_i64) -> number of capped blocks (their indices lead out_capped) */
+ *                 capped_i64[, exp_u_f64, r_tables (2, r_grid), r_grid0])
+ * Without exp_u: evaluates every uncapped block and writes the capped ones' indices to the front of
+ * capped (length blocks), returning how many. With exp_u: evaluates exactly the blocks listed in
+ * capped (same length as exp_u, their exp2(log2 u)), returning 0. */
 static PyObject *evaluate_blocks(PyObject *self, PyObject *args) {
-    PyObject *objects[16];
+    PyObject *objects[18] = {NULL};
     double constants[3];
     evaluation e;
-    Py_buffer views[16];
+    Py_buffer views[18];
     int held = 0, ok = 0;
-    Py_ssize_t capped = 0;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOddd(ddd)OOOOOO", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
+    Py_ssize_t capped = 0, listed = 0;
+    e.r_grid0 = 0.0;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOddd(ddd)OOOOOO|OOd", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
                           &objects[5], &objects[6], &objects[7], &objects[8], &objects[9], &e.grid0, &e.lam, &e.log2_lam,
                           &constants[0], &constants[1], &constants[2], &objects[10], &objects[11], &objects[12], &objects[13],
-                          &objects[14], &objects[15]))
+                          &objects[14], &objects[15], &objects[16], &objects[17], &e.r_grid0))
         return NULL;
+    const double *exp_u = NULL;
     e.drop_bits = constants[0];
     e.scale_bits = constants[1];
     e.shared_scale_bits = constants[2];
@@ -772,14 +800,28 @@ static PyObject *evaluate_blocks(PyObject *self, PyObject *args) {
         *outputs[i] = (double *)views[held++].buf;
     }
     if (PyObject_GetBuffer(objects[15], &views[held], PyBUF_WRITABLE) < 0) goto done;
-    if (views[held].len != 8 * e.blocks) {
-        held++;
+    e.capped = (int64_t *)views[held].buf;
+    listed = views[held++].len / 8;
+    if (objects[16] && objects[16] != Py_None) {
+        if (double_buffer(objects[16], &views[held], listed, 0, "exp_u") < 0) goto done;
+        exp_u = (const double *)views[held++].buf;
+        if (!objects[17] || PyObject_GetBuffer(objects[17], &views[held], PyBUF_SIMPLE) < 0) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "evaluate_blocks: exp_u needs the capped tables");
+            goto done;
+        }
+        e.r_tables = (const double *)views[held].buf;
+        e.r_grid = views[held++].len / (Py_ssize_t)sizeof(double) / 2;
+        if (e.r_grid < 1 || check_rows(e.capped, listed, e.blocks) < 0) {
+            PyErr_SetString(PyExc_ValueError, "evaluate_blocks: bad capped rows or tables");
+            goto done;
+        }
+    } else if (listed != e.blocks) {
         PyErr_SetString(PyExc_ValueError, "evaluate_blocks: capped has the wrong size");
         goto done;
     }
-    e.capped = (int64_t *)views[held++].buf;
     Py_BEGIN_ALLOW_THREADS
-    capped = evaluate_rows(&e);
+    if (exp_u) evaluate_capped_rows(&e, e.capped, exp_u, listed);
+    else capped = evaluate_rows(&e);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:

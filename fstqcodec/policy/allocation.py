@@ -276,9 +276,9 @@ class _Evaluator:
     is several times faster than interpolating.
 
     The C accelerator evaluates the blocks with the same operations in the same order as
-    :meth:`_evaluate`, the reference, except the blocks whose best step the widest grid caps:
-    their cost needs ``exp2``, which numpy and a C library may round differently, so the
-    reference evaluates them (few, but every one at the richest end of the search).
+    :meth:`_evaluate`, the reference. The blocks whose best step the widest grid caps need
+    ``exp2``, which numpy and a C library may round differently: numpy computes it for them, and
+    C finishes their evaluation with its values.
     """
 
     def __init__(self, stats: BlockStats):
@@ -297,6 +297,7 @@ class _Evaluator:
             self.energy = np.nan_to_num(stats.weight * stats.mean_square * self.n)
         names = ("G", "log2_r_best", "tau_best", "H_best", "D_best")
         self.packed_tables = np.ascontiguousarray(np.stack([self.tables[k] for k in names]), dtype=np.float64)
+        self.packed_r_tables = np.ascontiguousarray(np.stack([self.tables["D0"], self.tables["H0"]]), dtype=np.float64)
         self._totals = {}
 
     def _u_index(self, log2_u):
@@ -358,16 +359,16 @@ class _Evaluator:
         rows = np.sort(np.concatenate(found)) if len(found) > 1 else found[0]
         if not len(rows):
             return
-        if choice is not None:
-            self._evaluate(lam, rows, choice)
-            return
-        part = _Choice(np.zeros(len(rows), dtype=np.int8), *(np.empty(len(rows)) for _ in range(4)), lam)
-        self._evaluate(lam, rows, part, at=slice(None))
-        bits[rows] = part.bits
+        # The capped blocks' u = exp2(log2 u) from numpy, as the reference computes it.
+        exp_u = np.exp2(self.log2_energy[rows] - math.log2(lam))
+        native(
+            *inputs, self.packed_tables, float(self.tables["log2_u"][0]), lam, math.log2(lam),
+            (DROP_BITS, SCALE_BITS, SHARED_SCALE_BITS), *outputs, np.ascontiguousarray(rows, dtype=np.int64),
+            exp_u, self.packed_r_tables, float(self.tables["log2_r"][0]),
+        )
 
-    def _evaluate(self, lam: float, rows, choice: "_Choice", at=None) -> None:
-        """The numpy reference: the best choice at ``lam`` of blocks ``rows``, into ``choice`` at
-        ``at`` (default: at ``rows``)."""
+    def _evaluate(self, lam: float, rows, choice: "_Choice") -> None:
+        """The numpy reference: the best choice at ``lam`` of blocks ``rows``, into ``choice``."""
         tables, n = self.tables, self.n[rows]
         log2_u = self.log2_energy[rows] - math.log2(lam)
         ui = self._u_index(log2_u)
@@ -410,9 +411,8 @@ class _Evaluator:
         mode[empty] = DROP
         bits[empty] = DROP_BITS
         distortion[empty] = 0.0
-        at = rows if at is None else at
-        choice.mode[at], choice.log2_r[at], choice.tau[at] = mode, log2_r, tau
-        choice.bits[at], choice.distortion[at] = bits, distortion
+        choice.mode[rows], choice.log2_r[rows], choice.tau[rows] = mode, log2_r, tau
+        choice.bits[rows], choice.distortion[rows] = bits, distortion
 
 
 @dataclasses.dataclass
