@@ -1024,6 +1024,64 @@ done:
     return result;
 }
 
+/* dequantize(symbols_u8, levels_f32, scales_f32, starts_i64, counts_i64, output, out_itemsize)
+ * decoder._dequantize_into: block i's counts[i] symbols (back to back in symbols) become
+ * levels[symbol] * scales[i] (one binary32 multiplication) at output[starts[i] ...], output
+ * float32 or float64. Returns False (and writes nothing more) if a symbol has no level. */
+HOT static int dequantize_loop(const unsigned char *symbols, const float *levels, Py_ssize_t level_count, const float *scales,
+                               const int64_t *starts, const int64_t *counts, Py_ssize_t blocks, void *output, int itemsize) {
+    Py_ssize_t at = 0;
+    for (Py_ssize_t i = 0; i < blocks; i++) {
+        const unsigned char *s = symbols + at;
+        float scale = scales[i];
+        Py_ssize_t count = (Py_ssize_t)counts[i];
+        unsigned char top = 0;
+        for (Py_ssize_t k = 0; k < count; k++) top = s[k] > top ? s[k] : top;
+        if (count && top >= level_count) return 0;
+        if (itemsize == 4) {
+            float *out = (float *)output + starts[i];
+            for (Py_ssize_t k = 0; k < count; k++) out[k] = levels[s[k]] * scale;
+        } else {
+            double *out = (double *)output + starts[i];
+            for (Py_ssize_t k = 0; k < count; k++) out[k] = (double)(levels[s[k]] * scale);
+        }
+        at += count;
+    }
+    return 1;
+}
+
+static PyObject *dequantize(PyObject *self, PyObject *args) {
+    Py_buffer symbols, levels, scales, starts, counts, output;
+    int itemsize, ok = 1;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*w*i", &symbols, &levels, &scales, &starts, &counts, &output, &itemsize)) return NULL;
+    Py_ssize_t blocks = starts.len / 8, size = (itemsize == 4 || itemsize == 8) ? output.len / itemsize : 0, total = 0;
+    int consistent = (itemsize == 4 || itemsize == 8) && !(starts.len % 8) && counts.len == starts.len && scales.len == 4 * blocks
+                     && !(levels.len % 4) && levels.len > 0;
+    for (Py_ssize_t i = 0; consistent && i < blocks; i++) {
+        int64_t start = ((const int64_t *)starts.buf)[i], count = ((const int64_t *)counts.buf)[i];
+        if (start < 0 || count < 0 || start > size || count > size - start) consistent = 0;
+        total += (Py_ssize_t)count;
+    }
+    if (!consistent || total != symbols.len) {
+        PyErr_SetString(PyExc_ValueError, "dequantize: inconsistent arguments");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    ok = dequantize_loop((const unsigned char *)symbols.buf, (const float *)levels.buf, levels.len / 4, (const float *)scales.buf,
+                         (const int64_t *)starts.buf, (const int64_t *)counts.buf, blocks, output.buf, itemsize);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(ok);
+done:
+    PyBuffer_Release(&symbols);
+    PyBuffer_Release(&levels);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&output);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
@@ -1035,6 +1093,7 @@ static PyMethodDef methods[] = {
     {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> capped count (policy/allocation.py, _Evaluator)"},
     {"quantize_rows", quantize_rows, METH_VARARGS, "quantize_rows(matrix, block_size, rows, scales, offsets, uniform, codes, where) (encoder/plans.py)"},
     {"best_per_u", best_per_u, METH_VARARGS, "best_per_u(u, distortion, entropy, out_best, out_least) (policy/allocation.py)"},
+    {"dequantize", dequantize, METH_VARARGS, "dequantize(symbols, levels, scales, starts, counts, output, itemsize) -> bool (decoder.py)"},
     {"sign_codes", sign_codes, METH_VARARGS, "sign_codes(matrix, block_size, rows, codes, where) (encoder/plans.py)"},
     {"class_statistics", class_statistics, METH_VARARGS, "class_statistics(matrix, block_size, rows, scales, codes, classes, counts, hist, sums) (encoder/plans.py)"},
     {"zstd_walk", zstd_walk, METH_VARARGS, "zstd_walk(stored, declared_length) -> frame length (FORMAT.md 11, pass 1)"},

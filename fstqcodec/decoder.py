@@ -239,6 +239,14 @@ def _dequantize_into(output, symbols, levels, scales, starts, counts):
     """output[block elements] = levels[symbol] * scale (binary32, one rounding), in chunks."""
     if not len(counts):
         return
+    native = getattr(rans._speedups, "dequantize", None)
+    if native is not None:
+        symbols = np.ascontiguousarray(symbols, dtype=np.uint8)
+        if not native(symbols, np.ascontiguousarray(levels, dtype=np.float32), np.ascontiguousarray(scales, dtype=np.float32),
+                      np.ascontiguousarray(starts, dtype=np.int64), np.ascontiguousarray(counts, dtype=np.int64),
+                      output, output.itemsize):
+            raise BadFormatError(f"a code has no level in its context's codebook of {len(levels)}")
+        return
     if int(counts.min()) == int(counts.max()):
         block = int(counts[0])
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // block)

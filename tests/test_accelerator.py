@@ -207,3 +207,17 @@ def test_nonfinite_values_are_found_by_both(dtype, bad, monkeypatch):
 
     native, reference = _both(outcome, monkeypatch)
     assert native == reference and "non-finite" in native[0]
+
+
+@pytest.mark.parametrize("which", sorted(INPUTS))
+@pytest.mark.parametrize("options", [{"budget": 1.0}, {"budget": 0.3}, {"bits": 4}, {"codebook": "nf4"}],
+                         ids=["bpp1", "bpp0.3", "bits4", "nf4"])
+def test_decodes_are_identical(which, options, monkeypatch):
+    tensors, fisher = INPUTS[which]()
+    if "budget" in options:
+        options = {"budget": fstqcodec.Budget(bits_per_param=options["budget"]), "fisher": fisher}
+    message = fstqcodec.encode(tensors, **options)
+    native, reference = _both(lambda: fstqcodec.decode(message), monkeypatch)
+    for name in tensors:
+        assert native[name].dtype == reference[name].dtype
+        assert np.array_equal(native[name], reference[name], equal_nan=False), name
