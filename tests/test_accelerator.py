@@ -221,3 +221,12 @@ def test_decodes_are_identical(which, options, monkeypatch):
     for name in tensors:
         assert native[name].dtype == reference[name].dtype
         assert np.array_equal(native[name], reference[name], equal_nan=False), name
+
+
+def test_rate_model_argmin_keeps_numpy_ties(monkeypatch):
+    rng = np.random.default_rng(8)
+    entropy = np.round(rng.random((257, 8)) * 4, 1)  # few distinct values: many exact ties
+    distortion = np.round(rng.random((257, 8)), 1)
+    native, reference = _both(lambda: allocation._best_per_u(entropy, distortion), monkeypatch)
+    for key in native:
+        assert np.array_equal(native[key], reference[key]), key

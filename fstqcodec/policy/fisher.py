@@ -35,11 +35,6 @@ class ElementWeights:
     root: bool
     top: float
 
-    def as_float64(self) -> np.ndarray:
-        """The weights of the elements, normalised (for callers outside the encoder's hot path)."""
-        values = self.values.astype(np.float64).reshape(-1)
-        return (np.sqrt(values) if self.root else values) / (self.top if self.top > 0 else 1.0)
-
 
 def normalize_fisher(fisher, names: list, shapes: dict, power: float = 1.0) -> dict:
     """Validate ``fisher`` against the tensors and return ``name -> float | ElementWeights``.
