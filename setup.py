@@ -4,6 +4,11 @@ The extension is optional: where it cannot be compiled, the package installs any
 numpy implementation of the same stage (identical bytes, slower).
 """
 
+import sys
+
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("fstqcodec._speedups", ["fstqcodec/_speedups.c"], optional=True)])
+# The encoder's C loops must round exactly as numpy does: no fused multiply-add contraction.
+_FLAGS = [] if sys.platform == "win32" else ["-ffp-contract=off"]
+
+setup(ext_modules=[Extension("fstqcodec._speedups", ["fstqcodec/_speedups.c"], extra_compile_args=_FLAGS, optional=True)])

@@ -1,9 +1,12 @@
 /*
- * Optional C accelerator for the interleaved rANS coder (spec section 6.5).
+ * Optional C accelerator: the interleaved rANS coder (spec section 6.5), the header and zstd frame
+ * walks of the decoder, the encoder's per-element passes (Fisher checks and normalisation, row
+ * maxima, the allocation's evaluations, quantization, sign codes, code statistics) and the
+ * decoder's dequantization.
  *
- * fstqcodec/stages/rans.py holds the reference implementation in numpy and uses these functions
- * when this module is built; the two produce identical bytes (tests/test_rans.py checks). The
- * stream layout: `lanes` initial decoder states (uint32 LE), then 16-bit words (LE) in the order
+ * Each has a numpy reference (fstqcodec/stages/rans.py, encoder/, policy/, decoder.py) that is
+ * used when this module is not built; the two produce identical bytes (tests/test_rans.py,
+ * tests/test_accelerator.py, tests/test_vectors.py check). The rANS stream layout: `lanes` initial decoder states (uint32 LE), then 16-bit words (LE) in the order
  * the decoder consumes them. Symbol i is coded in lane i % lanes. State range [2**16, 2**32).
  *
  * Errors are raised as ValueError(code, message, extra_bytes) with code "format" or "trailing"; the Python
@@ -14,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #define RANS_L (1u << 16)
 
@@ -69,6 +73,8 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
             goto done_buffers;
         }
         int zero_frequency = 0;
+        double inverse[256];
+        for (Py_ssize_t k = 0; k < alphabet; k++) inverse[k] = freq[k] ? 1.0 / (double)freq[k] : 0.0;
         for (lane = 0; lane < lanes; lane++) state[lane] = RANS_L;
         lane = n > 0 ? (n - 1) % lanes : 0;
         /* The coding loop touches only C memory and the held buffer: other threads (a server
@@ -86,7 +92,13 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
                 words[count++] = (uint16_t)(x & 0xFFFF);
                 x >>= 16;
             }
-            x = ((x / f) << prob_bits) + (x % f) + cum[s];
+            /* x < f << (32 - prob_bits) <= 2**32 here, so x / f < 2**31. The quotient by a
+             * multiplication (a division costs several times more): x * (1/f) is within 2**-21
+             * of x / f, and x / f is an integer or at least 1/f >= 2**-16 below the next one, so
+             * adding 2**-20 and truncating gives exactly floor(x / f). */
+            uint32_t x32 = (uint32_t)x;
+            uint32_t q = (uint32_t)((double)x32 * inverse[s] + 0x1p-20);
+            x = ((uint64_t)q << prob_bits) + (x32 - q * f) + cum[s];
             state[lane] = (uint32_t)x;
             lane = lane == 0 ? lanes - 1 : lane - 1;
         }
@@ -424,10 +436,715 @@ done:
     return PyLong_FromSsize_t(pos);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Encoder passes (fstqcodec/encoder): the same arithmetic as the numpy reference, operation for
+ * operation, so that both give the same bits (no FMA contraction: setup.py passes
+ * -ffp-contract=off). Each loop reads its inputs once and runs without the GIL.
+ */
+
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+/* Hot loops are compiled twice where the compiler can (AVX2 and the baseline) and the loader
+ * picks one: the arithmetic is the same IEEE operations either way, so are the results. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
+/* Largest |x| of a row: the integer max of the sign-cleared bits (plans.absmax_rows). */
+static inline float row_absmax_one(const float *row, Py_ssize_t count) {
+    const uint32_t *bits = (const uint32_t *)row;
+    uint32_t top = 0;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        uint32_t b = bits[k] & 0x7FFFFFFFu;
+        top = b > top ? b : top;
+    }
+    float value;
+    memcpy(&value, &top, 4);
+    return value;
+}
+
+HOT static void absmax_loop(const float *x, Py_ssize_t block_size, Py_ssize_t rows, double *out) {
+    for (Py_ssize_t r = 0; r < rows; r++) out[r] = (double)row_absmax_one(x + r * block_size, block_size);
+}
+
+/* row_absmax(matrix_f32, block_size, out_f64): the largest |x| of every row. */
+static PyObject *row_absmax(PyObject *self, PyObject *args) {
+    Py_buffer matrix, out;
+    Py_ssize_t block_size;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nw*", &matrix, &block_size, &out)) return NULL;
+    Py_ssize_t rows = block_size > 0 ? matrix.len / 4 / block_size : 0;
+    if (block_size < 1 || matrix.len % (4 * block_size) || out.len != 8 * rows) {
+        PyErr_SetString(PyExc_ValueError, "row_absmax: inconsistent arguments");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    absmax_loop((const float *)matrix.buf, block_size, rows, (double *)out.buf);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+HOT static void normalize_loop(const void *values, int itemsize, Py_ssize_t count, int root, double top, float *out) {
+    if (itemsize == 4) {
+        const float *v = (const float *)values;
+        if (root) for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)(sqrt((double)v[i]) / top);
+        else for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)((double)v[i] / top);
+    } else {
+        const double *v = (const double *)values;
+        if (root) for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)(sqrt(v[i]) / top);
+        else for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)(v[i] / top);
+    }
+}
+
+/* normalized_weights(values, itemsize, root, top, out_f32): out[i] = float32((root ? sqrt(v) : v)
+ * / top) in float64 (policy/fisher.py's normalisation and the cast the encoder applies), for the
+ * values present; out may be longer (padding, left as it is). */
+static PyObject *normalized_weights(PyObject *self, PyObject *args) {
+    Py_buffer values, out;
+    int itemsize, root;
+    double top;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*ipdw*", &values, &itemsize, &root, &top, &out)) return NULL;
+    Py_ssize_t count = (itemsize == 4 || itemsize == 8) ? values.len / itemsize : 0;
+    if ((itemsize != 4 && itemsize != 8) || values.len % itemsize || out.len % 4 || out.len / 4 < count) {
+        PyErr_SetString(PyExc_ValueError, "normalized_weights: inconsistent arguments");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    normalize_loop(values.buf, itemsize, count, root, top, (float *)out.buf);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* Float bits with -0.0 mapped to +0.0: then a weight is bad (negative, NaN or infinite) exactly
+ * when its bits reach the exponent-all-ones pattern, and good ones order as their values. */
+HOT static int max_bits32(const uint32_t *bits, Py_ssize_t count, uint32_t *largest) {
+    uint32_t top = 0, worst = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t b = bits[i] == 0x80000000u ? 0u : bits[i];
+        top = b > top ? b : top;
+        worst = b >= 0x7F800000u ? 1u : worst;
+    }
+    *largest = top;
+    return (int)worst;
+}
+
+HOT static int max_bits64(const uint64_t *bits, Py_ssize_t count, uint64_t *largest) {
+    uint64_t top = 0, worst = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint64_t b = bits[i] == 0x8000000000000000ull ? 0u : bits[i];
+        top = b > top ? b : top;
+        worst = b >= 0x7FF0000000000000ull ? 1u : worst;
+    }
+    *largest = top;
+    return (int)worst;
+}
+
+/* Whether every float is finite: the exponent field is all ones exactly when adding one unit of
+ * exponent carries into the sign bit (an OR-reduction the compiler vectorises). */
+HOT static int finite32(const uint32_t *bits, Py_ssize_t count) {
+    uint32_t carry = 0;
+    for (Py_ssize_t i = 0; i < count; i++) carry |= (bits[i] & 0x7F800000u) + 0x00800000u;
+    return !(carry & 0x80000000u);
+}
+
+HOT static int finite64(const uint64_t *bits, Py_ssize_t count) {
+    uint64_t carry = 0;
+    for (Py_ssize_t i = 0; i < count; i++) carry |= (bits[i] & 0x7FF0000000000000ull) + 0x0010000000000000ull;
+    return !(carry & 0x8000000000000000ull);
+}
+
+/* all_finite(array, itemsize) -> bool (float32 or float64 values). */
+static PyObject *all_finite(PyObject *self, PyObject *args) {
+    Py_buffer buffer;
+    int itemsize, finite;
+    if (!PyArg_ParseTuple(args, "y*i", &buffer, &itemsize)) return NULL;
+    if ((itemsize != 4 && itemsize != 8) || buffer.len % itemsize) {
+        PyBuffer_Release(&buffer);
+        PyErr_SetString(PyExc_ValueError, "all_finite: itemsize must be 4 or 8");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    finite = itemsize == 4 ? finite32((const uint32_t *)buffer.buf, buffer.len / 4) : finite64((const uint64_t *)buffer.buf, buffer.len / 8);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buffer);
+    return PyBool_FromLong(finite);
+}
+
+/* weights_max(array, itemsize) -> the largest element (-inf if empty), or None if any element is
+ * negative, NaN or infinite (policy/fisher.py's checks in one pass). */
+static PyObject *weights_max(PyObject *self, PyObject *args) {
+    Py_buffer buffer;
+    int itemsize, bad = 0;
+    double largest = -INFINITY;
+    if (!PyArg_ParseTuple(args, "y*i", &buffer, &itemsize)) return NULL;
+    if ((itemsize != 4 && itemsize != 8) || buffer.len % itemsize) {
+        PyBuffer_Release(&buffer);
+        PyErr_SetString(PyExc_ValueError, "weights_max: itemsize must be 4 or 8");
+        return NULL;
+    }
+    Py_ssize_t count = buffer.len / itemsize;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4) {
+        uint32_t top;
+        float value;
+        bad = max_bits32((const uint32_t *)buffer.buf, count, &top);
+        memcpy(&value, &top, 4);
+        largest = value;
+    } else {
+        uint64_t top;
+        bad = max_bits64((const uint64_t *)buffer.buf, count, &top);
+        memcpy(&largest, &top, 8);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buffer);
+    if (bad) Py_RETURN_NONE;
+    return PyFloat_FromDouble(count ? largest : -INFINITY);
+}
+
+/* The allocation's per-block choice at one multiplier (policy/allocation.py, _Evaluator._evaluate,
+ * the reference: the same operations in the same order), except for the blocks whose best step
+ * the widest grid caps: their indices go to `capped`, and the caller evaluates them. */
+enum { MODE_DROP = 0, MODE_QUANTIZE = 1, MODE_RAW = 3, MODE_SIGN = 4, MODE_SIGN_SHARED = 5 };
+
+typedef struct {
+    const double *log2_energy, *log2_r_cap, *n, *drop_energy, *energy, *exact_bits, *sign, *shared, *tables;
+    const unsigned char *empty;
+    Py_ssize_t blocks, grid;
+    double grid0, lam, log2_lam, drop_bits, scale_bits, shared_scale_bits;
+    int64_t *capped;
+    const double *r_tables;
+    Py_ssize_t r_grid;
+    double r_grid0;
+    signed char *mode;
+    double *log2_r, *tau, *bits, *distortion;
+} evaluation;
+
+/* Nearest index into a 1/16-octave grid starting at grid0, clamped; NaN and -inf give 0. */
+static inline Py_ssize_t grid_index(double log2_value, double grid0, Py_ssize_t length) {
+    double index = nearbyint((log2_value - grid0) * 16);
+    return (Py_ssize_t)fmin(fmax(index, 0.0), (double)(length - 1));
+}
+
+/* The best of drop, the quantizer (at the given per-element cost, entropy and relative
+ * distortion), the sign candidates and raw for block j; written to the outputs. */
+static inline void choose(const evaluation *e, Py_ssize_t j, double cost_per_element, double entropy, double relative,
+                          double log2_r, double tau) {
+    double n = e->n[j];
+    double best = e->drop_energy[j] / e->lam + e->drop_bits;
+    signed char mode = MODE_DROP;
+    double bits = e->drop_bits, distortion = e->drop_energy[j];
+    double cost = n * cost_per_element + e->scale_bits;
+    if (cost < best) {
+        best = cost;
+        mode = MODE_QUANTIZE;
+        bits = n * entropy + e->scale_bits;
+        distortion = e->energy[j] * relative;
+    }
+    if (e->sign) {
+        double sign_bits = n + e->scale_bits;
+        cost = e->sign[j] / e->lam + sign_bits;
+        if (cost < best) {
+            best = cost;
+            mode = MODE_SIGN;
+            bits = sign_bits;
+            distortion = e->sign[j];
+        }
+        double shared_bits = n + e->shared_scale_bits;
+        cost = e->shared[j] / e->lam + shared_bits;
+        if (cost < best) {
+            best = cost;
+            mode = MODE_SIGN_SHARED;
+            bits = shared_bits;
+            distortion = e->shared[j];
+        }
+    }
+    if (e->exact_bits[j] < best) {
+        mode = MODE_RAW;
+        bits = e->exact_bits[j];
+        distortion = 0.0;
+    }
+    if (e->empty[j]) {
+        mode = MODE_DROP;
+        bits = e->drop_bits;
+        distortion = 0.0;
+    }
+    e->bits[j] = bits;
+    if (e->mode) {
+        e->mode[j] = mode;
+        e->log2_r[j] = log2_r;
+        e->tau[j] = tau;
+        e->distortion[j] = distortion;
+    }
+}
+
+HOT static Py_ssize_t evaluate_rows(const evaluation *e) {
+    const double *G = e->tables, *R = e->tables + e->grid, *T = e->tables + 2 * e->grid, *H = e->tables + 3 * e->grid,
+                 *D = e->tables + 4 * e->grid;
+    Py_ssize_t capped = 0;
+    for (Py_ssize_t j = 0; j < e->blocks; j++) {
+        double log2_u = e->log2_energy[j] - e->log2_lam;
+        Py_ssize_t ui = grid_index(log2_u, e->grid0, e->grid);
+        if (R[ui] > e->log2_r_cap[j]) {
+            /* The widest grid caps the step: the caller computes exp2(log2 u) as numpy does
+             * and evaluates these blocks with evaluate_capped_rows. */
+            e->capped[capped++] = j;
+            continue;
+        }
+        choose(e, j, G[ui], H[ui], D[ui], R[ui], T[ui]);
+    }
+    return capped;
+}
+
+/* Capped blocks: the tau = 0 quantizer at the capped step, whose cost per element is
+ * u * D0 + H0 with u = exp2(log2 u) given (computed by numpy, as the reference does). */
+static void evaluate_capped_rows(const evaluation *e, const int64_t *rows, const double *exp_u, Py_ssize_t count) {
+    const double *D0 = e->r_tables, *H0 = e->r_tables + e->r_grid;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t j = (Py_ssize_t)rows[i];
+        double cap = e->log2_r_cap[j];
+        Py_ssize_t ri = grid_index(cap, e->r_grid0, e->r_grid);
+        choose(e, j, exp_u[i] * D0[ri] + H0[ri], H0[ri], D0[ri], cap, 0.0);
+    }
+}
+
+static int check_rows(const int64_t *rows, Py_ssize_t count, Py_ssize_t total);
+
+static int double_buffer(PyObject *object, Py_buffer *view, Py_ssize_t count, int writable, const char *what) {
+    if (PyObject_GetBuffer(object, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) return -1;
+    if (view->len != (Py_ssize_t)sizeof(double) * count) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "evaluate_blocks: %s has the wrong size", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* evaluate_blocks(log2_energy, log2_r_cap, n, drop_energy, energy, exact_bits, empty_u8, sign|None,
+ *                 shared|None, tables (5, grid), grid0, lam, log2_lam, (drop, scale, shared scale bits),
+ *                 out_mode_i8|None, out_log2_r|None, out_tau|None, out_bits, out_distortion|None,
+ *                 capped_i64[, exp_u_f64, r_tables (2, r_grid), r_grid0])
+ * Without exp_u: evaluates every uncapped block and writes the capped ones' indices to the front of
+ * capped (length blocks), returning how many. With exp_u: evaluates exactly the blocks listed in
+ * capped (same length as exp_u, their exp2(log2 u)), returning 0. */
+static PyObject *evaluate_blocks(PyObject *self, PyObject *args) {
+    PyObject *objects[18] = {NULL};
+    double constants[3];
+    evaluation e;
+    Py_buffer views[18];
+    int held = 0, ok = 0;
+    Py_ssize_t capped = 0, listed = 0;
+    e.r_grid0 = 0.0;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOddd(ddd)OOOOOO|OOd", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
+                          &objects[5], &objects[6], &objects[7], &objects[8], &objects[9], &e.grid0, &e.lam, &e.log2_lam,
+                          &constants[0], &constants[1], &constants[2], &objects[10], &objects[11], &objects[12], &objects[13],
+                          &objects[14], &objects[15], &objects[16], &objects[17], &e.r_grid0))
+        return NULL;
+    const double *exp_u = NULL;
+    e.drop_bits = constants[0];
+    e.scale_bits = constants[1];
+    e.shared_scale_bits = constants[2];
+    if (PyObject_GetBuffer(objects[6], &views[held], PyBUF_SIMPLE) < 0) return NULL;
+    e.blocks = views[held].len;
+    e.empty = (const unsigned char *)views[held++].buf;
+    const double **inputs[] = {&e.log2_energy, &e.log2_r_cap, &e.n, &e.drop_energy, &e.energy, &e.exact_bits};
+    for (int i = 0; i < 6; i++) {
+        if (double_buffer(objects[i], &views[held], e.blocks, 0, "a per-block input") < 0) goto done;
+        *inputs[i] = (const double *)views[held++].buf;
+    }
+    e.sign = e.shared = NULL;
+    if ((objects[7] == Py_None) != (objects[8] == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "evaluate_blocks: give both sign distortions or neither");
+        goto done;
+    }
+    if (objects[7] != Py_None) {
+        if (double_buffer(objects[7], &views[held], e.blocks, 0, "sign") < 0) goto done;
+        e.sign = (const double *)views[held++].buf;
+        if (double_buffer(objects[8], &views[held], e.blocks, 0, "shared") < 0) goto done;
+        e.shared = (const double *)views[held++].buf;
+    }
+    if (PyObject_GetBuffer(objects[9], &views[held], PyBUF_SIMPLE) < 0) goto done;
+    e.tables = (const double *)views[held].buf;
+    e.grid = views[held++].len / (Py_ssize_t)sizeof(double) / 5;
+    if (e.grid < 1) {
+        PyErr_SetString(PyExc_ValueError, "evaluate_blocks: empty tables");
+        goto done;
+    }
+    /* mode, log2_r, tau and distortion may all be None: then only the bits are written. */
+    e.mode = NULL;
+    e.log2_r = e.tau = e.distortion = NULL;
+    if (objects[10] != Py_None) {
+        if (PyObject_GetBuffer(objects[10], &views[held], PyBUF_WRITABLE) < 0) goto done;
+        if (views[held].len != e.blocks) {
+            held++;
+            PyErr_SetString(PyExc_ValueError, "evaluate_blocks: mode has the wrong size");
+            goto done;
+        }
+        e.mode = (signed char *)views[held++].buf;
+    }
+    double **outputs[] = {&e.log2_r, &e.tau, &e.bits, &e.distortion};
+    for (int i = 0; i < 4; i++) {
+        if (objects[11 + i] == Py_None && i != 2 && !e.mode) continue;
+        if (double_buffer(objects[11 + i], &views[held], e.blocks, 1, "an output") < 0) goto done;
+        *outputs[i] = (double *)views[held++].buf;
+    }
+    if (PyObject_GetBuffer(objects[15], &views[held], PyBUF_WRITABLE) < 0) goto done;
+    e.capped = (int64_t *)views[held].buf;
+    listed = views[held++].len / 8;
+    if (objects[16] && objects[16] != Py_None) {
+        if (double_buffer(objects[16], &views[held], listed, 0, "exp_u") < 0) goto done;
+        exp_u = (const double *)views[held++].buf;
+        if (!objects[17] || PyObject_GetBuffer(objects[17], &views[held], PyBUF_SIMPLE) < 0) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "evaluate_blocks: exp_u needs the capped tables");
+            goto done;
+        }
+        e.r_tables = (const double *)views[held].buf;
+        e.r_grid = views[held++].len / (Py_ssize_t)sizeof(double) / 2;
+        if (e.r_grid < 1 || check_rows(e.capped, listed, e.blocks) < 0) {
+            PyErr_SetString(PyExc_ValueError, "evaluate_blocks: bad capped rows or tables");
+            goto done;
+        }
+    } else if (listed != e.blocks) {
+        PyErr_SetString(PyExc_ValueError, "evaluate_blocks: capped has the wrong size");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (exp_u) evaluate_capped_rows(&e, e.capped, exp_u, listed);
+    else capped = evaluate_rows(&e);
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    return ok ? PyLong_FromSsize_t(capped) : NULL;
+}
+
+/* quantize_rows(matrix_f32, block_size, rows_i64, scales_f32, offsets_f32, uniform, codes_i8, where_i64)
+ * plans._quantize_rows with nearest or dead-zone rounding, row i into codes row where[i]:
+ * v = x / scale in float32, then rint(v) where every offset is 1/2 (uniform), else
+ * copysign(floor(|v| + offset), v). */
+HOT static void quantize_loop(const float *x, Py_ssize_t block_size, const int64_t *rows, Py_ssize_t count, const float *scales,
+                              const float *offsets, int uniform, signed char *codes, const int64_t *where) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const float *row = x + rows[i] * block_size;
+        signed char *out = codes + where[i] * block_size;
+        float scale = scales[i], offset = offsets[i];
+        if (uniform) {
+            for (Py_ssize_t k = 0; k < block_size; k++) out[k] = (signed char)(int)nearbyintf(row[k] / scale);
+        } else {
+            for (Py_ssize_t k = 0; k < block_size; k++) {
+                float v = row[k] / scale;
+                out[k] = (signed char)(int)copysignf(floorf(fabsf(v) + offset), v);
+            }
+        }
+    }
+}
+
+static int check_rows(const int64_t *rows, Py_ssize_t count, Py_ssize_t total) {
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (rows[i] < 0 || rows[i] >= total) return -1;
+    return 0;
+}
+
+static PyObject *quantize_rows(PyObject *self, PyObject *args) {
+    Py_buffer matrix, rows, scales, offsets, codes, where;
+    Py_ssize_t block_size;
+    int uniform;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*pw*y*", &matrix, &block_size, &rows, &scales, &offsets, &uniform, &codes, &where)) return NULL;
+    Py_ssize_t count = rows.len / 8;
+    if (block_size < 1 || matrix.len % (4 * block_size) || rows.len % 8 || scales.len != 4 * count || offsets.len != 4 * count
+        || where.len != rows.len || codes.len % block_size || check_rows((const int64_t *)rows.buf, count, matrix.len / 4 / block_size) < 0
+        || check_rows((const int64_t *)where.buf, count, codes.len / block_size) < 0) {
+        PyErr_SetString(PyExc_ValueError, "quantize_rows: inconsistent arguments");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    quantize_loop((const float *)matrix.buf, block_size, (const int64_t *)rows.buf, count, (const float *)scales.buf,
+                  (const float *)offsets.buf, uniform, (signed char *)codes.buf, (const int64_t *)where.buf);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&where);
+    return result;
+}
+
+/* sign_codes(matrix_f32, block_size, rows_i64, codes_i8, where_i64): codes row where[i] of
+ * matrix row rows[i] is -1 where x < 0, else 0 (plans._sign_codes). */
+static PyObject *sign_codes(PyObject *self, PyObject *args) {
+    Py_buffer matrix, rows, codes, where;
+    Py_ssize_t block_size;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*w*y*", &matrix, &block_size, &rows, &codes, &where)) return NULL;
+    Py_ssize_t count = rows.len / 8;
+    if (block_size < 1 || matrix.len % (4 * block_size) || rows.len % 8 || where.len != rows.len || codes.len % block_size
+        || check_rows((const int64_t *)rows.buf, count, matrix.len / 4 / block_size) < 0
+        || check_rows((const int64_t *)where.buf, count, codes.len / block_size) < 0) {
+        PyErr_SetString(PyExc_ValueError, "sign_codes: inconsistent arguments");
+        goto done;
+    }
+    {
+        const float *x = (const float *)matrix.buf;
+        const int64_t *row = (const int64_t *)rows.buf, *at = (const int64_t *)where.buf;
+        signed char *out = (signed char *)codes.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < count; i++) {
+            const float *values = x + row[i] * block_size;
+            signed char *c = out + at[i] * block_size;
+            for (Py_ssize_t k = 0; k < block_size; k++) c[k] = values[k] < 0.0f ? -1 : 0;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&where);
+    return result;
+}
+
+/* class_statistics(matrix_f32, block_size, rows_i64, scales_f32, codes_i8 (rows, block_size),
+ *                  classes_i64, counts_i64, hist_i64 out, sums_f64 out | None)
+ * plans._class_statistics over the sampled rows, in the order numpy's bincount adds: row by
+ * row, the first counts[i] elements of each; index = class * 256 + 128 + code; sums add
+ * (double)(x / scale) computed in float32. */
+static PyObject *class_statistics(PyObject *self, PyObject *args) {
+    Py_buffer matrix, rows, scales, codes, classes, counts, hist, sums = {0};
+    PyObject *sums_object, *result = NULL;
+    Py_ssize_t block_size;
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*y*w*O", &matrix, &block_size, &rows, &scales, &codes, &classes, &counts, &hist, &sums_object))
+        return NULL;
+    int with_sums = sums_object != Py_None;
+    if (with_sums && PyObject_GetBuffer(sums_object, &sums, PyBUF_WRITABLE) < 0) goto done;
+    Py_ssize_t count = rows.len / 8, bins = hist.len / 8;
+    if (block_size < 1 || matrix.len % (4 * block_size) || rows.len % 8 || scales.len != 4 * count || codes.len != count * block_size
+        || classes.len != 8 * count || counts.len != 8 * count || hist.len % 8 || (with_sums && sums.len != hist.len)
+        || check_rows((const int64_t *)rows.buf, count, matrix.len / 4 / block_size) < 0) {
+        PyErr_SetString(PyExc_ValueError, "class_statistics: inconsistent arguments");
+        goto done;
+    }
+    const int64_t *cls = (const int64_t *)classes.buf, *cnt = (const int64_t *)counts.buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (cls[i] < 0 || (cls[i] + 1) * 256 > bins || cnt[i] < 0 || cnt[i] > block_size) {
+            PyErr_SetString(PyExc_ValueError, "class_statistics: a class or count out of range");
+            goto done;
+        }
+    }
+    {
+        const float *x = (const float *)matrix.buf, *scale = (const float *)scales.buf;
+        const int64_t *row = (const int64_t *)rows.buf;
+        const signed char *code = (const signed char *)codes.buf;
+        int64_t *h = (int64_t *)hist.buf;
+        double *sum = with_sums ? (double *)sums.buf : NULL;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < count; i++) {
+            const float *values = x + row[i] * block_size;
+            const signed char *c = code + i * block_size;
+            int64_t base = cls[i] * 256 + 128;
+            for (Py_ssize_t k = 0; k < cnt[i]; k++) h[base + c[k]]++;
+            if (sum)
+                for (Py_ssize_t k = 0; k < cnt[i]; k++) sum[base + c[k]] += (double)(values[k] / scale[i]);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    if (with_sums && sums.buf) PyBuffer_Release(&sums);
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&classes);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&hist);
+    return result;
+}
+
+/* numpy's argmin of u * d[k] + h[k] over k: the first minimum; a NaN counts as the minimum and the
+ * first NaN wins. */
+static void argmin_careful(double u, const double *d, const double *h, Py_ssize_t count, Py_ssize_t *at, double *least) {
+    Py_ssize_t best = 0;
+    double smallest = u * d[0] + h[0];
+    for (Py_ssize_t k = 1; k < count && smallest == smallest; k++) {
+        double cost = u * d[k] + h[k];
+        if (cost < smallest || cost != cost) {
+            smallest = cost;
+            best = k;
+        }
+    }
+    *at = best;
+    *least = smallest;
+}
+
+/* The same for finite u, d and h (a cost may overflow to inf, but is never NaN): eight independent
+ * running minima, each keeping its first index; the smallest value wins, ties to the smallest
+ * index, which is the first minimum overall. No loop-carried comparison chain: several times
+ * faster. */
+#define ARGMIN_LANES 8
+HOT static void argmin_lanes(double u, const double *d, const double *h, Py_ssize_t count, Py_ssize_t *at, double *least) {
+    if (count < ARGMIN_LANES) {
+        argmin_careful(u, d, h, count, at, least);
+        return;
+    }
+    double best[ARGMIN_LANES];
+    Py_ssize_t index[ARGMIN_LANES];
+    for (int l = 0; l < ARGMIN_LANES; l++) {
+        best[l] = u * d[l] + h[l];
+        index[l] = l;
+    }
+    Py_ssize_t k = ARGMIN_LANES;
+    for (; k + ARGMIN_LANES <= count; k += ARGMIN_LANES) {
+        for (int l = 0; l < ARGMIN_LANES; l++) {
+            double cost = u * d[k + l] + h[k + l];
+            int better = cost < best[l];
+            best[l] = better ? cost : best[l];
+            index[l] = better ? k + l : index[l];
+        }
+    }
+    for (int l = 0; k + l < count; l++) {
+        double cost = u * d[k + l] + h[k + l];
+        if (cost < best[l]) {
+            best[l] = cost;
+            index[l] = k + l;
+        }
+    }
+    int chosen = 0;
+    for (int l = 1; l < ARGMIN_LANES; l++)
+        if (best[l] < best[chosen] || (best[l] == best[chosen] && index[l] < index[chosen])) chosen = l;
+    *at = index[chosen];
+    *least = best[chosen];
+}
+
+/* best_per_u(u_f64, distortion_f64, entropy_f64, out_best_intp, out_least_f64): for each u the
+ * first index minimising u * distortion + entropy, and that minimum (allocation._best_per_u). */
+static PyObject *best_per_u(PyObject *self, PyObject *args) {
+    Py_buffer u, d, h, best, least;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*", &u, &d, &h, &best, &least)) return NULL;
+    Py_ssize_t rows = u.len / 8, candidates = d.len / 8;
+    if (u.len % 8 || d.len % 8 || h.len != d.len || candidates < 1 || best.len != (Py_ssize_t)sizeof(Py_ssize_t) * rows
+        || least.len != 8 * rows) {
+        PyErr_SetString(PyExc_ValueError, "best_per_u: inconsistent arguments");
+        goto done;
+    }
+    {
+        const double *uu = (const double *)u.buf, *dd = (const double *)d.buf, *hh = (const double *)h.buf;
+        Py_ssize_t *out = (Py_ssize_t *)best.buf;
+        double *low = (double *)least.buf;
+        int finite = 1;
+        for (Py_ssize_t k = 0; k < candidates; k++) finite &= isfinite(dd[k]) && isfinite(hh[k]);
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < rows; i++) {
+            if (finite && isfinite(uu[i])) argmin_lanes(uu[i], dd, hh, candidates, &out[i], &low[i]);
+            else argmin_careful(uu[i], dd, hh, candidates, &out[i], &low[i]);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&h);
+    PyBuffer_Release(&best);
+    PyBuffer_Release(&least);
+    return result;
+}
+
+/* dequantize(symbols_u8, levels_f32, scales_f32, starts_i64, counts_i64, output, out_itemsize)
+ * decoder._dequantize_into: block i's counts[i] symbols (back to back in symbols) become
+ * levels[symbol] * scales[i] (one binary32 multiplication) at output[starts[i] ...], output
+ * float32 or float64. Returns False (and writes nothing more) if a symbol has no level. */
+HOT static int dequantize_loop(const unsigned char *symbols, const float *levels, Py_ssize_t level_count, const float *scales,
+                               const int64_t *starts, const int64_t *counts, Py_ssize_t blocks, void *output, int itemsize) {
+    Py_ssize_t at = 0;
+    for (Py_ssize_t i = 0; i < blocks; i++) {
+        const unsigned char *s = symbols + at;
+        float scale = scales[i];
+        Py_ssize_t count = (Py_ssize_t)counts[i];
+        unsigned char top = 0;
+        for (Py_ssize_t k = 0; k < count; k++) top = s[k] > top ? s[k] : top;
+        if (count && top >= level_count) return 0;
+        if (itemsize == 4) {
+            float *out = (float *)output + starts[i];
+            for (Py_ssize_t k = 0; k < count; k++) out[k] = levels[s[k]] * scale;
+        } else {
+            double *out = (double *)output + starts[i];
+            for (Py_ssize_t k = 0; k < count; k++) out[k] = (double)(levels[s[k]] * scale);
+        }
+        at += count;
+    }
+    return 1;
+}
+
+static PyObject *dequantize(PyObject *self, PyObject *args) {
+    Py_buffer symbols, levels, scales, starts, counts, output;
+    int itemsize, ok = 1;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*w*i", &symbols, &levels, &scales, &starts, &counts, &output, &itemsize)) return NULL;
+    Py_ssize_t blocks = starts.len / 8, size = (itemsize == 4 || itemsize == 8) ? output.len / itemsize : 0, total = 0;
+    int consistent = (itemsize == 4 || itemsize == 8) && !(starts.len % 8) && counts.len == starts.len && scales.len == 4 * blocks
+                     && !(levels.len % 4) && levels.len > 0;
+    for (Py_ssize_t i = 0; consistent && i < blocks; i++) {
+        int64_t start = ((const int64_t *)starts.buf)[i], count = ((const int64_t *)counts.buf)[i];
+        if (start < 0 || count < 0 || start > size || count > size - start) consistent = 0;
+        total += (Py_ssize_t)count;
+    }
+    if (!consistent || total != symbols.len) {
+        PyErr_SetString(PyExc_ValueError, "dequantize: inconsistent arguments");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    ok = dequantize_loop((const unsigned char *)symbols.buf, (const float *)levels.buf, levels.len / 4, (const float *)scales.buf,
+                         (const int64_t *)starts.buf, (const int64_t *)counts.buf, blocks, output.buf, itemsize);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(ok);
+done:
+    PyBuffer_Release(&symbols);
+    PyBuffer_Release(&levels);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&output);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"msgpack_scan", msgpack_scan, METH_VARARGS, "msgpack_scan(header_bytes, container_budget) -> None (FORMAT.md 5.1)"},
+    {"row_absmax", row_absmax, METH_VARARGS, "row_absmax(matrix, block_size, out) (encoder/moments.py)"},
+    {"normalized_weights", normalized_weights, METH_VARARGS, "normalized_weights(values, itemsize, root, top, out) (encoder/moments.py)"},
+    {"all_finite", all_finite, METH_VARARGS, "all_finite(array, itemsize) -> whether every float32/float64 value is finite"},
+    {"weights_max", weights_max, METH_VARARGS, "weights_max(array, itemsize) -> largest element, or None if one is negative or not finite"},
+    {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> capped count (policy/allocation.py, _Evaluator)"},
+    {"quantize_rows", quantize_rows, METH_VARARGS, "quantize_rows(matrix, block_size, rows, scales, offsets, uniform, codes, where) (encoder/plans.py)"},
+    {"best_per_u", best_per_u, METH_VARARGS, "best_per_u(u, distortion, entropy, out_best, out_least) (policy/allocation.py)"},
+    {"dequantize", dequantize, METH_VARARGS, "dequantize(symbols, levels, scales, starts, counts, output, itemsize) -> bool (decoder.py)"},
+    {"sign_codes", sign_codes, METH_VARARGS, "sign_codes(matrix, block_size, rows, codes, where) (encoder/plans.py)"},
+    {"class_statistics", class_statistics, METH_VARARGS, "class_statistics(matrix, block_size, rows, scales, codes, classes, counts, hist, sums) (encoder/plans.py)"},
     {"zstd_walk", zstd_walk, METH_VARARGS, "zstd_walk(stored, declared_length) -> frame length (FORMAT.md 11, pass 1)"},
     {NULL, NULL, 0, NULL},
 };

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import decoder, encoder
+from . import _threads, decoder, encoder
 from .config import DEFAULT_BLOCK_SIZE, EncodeConfig
 from .limits import Limits
 from .message import Message
@@ -35,6 +35,7 @@ def encode(
     schema: Schema | None = None,
     config: EncodeConfig | None = None,
     masks=None,
+    threads: int | None = None,
 ) -> bytes:
     """Encode named tensors into one fstq message.
 
@@ -89,6 +90,10 @@ def encode(
         tensor keeps are coded (the budget is spent on them alone); the decoder regenerates the
         masks from the header and returns hidden elements as 0. The message carries no index
         bytes. Used by :mod:`fstqcodec.proxy` for downlink model proxies.
+    threads : int, optional
+        Worker threads for the passes that run in the C accelerator without the GIL (block
+        statistics, the allocation's evaluations, quantization, the code streams). The bytes
+        are the same for any number; None or 1 runs everything on the calling thread.
 
     Returns
     -------
@@ -101,7 +106,7 @@ def encode(
     BudgetError
         The budget is below the smallest message for these tensors.
     TypeError, ValueError
-        Misuse of the arguments.
+        Misuse of the arguments (``threads`` not None or an int >= 1 included).
 
     Examples
     --------
@@ -123,9 +128,10 @@ def encode(
         options = config
     if meta is not None:
         _check_meta(meta)
+    threads = _threads.check_threads(threads)
     # Non-finite intermediate values are handled explicitly; a caller's np.seterr must not turn
     # them into FloatingPointError.
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), _threads.using(threads):
         return _encode(tensors, fisher, options, meta, schema, masks)
 
 
@@ -171,7 +177,7 @@ def _schema_difference(specs, expected) -> str:
     return f"{len(specs)} tensors, the schema has {len(expected)}"
 
 
-def decode(data, *, limits: Limits | None = None, schemas=None) -> dict:
+def decode(data, *, limits: Limits | None = None, schemas=None, threads: int | None = None) -> dict:
     """Decode a message into ``name -> numpy array`` with the original names, shapes and dtypes.
 
     bfloat16 tensors come back as float32 arrays holding bfloat16 values (numpy has no bfloat16);
@@ -185,6 +191,10 @@ def decode(data, *, limits: Limits | None = None, schemas=None) -> dict:
         Bounds on what the message may declare; None means :data:`fstqcodec.DEFAULT_LIMITS`.
     schemas : Schema or iterable of Schema, optional
         Resolve messages encoded with ``schema=`` (they carry a digest, not the tensor list).
+    threads : int, optional
+        Worker threads decoding the message's contexts (code streams) side by side; the result
+        is the same for any number. None or 1 decodes on the calling thread. Several contexts'
+        symbols are then held at once (each within the limits).
 
     Returns
     -------
@@ -198,8 +208,12 @@ def decode(data, *, limits: Limits | None = None, schemas=None) -> dict:
         UnknownSchemaError. Nothing else, for any input bytes.
     TypeError
         If ``data`` is not bytes-like or ``limits`` is not a Limits.
+    ValueError
+        If ``threads`` is not None or an int >= 1.
     """
-    return decoder.decode_message(data, limits, schemas)
+    threads = _threads.check_threads(threads)
+    with _threads.using(threads):
+        return decoder.decode_message(data, limits, schemas)
 
 
 def open(data, *, limits: Limits | None = None, schemas=None) -> Message:  # noqa: A001 (like safetensors' safe_open)

@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 
+from . import _threads
 from .errors import BadFormatError
 from .limits import DEFAULT_LIMITS, Limits
 from .stages import bitpack, rans
@@ -179,7 +180,11 @@ def _decode_body(container, layout: Layout) -> dict:
     output = np.zeros(layout.total_elements, dtype=np.float64 if wide else np.float32)
     order = np.argsort(block_contexts, kind="stable")
     boundaries = np.searchsorted(block_contexts[order], np.arange(len(contexts) + 1))
-    for index, context in enumerate(contexts):
+
+    def decode_context(index):
+        """Decode context ``index`` into its blocks of ``output`` (its own elements: contexts
+        run on the worker threads when ``decode`` has them)."""
+        context = contexts[index]
         rows = order[boundaries[index] : boundaries[index + 1]]
         section = layout.sections[2 + index]
         row_counts = counts[rows]
@@ -192,13 +197,13 @@ def _decode_body(container, layout: Layout) -> dict:
         # nothing in the message goes unchecked.
         payload = decode_section(container, section, what)
         if context.kind == "zero":
-            continue
+            return
         if context.kind == "raw":
             values = np.frombuffer(payload, dtype=_RAW_NUMPY[context.raw_format])
             if context.raw_format == "bf16":
                 values = (values.astype(np.uint32) << np.uint32(16)).view(np.float32)
             _scatter(output, values, starts[rows], row_counts)
-            continue
+            return
         if context.kind == "packed":
             symbols = bitpack.unpack(payload, context.width, element_count)
         else:
@@ -209,6 +214,8 @@ def _decode_body(container, layout: Layout) -> dict:
         else:
             levels = layout.codebooks[context.codebook]
         _dequantize_into(output, symbols, levels, scales_all[rows], starts[rows], row_counts)
+
+    _threads.map_items(decode_context, range(len(contexts)))
     result = {}
     offset = 0
     for spec in layout.tensors:
@@ -231,6 +238,14 @@ _CHUNK_ELEMENTS = 1 << 20
 def _dequantize_into(output, symbols, levels, scales, starts, counts):
     """output[block elements] = levels[symbol] * scale (binary32, one rounding), in chunks."""
     if not len(counts):
+        return
+    native = getattr(rans._speedups, "dequantize", None)
+    if native is not None:
+        symbols = np.ascontiguousarray(symbols, dtype=np.uint8)
+        if not native(symbols, np.ascontiguousarray(levels, dtype=np.float32), np.ascontiguousarray(scales, dtype=np.float32),
+                      np.ascontiguousarray(starts, dtype=np.int64), np.ascontiguousarray(counts, dtype=np.int64),
+                      output, output.itemsize):
+            raise BadFormatError(f"a code has no level in its context's codebook of {len(levels)}")
         return
     if int(counts.min()) == int(counts.max()):
         block = int(counts[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _threads
 from ..errors import EncodeError
 from ..policy.allocation import DROP, RAW_EXACT
 from ..stages import bitpack, rans
@@ -88,7 +89,7 @@ def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: b
     declared, masks = masked if masked is not None else (source.specs, {})
     layout = Layout(tensors=declared, contexts=built.contexts, codebooks=built.codebooks, meta=meta or {}, masks=masks)
     header = build_header(layout, section_table, schema=schema)
-    return write_container(header, b"".join(body_parts), compress_header=compress_header, minor=1 if masks else 0)
+    return write_container(header, body_parts, compress_header=compress_header, minor=1 if masks else 0)
 
 
 def _add_raw_contexts(built: _Contexts, source: Input, plan: Plan) -> None:
@@ -96,37 +97,38 @@ def _add_raw_contexts(built: _Contexts, source: Input, plan: Plan) -> None:
     raw = np.flatnonzero(plan.mode == RAW_EXACT)
     if not len(raw):
         return
-    formats = np.array([RAW_FORMAT_OF_DTYPE[s.dtype] for s in source.specs])[source.block_tensor[raw]]
-    for fmt in sorted(set(formats.tolist()), key=list(RAW_FORMATS).index):
-        rows = raw[formats == fmt]
-        built.add(Context("raw", width=8 * RAW_FORMATS[fmt], raw_format=fmt), source.raw_values(rows, fmt).tobytes(), rows)
+    # Formats as their index in RAW_FORMATS, per tensor and then per raw block.
+    order = list(RAW_FORMATS)
+    tensor_format = np.array([order.index(RAW_FORMAT_OF_DTYPE[s.dtype]) for s in source.specs], dtype=np.int8)
+    formats = tensor_format[source.block_tensor[raw]]
+    for code in np.unique(tensor_format[np.unique(source.block_tensor[raw])]):
+        fmt = order[int(code)]
+        rows = raw if len(order) == 1 or np.all(formats == code) else raw[formats == code]
+        # The values' own buffer: bytes() would copy a raw section once more.
+        values = np.ascontiguousarray(source.raw_values(rows, fmt))
+        built.add(Context("raw", width=8 * RAW_FORMATS[fmt], raw_format=fmt), memoryview(values).cast("B"), rows)
 
 
 def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan) -> None:
-    """One context per group of classes, with its coder, and centroid codebooks where they pay."""
+    """One context per group of classes, with its coder, and centroid codebooks where they pay.
+    The code streams are built on the worker threads when ``encode`` has them."""
     group_of_class, groups = group_classes(plan)
     context_of_row = group_of_class[plan.row_class]
     if plan.codebook is not None:
         built.codebooks.append(plan.codebook)
+    jobs = []
     for g, (width, counts, choice, classes) in enumerate(groups):
         members = np.flatnonzero(context_of_row == g)
         rows = plan.quantized_rows[members]
-        flat = source.flatten_rows(plan.codes[members], rows)
-        if plan.codebook is not None:
-            codebook_index = 0
-            symbols = flat.view(np.uint8)
-        else:
-            codebook_index = None
-            symbols = (flat.astype(np.int16) + (1 << (width - 1))).astype(np.uint8)
-            # A sign context (width 1) always decodes through its two centroids.
-            if plan.class_sums is not None and (
-                width == 1 or width <= _CENTROID_MAX_WIDTH and len(symbols) >= _CENTROID_MIN_ELEMENTS
-            ):
-                codebook_index = len(built.codebooks)
-                built.codebooks.append(centroid_levels(plan, classes, width))
+        codebook_index = 0 if plan.codebook is not None else None
+        # A sign context (width 1) always decodes through its two centroids.
+        if plan.codebook is None and plan.class_sums is not None and (
+            width == 1 or width <= _CENTROID_MAX_WIDTH and int(source.counts[rows].sum()) >= _CENTROID_MIN_ELEMENTS
+        ):
+            codebook_index = len(built.codebooks)
+            built.codebooks.append(centroid_levels(plan, classes, width))
         if choice["kind"] == "rans":
             first, last = choice["first"], choice["last"]
-            stream = rans.encode(symbols, choice["freqs"], choice["prob_bits"], choice["lanes"])
             context = Context(
                 "rans",
                 width=width,
@@ -137,6 +139,21 @@ def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan) -> None
                 freqs=tuple(int(f) for f in choice["freqs"][first : last + 1]),
             )
         else:
-            stream = bitpack.pack(symbols, width)
             context = Context("packed", width=width, codebook=codebook_index)
+        jobs.append((context, choice, members, rows))
+    streams = _threads.map_items(lambda job: _code_stream(source, plan, *job), jobs)
+    for (context, _, _, rows), stream in zip(jobs, streams):
         built.add(context, stream, rows)
+
+
+def _code_stream(source: Input, plan: Plan, context: Context, choice: dict, members, rows) -> bytes:
+    """The code stream of one context: its blocks' codes as symbols, rANS-coded or packed."""
+    flat = source.flatten_rows(plan.codes[members], rows)
+    if plan.codebook is not None:
+        symbols = flat.view(np.uint8)
+    else:
+        # Codes lie in [-2**(w-1), 2**(w-1) - 1]: adding the offset modulo 256 is exact.
+        symbols = flat.view(np.uint8) + np.uint8(1 << (context.width - 1))
+    if context.kind == "rans":
+        return rans.encode(symbols, choice["freqs"], choice["prob_bits"], choice["lanes"])
+    return bitpack.pack(symbols, context.width)

@@ -7,11 +7,14 @@ import math
 
 import numpy as np
 
+from .. import _threads
 from ..errors import BudgetError
-from ..policy.allocation import BlockStats, shape_sample
+from ..policy.allocation import BlockStats, evaluator, shape_sample
+from ..policy.fisher import ElementWeights
 from ..wire.header import DTYPES
+from . import moments
 from .assembly import assemble
-from .plans import Plan, absmax_rows, dtype_max_rows, lossless_plan, rd_plan
+from .plans import Plan, dtype_max_rows, lossless_plan, rd_plan
 from .source import Input
 
 __all__ = ["encode_to_budget", "block_stats", "LOW_WATER"]
@@ -27,30 +30,18 @@ _LOW_WATER_MEASURED = 0.985
 _MAX_SIZE_ITERATIONS = 8
 
 
-def _value_scale(absmax: np.ndarray) -> float:
-    """A power of two that brings the largest |x| near 1, where squares cannot overflow or
-    underflow in float32 (they do beyond about 1e19 and below about 1e-19). Multiplying by a
-    power of two is exact, and only ratios matter to the allocation."""
-    top = float(absmax.max()) if len(absmax) else 0.0
-    if top == 0.0 or 2.0**-40 < top < 2.0**40:
-        return 1.0
-    return 2.0 ** -math.frexp(top)[1]
-
-
 def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockStats:
     """Per-block statistics for the allocation (in float64; the sums in float32 on values
-    rescaled by a power of two when their magnitude is extreme). ``sign``: whether the two-level
-    sign quantizer is a candidate (it needs centroid codebooks, so nearest rounding)."""
+    rescaled by a power of two when their magnitude is extreme, :mod:`.moments`). ``sign``:
+    whether the two-level sign quantizer is a candidate (it needs centroid codebooks, so
+    nearest rounding)."""
     matrix = source.matrix
     n = source.counts
-    absmax = absmax_rows(matrix).astype(np.float64)
-    scale = _value_scale(absmax)
-    work = matrix if scale == 1.0 else matrix * np.float32(scale)
-    unscale = 1.0 / (scale * scale)
-    sum_squares = np.einsum("ij,ij->i", work, work).astype(np.float64) * unscale if len(n) else np.zeros(0)
-    sum_abs = np.abs(work).sum(axis=1, dtype=np.float64) / scale if len(n) else np.zeros(0)
+    absmax = moments.absmax(matrix)
+    scale = moments.value_scale(absmax)
+    sum_squares, sum_abs = moments.value_sums(matrix, scale) if len(n) else (np.zeros(0), np.zeros(0))
     mean_square = sum_squares / np.maximum(n, 1)
-    weight, energy, weighted_abs, weight_sum = _weighted_sums(source, weights, work, scale, sum_squares, sum_abs)
+    weight, energy, weighted_abs, weight_sum = _weighted_sums(source, weights, scale, sum_squares, sum_abs)
     raw_bits = np.array([16 if s.dtype == "bfloat16" else 8 * DTYPES[s.dtype].itemsize for s in source.specs], dtype=np.int64)
     stats = BlockStats(
         count=n, weight=weight, mean_square=mean_square, weighted_energy=energy, absmax=absmax,
@@ -74,29 +65,28 @@ def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockSta
     return stats
 
 
-def _weighted_sums(source: Input, weights: dict, work, scale, sum_squares, sum_abs):
+def _weighted_sums(source: Input, weights: dict, scale, sum_squares, sum_abs):
     """Per block: mean weight, sum w x**2, sum w |x| and sum w."""
     n = source.counts
-    if all(np.ndim(weights[name]) == 0 for name in source.names):
+    if not any(isinstance(weights[name], ElementWeights) for name in source.names):
         weight = np.array([weights[s.name] for s in source.specs], dtype=np.float64)[source.block_tensor]
         return weight, weight * sum_squares, weight * sum_abs, weight * n
     weight, energy, weighted_abs, weight_sum = (np.empty(len(n), dtype=np.float64) for _ in range(4))
-    for t, spec in enumerate(source.specs):
+
+    def tensor(t):
+        spec = source.specs[t]
         lo, hi = int(source.first_block[t]), int(source.first_block[t + 1])
         w = weights[spec.name]
-        if np.ndim(w) == 0:
+        if not isinstance(w, ElementWeights):
             weight[lo:hi] = w
             energy[lo:hi] = w * sum_squares[lo:hi]
             weighted_abs[lo:hi] = w * sum_abs[lo:hi]
             weight_sum[lo:hi] = w * n[lo:hi]
-            continue
-        # Weights arrive normalised to a maximum of 1 (policy.fisher), so float32 holds them.
-        w = np.pad(np.asarray(w, dtype=np.float32).reshape(-1), (0, (-spec.size) % source.block_size))
-        w = w.reshape(-1, source.block_size)
-        weight_sum[lo:hi] = w.sum(axis=1, dtype=np.float64)
+            return
+        weight_sum[lo:hi], energy[lo:hi], weighted_abs[lo:hi] = moments.weighted_sums(source, t, w, scale)
         weight[lo:hi] = weight_sum[lo:hi] / np.maximum(n[lo:hi], 1)
-        energy[lo:hi] = np.einsum("ij,ij,ij->i", w, work[lo:hi], work[lo:hi]).astype(np.float64) / (scale * scale)
-        weighted_abs[lo:hi] = np.einsum("ij,ij->i", w, np.abs(work[lo:hi])).astype(np.float64) / scale
+
+    _threads.map_items(tensor, range(len(source.specs)))
     return weight, energy, weighted_abs, weight_sum
 
 
@@ -140,9 +130,11 @@ def _fill_budget(source: Input, stats: BlockStats, limit: int, smallest: bytes, 
     target = max(8.0 * limit * _AIM - fixed_bits, 0.0)
     best, best_size = smallest, len(smallest)
     fits, overshoots = 0.0, math.inf  # bracket on the model target
+    terms = evaluator(stats)
     for _ in range(_MAX_SIZE_ITERATIONS):
-        plan = rd_plan(source, stats, target, rounding=rounding, rng=np.random.default_rng(seed))
+        plan = rd_plan(source, stats, target, rounding=rounding, rng=np.random.default_rng(seed), evaluator=terms)
         message = assemble(source, plan, **options)
+        del plan  # its codes: not held while the next plan is built
         size = len(message)
         if size <= limit:
             if size > best_size:

@@ -61,33 +61,51 @@ def group_classes(plan: Plan) -> tuple[np.ndarray, list]:
     def symbols(hist, width):
         return hist[: 1 << width] if plan.codebook is not None else _window(hist, width)
 
+    chosen = None  # per group: (bits, coder choice), where the merge computed them
     if not (plan.codebook is not None or plan.force_packed):
-        costs = [_context_choice(symbols(h, w), w)[0] for h, w in zip(hists, widths)]
-        # Greedy merge of neighbours (classes are ordered by spread) while it saves bits.
+        chosen = [_context_choice(symbols(h, w), w) for h, w in zip(hists, widths)]
+
+        def merged(i):
+            """(histogram, width, (bits, choice)) of neighbours i and i + 1 as one context, or None where
+            they may not share one: sign codes (width 1) mean nothing on a uniform grid."""
+            if (widths[i] == 1) != (widths[i + 1] == 1):
+                return None
+            hist, width = hists[i] + hists[i + 1], max(widths[i], widths[i + 1])
+            return hist, width, _context_choice(symbols(hist, width), width)
+
+        # Greedy merge of neighbours (classes are ordered by spread) while it saves bits. A merge
+        # changes only the pairs beside it: the others keep their (deterministic) costs.
+        pairs = [merged(i) for i in range(len(members) - 1)]
         while len(members) > 1:
-            best_gain, best_index, best_state = 0.0, -1, None
-            for i in range(len(members) - 1):
-                if (widths[i] == 1) != (widths[i + 1] == 1):
-                    continue  # sign codes (width 1) mean nothing on a uniform grid, and back
-                hist = hists[i] + hists[i + 1]
-                width = max(widths[i], widths[i + 1])
-                cost = _context_choice(symbols(hist, width), width)[0]
-                gain = costs[i] + costs[i + 1] - cost
+            best_gain, best_index = 0.0, -1
+            for i, pair in enumerate(pairs):
+                if pair is None:
+                    continue
+                gain = chosen[i][0] + chosen[i + 1][0] - pair[2][0]
                 if gain > best_gain:
-                    best_gain, best_index, best_state = gain, i, (hist, width, cost)
+                    best_gain, best_index = gain, i
             if best_index < 0:
                 break
-            hist, width, cost = best_state
-            members[best_index : best_index + 2] = [members[best_index] + members[best_index + 1]]
-            hists[best_index : best_index + 2] = [hist]
-            widths[best_index : best_index + 2] = [width]
-            costs[best_index : best_index + 2] = [cost]
+            i = best_index
+            hist, width, choice = pairs[i]
+            members[i : i + 2] = [members[i] + members[i + 1]]
+            hists[i : i + 2] = [hist]
+            widths[i : i + 2] = [width]
+            chosen[i : i + 2] = [choice]
+            del pairs[i]
+            if i > 0:
+                pairs[i - 1] = merged(i - 1)
+            if i < len(pairs):
+                pairs[i] = merged(i)
     group_of_class = np.empty(class_count, dtype=np.int64)
     contexts = []
     for g, m in enumerate(members):
         group_of_class[m] = g
         counts = symbols(hists[g], widths[g])
-        choice = {"kind": "packed"} if plan.force_packed else _context_choice(counts, widths[g])[1]
+        if plan.force_packed:
+            choice = {"kind": "packed"}
+        else:
+            choice = chosen[g][1] if chosen is not None else _context_choice(counts, widths[g])[1]
         contexts.append((widths[g], counts, choice, m))
     return group_of_class, contexts
 

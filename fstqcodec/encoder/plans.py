@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..policy.allocation import DROP, QUANTIZE, RAW_EXACT, SIGN, SIGN_SHARED, BlockStats, allocate
+from .. import _threads
+from ..stages import rans as _rans
 from ..stages.codebooks import resolve_codebook
 from ..stages.scales import from_bf16_bits, to_bf16_bits
 from .source import Input
@@ -186,27 +188,43 @@ def _signed_width(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return np.maximum(2, np.ceil(np.log2(need)).astype(np.int64) + 1)
 
 
-def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: str, rng) -> Plan:
-    """Quantize as the Fisher-weighted allocation says for a model cost of ``target_bits``."""
-    allocation = allocate(stats, target_bits)
+def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: str, rng, evaluator=None) -> Plan:
+    """Quantize as the Fisher-weighted allocation says for a model cost of ``target_bits``
+    (``evaluator``: from ``policy.allocation.evaluator(stats)``, reused across calls)."""
+    allocation = allocate(stats, target_bits, evaluator=evaluator)
     mode = allocation.mode.astype(np.int8, copy=True)
     sign_rows = np.flatnonzero((allocation.mode == SIGN) | (allocation.mode == SIGN_SHARED))
     mode[sign_rows] = QUANTIZE
-    grid = _grid_rows(source, stats, allocation, mode, rounding, rng)
+    grid = _grid_rows(source, stats, allocation, mode, rounding)
     if grid is None and not len(sign_rows):
         return Plan(mode=mode)
     parts = [] if grid is None else [grid]
     if len(sign_rows):
         shared = allocation.mode[sign_rows] == SIGN_SHARED
-        parts.insert(0, _sign_rows(source, np.where(shared, stats.tensor_mean_abs[sign_rows], stats.mean_abs[sign_rows]), sign_rows))
-    rows = np.concatenate([p[0] for p in parts])
-    order = np.argsort(rows, kind="stable")
-    rows, scale_bits, scales, codes, row_class, largest = (
-        np.concatenate([p[i] for p in parts])[order] for i in range(6))
-    class_width = np.concatenate([p[6] for p in parts])
-    if len(sign_rows) and grid is not None:
-        # The grid's classes follow the sign class (class 0).
-        row_class = np.where(np.isin(rows, sign_rows), 0, row_class + 1)
+        parts.insert(0, _sign_rows(np.where(shared, stats.tensor_mean_abs[sign_rows], stats.mean_abs[sign_rows]), sign_rows))
+    # The quantized rows in block order, and where each part's rows go (the parts are disjoint
+    # and each ascending): per-row arrays and codes are written in place, never permuted.
+    kind = np.zeros(len(mode), dtype=np.int8)
+    for number, part in enumerate(parts, 1):
+        kind[part["rows"]] = number
+    rows = np.flatnonzero(kind)
+    kinds = kind[rows]
+    positions = [np.flatnonzero(kinds == number) for number in range(1, len(parts) + 1)]
+    scale_bits = np.empty(len(rows), dtype=np.uint16)
+    row_class, largest = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.int64)
+    codes = np.empty((len(rows), source.block_size), dtype=np.int8)
+    first_class = 0
+    for part, where in zip(parts, positions):
+        scale_bits[where] = part["scale_bits"]
+        row_class[where] = part["row_class"] + first_class
+        largest[where] = part["largest"]
+        first_class += len(part["class_width"])
+        if part is grid:
+            _quantize_rows(source, part, rounding, rng, codes, where)
+        else:
+            _sign_codes(source, part["rows"], codes, where)
+    class_width = np.concatenate([p["class_width"] for p in parts])
+    scales = from_bf16_bits(scale_bits)
     hist, sums, sampled = _class_statistics(
         source, rows, codes, row_class, scales, largest, with_centroids=rounding == "nearest"
     )
@@ -221,19 +239,32 @@ def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: s
 _SIGN_SCALE_GRID_PER_OCTAVE = 8
 
 
-def _sign_rows(source: Input, mean_abs: np.ndarray, rows: np.ndarray) -> tuple:
-    """(rows, scale bits, scales, codes, classes, largest, class widths) of the sign blocks,
-    whose scales are ``mean_abs`` (snapped)."""
+def _sign_rows(mean_abs: np.ndarray, rows: np.ndarray) -> dict:
+    """The sign blocks' rows, scale bits, classes, largest codes and class widths; their scales
+    are ``mean_abs`` (snapped)."""
     snapped = np.exp2(np.round(np.log2(mean_abs) * _SIGN_SCALE_GRID_PER_OCTAVE) / _SIGN_SCALE_GRID_PER_OCTAVE)
     scale_bits = to_bf16_bits(snapped.astype(np.float32), mode="nearest")
-    codes = np.where(source.matrix[rows] < 0, -1, 0).astype(np.int8)
     ones = np.ones(len(rows), dtype=np.int64)
-    return rows, scale_bits, from_bf16_bits(scale_bits), codes, 0 * ones, ones, np.array([1], dtype=np.int64)
+    return {"rows": rows, "scale_bits": scale_bits, "row_class": 0 * ones, "largest": ones,
+            "class_width": np.array([1], dtype=np.int64)}
 
 
-def _grid_rows(source: Input, stats: BlockStats, allocation, mode: np.ndarray, rounding: str, rng):
-    """Like :func:`_sign_rows` for the blocks the allocation puts on a uniform grid (None if
-    none is left once blocks whose codes are all zero are dropped, which marks them in ``mode``)."""
+def _sign_codes(source: Input, rows: np.ndarray, codes: np.ndarray, where: np.ndarray) -> None:
+    """Codes of sign blocks ``rows`` into ``codes[where]``: -1 where x < 0, else 0."""
+    native = getattr(_rans._speedups, "sign_codes", None)
+    if native is not None:
+        rows, where = np.ascontiguousarray(rows, dtype=np.int64), np.ascontiguousarray(where, dtype=np.int64)
+        _threads.map_ranges(len(rows), lambda lo, hi: native(source.matrix, source.block_size, rows[lo:hi], codes, where[lo:hi]))
+        return
+    chunk = max(1, _CHUNK_ELEMENTS // source.block_size)
+    for lo in range(0, len(rows), chunk):
+        codes[where[lo : lo + chunk]] = np.negative(np.less(source.matrix[rows[lo : lo + chunk]], 0).view(np.int8))
+
+
+def _grid_rows(source: Input, stats: BlockStats, allocation, mode: np.ndarray, rounding: str):
+    """Like :func:`_sign_rows` for the blocks the allocation puts on a uniform grid, with their
+    scales, rounding offsets and which rows the dtype's range caps (None if none is left once
+    blocks whose codes are all zero are dropped, which marks them in ``mode``)."""
     rows = np.flatnonzero(allocation.mode == QUANTIZE)
     if not len(rows):
         return None
@@ -251,13 +282,10 @@ def _grid_rows(source: Input, stats: BlockStats, allocation, mode: np.ndarray, r
     if not len(rows):
         return None
     class_keys, row_class = np.unique(keys, return_inverse=True)
-    codes = _quantize_rows(source, rows, scales, offset, rounding, rng)
-    if capped.any():
-        limit = largest[capped][:, None]
-        codes[capped] = np.clip(codes[capped], -limit, limit)
     class_width = np.full(len(class_keys), 2, dtype=np.int64)
     np.maximum.at(class_width, row_class, _signed_width(-largest, np.minimum(largest, 127)))
-    return rows, scale_bits, scales, codes, row_class.astype(np.int64), largest, class_width
+    return {"rows": rows, "scale_bits": scale_bits, "scales": scales, "offset": offset, "row_class": row_class.astype(np.int64),
+            "largest": largest, "capped": capped, "class_width": class_width}
 
 
 def _grid_steps(step: np.ndarray, absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -289,22 +317,34 @@ def _largest_codes(source: Input, rows, absmax, scales, offset, rounding: str) -
     return np.minimum(largest, cap), largest > cap
 
 
-def _quantize_rows(source: Input, rows, scales, offset, rounding: str, rng) -> np.ndarray:
-    """Signed grid codes of ``rows`` (nearest, dead-zone or stochastic rounding), in chunks."""
-    codes = np.empty((len(rows), source.block_size), dtype=np.int8)
+def _quantize_rows(source: Input, grid: dict, rounding: str, rng, codes: np.ndarray, where: np.ndarray) -> None:
+    """Signed grid codes of the grid rows (nearest, dead-zone or stochastic rounding) into
+    ``codes[where]``, in chunks; rows the dtype's range caps are clipped to their largest code."""
+    rows, scales, offset = grid["rows"], grid["scales"], grid["offset"]
     uniform_offset = bool(np.all(offset == np.float32(0.5)))
-    chunk = max(1, _CHUNK_ELEMENTS // source.block_size)
-    for lo in range(0, len(rows), chunk):
-        hi = min(len(rows), lo + chunk)
-        normalized = source.matrix[rows[lo:hi]] / scales[lo:hi, None]
-        if rounding == "stochastic":
-            codes[lo:hi] = np.clip(_round(normalized, rounding, rng), -128, 127)
-        elif uniform_offset:
-            codes[lo:hi] = np.rint(normalized)  # |x / step| <= 127.49: no clipping needed
-        else:
-            # Dead-zone rounding: values just above a half step go to the smaller, cheaper code.
-            codes[lo:hi] = np.copysign(np.floor(np.abs(normalized) + offset[lo:hi, None]), normalized)
-    return codes
+    native = getattr(_rans._speedups, "quantize_rows", None)
+    if native is not None and rounding != "stochastic":
+        rows, where = np.ascontiguousarray(rows, dtype=np.int64), np.ascontiguousarray(where, dtype=np.int64)
+        scales, offset = np.ascontiguousarray(scales, dtype=np.float32), np.ascontiguousarray(offset, dtype=np.float32)
+        _threads.map_ranges(len(rows), lambda lo, hi: native(
+            source.matrix, source.block_size, rows[lo:hi], scales[lo:hi], offset[lo:hi], uniform_offset, codes, where[lo:hi]))
+    else:
+        chunk = max(1, _CHUNK_ELEMENTS // source.block_size)
+        for lo in range(0, len(rows), chunk):
+            hi = min(len(rows), lo + chunk)
+            normalized = source.matrix[rows[lo:hi]] / scales[lo:hi, None]
+            if rounding == "stochastic":
+                block = np.clip(_round(normalized, rounding, rng), -128, 127)
+            elif uniform_offset:
+                block = np.rint(normalized)  # |x / step| <= 127.49: no clipping needed
+            else:
+                # Dead-zone rounding: values just above a half step go to the smaller, cheaper code.
+                block = np.copysign(np.floor(np.abs(normalized) + offset[lo:hi, None]), normalized)
+            codes[where[lo:hi]] = block
+    capped = grid["capped"]
+    if capped.any():
+        limit = grid["largest"][capped][:, None]
+        codes[where[capped]] = np.clip(codes[where[capped]], -limit, limit)
 
 
 #: Code histograms and centroid sums are taken over a fixed stride of rows holding about this
@@ -323,21 +363,40 @@ def _class_statistics(source: Input, rows, codes, row_class, scales, largest, *,
     class_count = int(row_class.max()) + 1
     stride = max(1, -(-len(rows) * source.block_size // _STATISTICS_ELEMENTS))
     sample = np.arange(0, len(rows), stride)
+    native = getattr(_rans._speedups, "class_statistics", None)
+    if native is not None:
+        counts = np.zeros(class_count * 256, dtype=np.int64)
+        sums = np.zeros(class_count * 256, dtype=np.float64) if with_centroids else None
+        native(source.matrix, source.block_size, np.ascontiguousarray(rows[sample], dtype=np.int64),
+               np.ascontiguousarray(scales[sample], dtype=np.float32), np.ascontiguousarray(codes[sample]),
+               np.ascontiguousarray(row_class[sample], dtype=np.int64), source.counts[rows[sample]].astype(np.int64), counts, sums)
+        hist = counts.reshape(class_count, 256).astype(np.float64) * stride
+        if sums is not None:
+            sums = sums.reshape(class_count, 256)
+        return _class_tables(hist, sums, stride, row_class, largest, class_count)
     index = (np.repeat(row_class[sample] * 256 + 128, source.block_size) + codes[sample].reshape(-1)).astype(np.intp)
     valid = None
     if not source.aligned:
         valid = (np.arange(source.block_size)[None, :] < source.counts[rows[sample]][:, None]).reshape(-1)
         index = index[valid]
     hist = np.bincount(index, minlength=class_count * 256).reshape(class_count, 256).astype(np.float64) * stride
+    sums = None
+    if with_centroids:
+        normalized = (source.matrix[rows[sample]] / scales[sample, None]).reshape(-1)
+        if valid is not None:
+            normalized = normalized[valid]
+        sums = np.bincount(index, weights=normalized, minlength=class_count * 256).reshape(class_count, 256)
+    return _class_tables(hist, sums, stride, row_class, largest, class_count)
+
+
+def _class_tables(hist, sums, stride: int, row_class, largest, class_count: int) -> tuple:
+    """(histograms with every in-range symbol counted, centroid sums scaled by the stride or
+    None, the sampled counts or None) from the sampled counts ``hist`` and sums ``sums``."""
     class_largest = np.zeros(class_count, dtype=np.int64)
     np.maximum.at(class_largest, row_class, largest)
     symbol = np.arange(256) - 128
     in_range = np.abs(symbol)[None, :] <= class_largest[:, None]
     class_hist = np.where(in_range, np.maximum(hist, 1.0), 0.0)
-    if not with_centroids:
+    if sums is None:
         return class_hist, None, None
-    normalized = (source.matrix[rows[sample]] / scales[sample, None]).reshape(-1)
-    if valid is not None:
-        normalized = normalized[valid]
-    sums = np.bincount(index, weights=normalized, minlength=class_count * 256).reshape(class_count, 256)
     return class_hist, sums * stride, hist

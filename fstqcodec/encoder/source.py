@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import EncodeError
 from ..limits import DEFAULT_LIMITS
+from ..stages import rans as _rans
 from ..stages.scales import round_bf16
 from ..wire.header import DTYPES, TensorSpec
 
@@ -62,6 +63,8 @@ def _flat_tensor(name, value, nonfinite: str) -> tuple[str, tuple, np.ndarray]:
         )
     shape = tuple(int(d) for d in array.shape)
     array = np.ascontiguousarray(array).reshape(-1)
+    if _all_finite(array):
+        return dtype_name, shape, array
     finite = np.isfinite(array)
     if not finite.all():
         if nonfinite == "error":
@@ -73,6 +76,13 @@ def _flat_tensor(name, value, nonfinite: str) -> tuple[str, tuple, np.ndarray]:
             )
         array = np.where(finite, array, 0).astype(array.dtype)
     return dtype_name, shape, array
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    native = getattr(_rans._speedups, "all_finite", None)
+    if native is not None and array.dtype.itemsize in (4, 8):
+        return native(array, array.itemsize)
+    return bool(np.isfinite(array).all())
 
 
 class Input:
@@ -159,10 +169,11 @@ class Input:
         can hold them."""
         if fmt != "f64":
             # float32, float16 and bfloat16 values sit exactly in the float32 matrix.
-            values = self.flatten_rows(self.matrix[rows], rows)
+            every_row = len(rows) == len(self.matrix) and (not len(rows) or int(rows[-1]) == len(rows) - 1)
+            values = self.flatten_rows(self.matrix if every_row else self.matrix[rows], rows)
             if fmt == "bf16":
                 return (round_bf16(values).view(np.uint32) >> np.uint32(16)).astype("<u2")
-            return values.astype(_RAW_NUMPY[fmt])
+            return values.astype(_RAW_NUMPY[fmt], copy=False)
         # float64: from the original arrays, one contiguous run of blocks per tensor.
         pieces = []
         tensor_of_row = self.block_tensor[rows]

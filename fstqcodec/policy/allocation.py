@@ -26,8 +26,11 @@ import math
 
 import numpy as np
 
+from .. import _threads
+from ..stages import rans as _rans
+
 __all__ = [
-    "BlockStats", "Allocation", "gaussian_tables", "empirical_tables", "shape_sample", "allocate",
+    "BlockStats", "Allocation", "gaussian_tables", "empirical_tables", "shape_sample", "allocate", "evaluator",
     "DROP", "QUANTIZE", "RAW_EXACT", "SIGN", "SIGN_SHARED",
 ]
 
@@ -104,15 +107,25 @@ def _best_per_u(entropy: np.ndarray, distortion: np.ndarray) -> dict:
     """The tables of :func:`gaussian_tables` from per-(r, tau) entropy and distortion."""
     flat_h, flat_d = entropy.ravel(), distortion.ravel()
     u = 2.0 ** _LOG2_U[:, None]
-    cost = u * flat_d[None, :] + flat_h[None, :]
-    best = np.argmin(cost, axis=1)
+    best = np.empty(len(_LOG2_U), dtype=np.intp)
+    least = np.empty(len(_LOG2_U))
+    native = getattr(_rans._speedups, "best_per_u", None)
+    if native is not None:
+        native(np.ascontiguousarray(u[:, 0]), np.ascontiguousarray(flat_d, dtype=np.float64),
+               np.ascontiguousarray(flat_h, dtype=np.float64), best, least)
+    else:
+        # In slices of u: the whole (u, r, tau) cost table would be 16 MB, for every encode.
+        for lo in range(0, len(_LOG2_U), 64):
+            cost = u[lo : lo + 64] * flat_d[None, :] + flat_h[None, :]
+            best[lo : lo + 64] = np.argmin(cost, axis=1)
+            least[lo : lo + 64] = cost[np.arange(len(cost)), best[lo : lo + 64]]
     best_r, best_tau = np.unravel_index(best, entropy.shape)
     return {
         "log2_r": _LOG2_R,
         "H0": entropy[:, 0],
         "D0": distortion[:, 0],
         "log2_u": _LOG2_U,
-        "G": cost[np.arange(len(_LOG2_U)), best],
+        "G": least,
         "log2_r_best": _LOG2_R[best_r],
         "tau_best": DEADZONES[best_tau],
         "H_best": flat_h[best],
@@ -260,22 +273,32 @@ DROP_BITS = 0.3
 class _Evaluator:
     """Evaluates the best choice per block for a given multiplier, with the per-block parts that
     do not depend on it computed once. Look-ups index the tables directly (uniform grids), which
-    is several times faster than interpolating."""
+    is several times faster than interpolating.
+
+    The C accelerator evaluates the blocks with the same operations in the same order as
+    :meth:`_evaluate`, the reference. The blocks whose best step the widest grid caps need
+    ``exp2``, which numpy and a C library may round differently: numpy computes it for them, and
+    C finishes their evaluation with its values.
+    """
 
     def __init__(self, stats: BlockStats):
         sample = stats.shape_sample
         self.tables = gaussian_tables() if sample is None else empirical_tables(sample)
         self.stats = stats
         self.n = stats.count.astype(np.float64)
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):
             self.log2_energy = np.log2(stats.weight * stats.mean_square)
             # The widest grid holds |code| <= 127: a step below absmax / 127.5 would clip.
             self.log2_r_cap = np.log2((MAX_CODE + 0.5) * np.sqrt(stats.mean_square) / stats.absmax)
         self.empty = stats.mean_square <= 0
         self.exact_bits = (stats.raw_bits * self.n + 1).astype(np.float64)
-        self.drop_energy = stats.weighted_energy
+        self.drop_energy = np.ascontiguousarray(stats.weighted_energy, dtype=np.float64)
         with np.errstate(invalid="ignore"):
             self.energy = np.nan_to_num(stats.weight * stats.mean_square * self.n)
+        names = ("G", "log2_r_best", "tau_best", "H_best", "D_best")
+        self.packed_tables = np.ascontiguousarray(np.stack([self.tables[k] for k in names]), dtype=np.float64)
+        self.packed_r_tables = np.ascontiguousarray(np.stack([self.tables["D0"], self.tables["H0"]]), dtype=np.float64)
+        self._totals = {}
 
     def _u_index(self, log2_u):
         grid = self.tables["log2_u"]
@@ -294,36 +317,89 @@ class _Evaluator:
 
     def __call__(self, lam: float) -> "_Choice":
         """The best choice per block at multiplier ``lam``."""
-        tables, n = self.tables, self.n
-        log2_u = self.log2_energy - math.log2(lam)
+        count = len(self.n)
+        choice = _Choice(np.zeros(count, dtype=np.int8), np.empty(count), np.empty(count), np.empty(count), np.empty(count), lam)
+        self._run(lam, choice.bits, choice)
+        return choice
+
+    def total(self, lam: float) -> float:
+        """The model bits of the best choice at ``lam`` (remembered: every search of the size
+        loop starts from the same bracket), computing no more than the bits per block."""
+        if lam not in self._totals:
+            bits = np.empty(len(self.n))
+            self._run(lam, bits, None)
+            self._totals[lam] = float(bits.sum())
+        return self._totals[lam]
+
+    def _run(self, lam: float, bits: np.ndarray, choice: "_Choice | None") -> None:
+        native = getattr(_rans._speedups, "evaluate_blocks", None)
+        if native is None:
+            full = choice if choice is not None else _Choice(*(np.empty(len(self.n)) for _ in range(5)), lam)
+            full.mode = np.zeros(len(self.n), dtype=np.int8)
+            self._evaluate(lam, slice(None), full)
+            bits[:] = full.bits
+            return
+        stats = self.stats
+        outputs = (None, None, None, bits, None) if choice is None else (choice.mode, choice.log2_r, choice.tau, bits, choice.distortion)
+        inputs = (self.log2_energy, self.log2_r_cap, self.n, self.drop_energy, self.energy, self.exact_bits,
+                  self.empty.view(np.uint8), stats.sign_distortion, stats.shared_sign_distortion)
+        capped = np.empty(len(self.n), dtype=np.int64)
+        found = []
+
+        def blocks(lo, hi):
+            part = [None if a is None else a[lo:hi] for a in inputs]
+            count = native(
+                *part, self.packed_tables, float(self.tables["log2_u"][0]), lam, math.log2(lam),
+                (DROP_BITS, SCALE_BITS, SHARED_SCALE_BITS), *(None if a is None else a[lo:hi] for a in outputs),
+                capped[lo:hi],
+            )
+            found.append(capped[lo : lo + count] + lo)
+
+        _threads.map_ranges(len(self.n), blocks)
+        rows = np.sort(np.concatenate(found)) if len(found) > 1 else found[0]
+        if not len(rows):
+            return
+        # The capped blocks' u = exp2(log2 u) from numpy, as the reference computes it.
+        exp_u = np.exp2(self.log2_energy[rows] - math.log2(lam))
+        native(
+            *inputs, self.packed_tables, float(self.tables["log2_u"][0]), lam, math.log2(lam),
+            (DROP_BITS, SCALE_BITS, SHARED_SCALE_BITS), *outputs, np.ascontiguousarray(rows, dtype=np.int64),
+            exp_u, self.packed_r_tables, float(self.tables["log2_r"][0]),
+        )
+
+    def _evaluate(self, lam: float, rows, choice: "_Choice") -> None:
+        """The numpy reference: the best choice at ``lam`` of blocks ``rows``, into ``choice``."""
+        tables, n = self.tables, self.n[rows]
+        log2_u = self.log2_energy[rows] - math.log2(lam)
         ui = self._u_index(log2_u)
         cost_per_element = tables["G"][ui]
         log2_r = tables["log2_r_best"][ui]
         tau = tables["tau_best"][ui]
         entropy = tables["H_best"][ui]
         relative = tables["D_best"][ui]
-        capped = log2_r > self.log2_r_cap
+        log2_r_cap = self.log2_r_cap[rows]
+        capped = log2_r > log2_r_cap
         if capped.any():
-            ri = self._r_index(self.log2_r_cap[capped])
+            ri = self._r_index(log2_r_cap[capped])
             d, h = tables["D0"][ri], tables["H0"][ri]
-            log2_r, cost_per_element, entropy, tau, relative = (
-                log2_r.copy(), cost_per_element.copy(), entropy.copy(), tau.copy(), relative.copy())
-            log2_r[capped] = self.log2_r_cap[capped]
+            log2_r[capped] = log2_r_cap[capped]
             cost_per_element[capped] = np.exp2(log2_u[capped]) * d + h
             entropy[capped] = h
             tau[capped] = 0.0
             relative[capped] = d
-        best_cost = self.drop_energy / lam + DROP_BITS
+        drop_energy = self.drop_energy[rows]
+        best_cost = drop_energy / lam + DROP_BITS
         mode = np.zeros(len(n), dtype=np.int8)
         bits = np.full(len(n), DROP_BITS)
-        distortion = self.drop_energy.astype(np.float64, copy=True)
-        candidates = [(QUANTIZE, n * cost_per_element + SCALE_BITS, n * entropy + SCALE_BITS, self.energy * relative)]
+        distortion = drop_energy.astype(np.float64, copy=True)
+        candidates = [(QUANTIZE, n * cost_per_element + SCALE_BITS, n * entropy + SCALE_BITS, self.energy[rows] * relative)]
         if self.stats.sign_distortion is not None:
-            sign, sign_bits = self.stats.sign_distortion, n + SCALE_BITS
+            sign, sign_bits = self.stats.sign_distortion[rows], n + SCALE_BITS
             candidates.append((SIGN, sign / lam + sign_bits, sign_bits, sign))
-            shared, shared_bits = self.stats.shared_sign_distortion, n + SHARED_SCALE_BITS
+            shared, shared_bits = self.stats.shared_sign_distortion[rows], n + SHARED_SCALE_BITS
             candidates.append((SIGN_SHARED, shared / lam + shared_bits, shared_bits, shared))
-        candidates.append((RAW_EXACT, self.exact_bits, self.exact_bits, np.zeros(len(n))))
+        exact_bits = self.exact_bits[rows]
+        candidates.append((RAW_EXACT, exact_bits, exact_bits, np.zeros(len(n))))
         for candidate, cost, candidate_bits, candidate_distortion in candidates:
             better = cost < best_cost
             best_cost = np.where(better, cost, best_cost)
@@ -331,28 +407,32 @@ class _Evaluator:
             bits = np.where(better, candidate_bits, bits)
             distortion = np.where(better, candidate_distortion, distortion)
         # Blocks with no energy are exactly zero: always dropped, whatever lambda says.
-        mode[self.empty] = DROP
-        bits[self.empty] = DROP_BITS
-        distortion[self.empty] = 0.0
-        return _Choice(mode, np.exp2(log2_r), tau, bits, distortion, lam)
+        empty = self.empty[rows]
+        mode[empty] = DROP
+        bits[empty] = DROP_BITS
+        distortion[empty] = 0.0
+        choice.mode[rows], choice.log2_r[rows], choice.tau[rows] = mode, log2_r, tau
+        choice.bits[rows], choice.distortion[rows] = bits, distortion
 
 
 @dataclasses.dataclass
 class _Choice:
-    """One evaluation of the allocation: per block mode, r, tau, model bits and distortion."""
+    """One evaluation of the allocation: per block mode, log2 r, tau, model bits and distortion."""
 
     mode: np.ndarray
-    r: np.ndarray
+    log2_r: np.ndarray
     tau: np.ndarray
     bits: np.ndarray
     distortion: np.ndarray
     lam: float
 
-    @property
+    @functools.cached_property
     def total(self) -> float:
         return float(self.bits.sum())
 
-def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tolerance: float = 0.002) -> Allocation:
+
+def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tolerance: float = 0.002,
+             evaluator: "_Evaluator | None" = None) -> Allocation:
     """Choose per block to minimise Fisher-weighted error with about ``target_bits`` in all.
 
     The model's bits fall as ``lambda`` rises, so ``lambda`` is bracketed and searched on its
@@ -367,8 +447,11 @@ def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tol
     stats : BlockStats
     target_bits : float
         Bits the blocks may cost, by the model (the caller subtracts header and framing).
+    evaluator : optional
+        From :func:`evaluator` for these ``stats``: the size loop allocates several times on the
+        same statistics, and the tables and per-block terms need computing only once.
     """
-    evaluate = _Evaluator(stats)
+    evaluate = evaluator if evaluator is not None else _Evaluator(stats)
     positive = stats.weight * stats.mean_square
     positive = positive[positive > 0]
     if positive.size == 0:
@@ -380,42 +463,47 @@ def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tol
     # log2(lambda), which needs far fewer evaluations than bisection on this smooth curve.
     low = math.log2(float(positive.min())) - 50.0
     high = math.log2(float(positive.max())) + 20.0
-    over = evaluate(2.0**low)  # the richest choice: over the target unless everything fits
-    under = evaluate(2.0**high)
-    f_low, f_high = over.total - target_bits, under.total - target_bits
+    # The search needs only the model totals: the two choices it ends with are evaluated in full
+    # once it is over (the same lambdas give the same choices), so no more are held meanwhile.
+    lam_over, lam_under = 2.0**low, 2.0**high
+    over_total = evaluate.total(lam_over)  # the richest choice: over the target unless everything fits
+    under_total = evaluate.total(lam_under)
+    f_low, f_high = over_total - target_bits, under_total - target_bits
     if f_low <= 0:  # even the smallest lambda fits: spend everything
-        return _allocation(stats, over)
+        return _allocation(stats, evaluate(lam_over))
     side = 0
     for _ in range(iterations):
-        if under.total <= target_bits and under.total >= target_bits * (1 - tolerance):
+        if under_total <= target_bits and under_total >= target_bits * (1 - tolerance):
             break
         middle = (low * f_high - high * f_low) / (f_high - f_low) if f_high != f_low else 0.5 * (low + high)
         if not low < middle < high:
             middle = 0.5 * (low + high)
-        choice = evaluate(2.0**middle)
-        value = choice.total - target_bits
+        lam = 2.0**middle
+        total = evaluate.total(lam)
+        value = total - target_bits
         if value > 0:
-            low, f_low, over = middle, value, choice
+            low, f_low, lam_over, over_total = middle, value, lam, total
             if side == -1:
                 f_high *= 0.5
             side = -1
         else:
             high, f_high = middle, value
             # The model's total is monotone in lambda only up to its grids: keep the fullest.
-            if under.total > target_bits or choice.total > under.total:
-                under = choice
+            if under_total > target_bits or total > under_total:
+                lam_under, under_total = lam, total
             if side == 1:
                 f_low *= 0.5
             side = 1
-    if under.total > target_bits or under.total >= target_bits * (1 - tolerance):
+    under = evaluate(lam_under)
+    if under_total > target_bits or under_total >= target_bits * (1 - tolerance):
         return _allocation(stats, under)  # nothing fits the target, or the search met it
-    return _allocation(stats, _fill(under, over, target_bits))
+    return _allocation(stats, _fill(under, evaluate(lam_over), target_bits))
 
 
 def _fill(under: _Choice, over: _Choice, target_bits: float) -> _Choice:
     """``under`` with some blocks moved to their choice in ``over``, best distortion saved per
     extra bit first, while the total stays within ``target_bits`` (in block order on ties)."""
-    differ = np.flatnonzero((under.mode != over.mode) | (under.r != over.r) | (under.tau != over.tau))
+    differ = np.flatnonzero((under.mode != over.mode) | (under.log2_r != over.log2_r) | (under.tau != over.tau))
     extra = over.bits[differ] - under.bits[differ]
     saved = under.distortion[differ] - over.distortion[differ]
     useful = (saved > 0) | (extra < 0) & (saved >= 0)
@@ -429,15 +517,20 @@ def _fill(under: _Choice, over: _Choice, target_bits: float) -> _Choice:
     spend = np.cumsum(np.maximum(extra[order], 0.0))
     room = target_bits - under.total
     take = differ[order[spend <= room]]
-    mode, r, tau, bits, distortion = (a.copy() for a in (under.mode, under.r, under.tau, under.bits, under.distortion))
-    for array, source in ((mode, over.mode), (r, over.r), (tau, over.tau), (bits, over.bits), (distortion, over.distortion)):
+    mode, log2_r, tau, bits, distortion = (a.copy() for a in (under.mode, under.log2_r, under.tau, under.bits, under.distortion))
+    for array, source in ((mode, over.mode), (log2_r, over.log2_r), (tau, over.tau), (bits, over.bits), (distortion, over.distortion)):
         array[take] = source[take]
-    return _Choice(mode, r, tau, bits, distortion, under.lam)
+    return _Choice(mode, log2_r, tau, bits, distortion, under.lam)
+
+
+def evaluator(stats: BlockStats) -> _Evaluator:
+    """The per-block terms of the allocation for ``stats``, to pass to :func:`allocate`."""
+    return _Evaluator(stats)
 
 
 def _allocation(stats: BlockStats, choice: _Choice) -> Allocation:
     quantized = choice.mode == QUANTIZE
     with np.errstate(divide="ignore"):
-        step = np.where(quantized, np.sqrt(stats.mean_square) / choice.r, 0.0)
+        step = np.where(quantized, np.sqrt(stats.mean_square) / np.exp2(choice.log2_r), 0.0)
     return Allocation(mode=choice.mode, step=step, deadzone=np.where(quantized, choice.tau, 0.0),
                       model_bits=choice.total, lam=choice.lam)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
 import numpy as np
 
 from ..errors import EncodeError
+from ..stages import rans as _rans
 
-__all__ = ["normalize_fisher", "check_fisher_power"]
+__all__ = ["normalize_fisher", "check_fisher_power", "ElementWeights"]
 
 
 def check_fisher_power(power) -> float:
@@ -19,8 +21,23 @@ def check_fisher_power(power) -> float:
     return float(power)
 
 
+@dataclasses.dataclass(frozen=True)
+class ElementWeights:
+    """One tensor's per-element weights, ``sqrt(values) / top`` (``root``) or ``values / top``.
+
+    The caller's Fisher array is kept as given (float32 or float64): the encoder normalises it
+    one tensor at a time, as it sums the weights per block (:mod:`fstqcodec.encoder.moments`),
+    instead of holding a float64 copy of every Fisher array. (For fractional powers other than
+    0.5, ``values`` holds ``F ** power`` in float64.)
+    """
+
+    values: np.ndarray
+    root: bool
+    top: float
+
+
 def normalize_fisher(fisher, names: list, shapes: dict, power: float = 1.0) -> dict:
-    """Validate ``fisher`` against the tensors and return ``name -> float | ndarray``.
+    """Validate ``fisher`` against the tensors and return ``name -> float | ElementWeights``.
 
     Parameters
     ----------
@@ -30,6 +47,12 @@ def normalize_fisher(fisher, names: list, shapes: dict, power: float = 1.0) -> d
         tensor's shape (one weight per element).
     power : float
         The weights used are ``fisher ** power`` (see ``fisher_power`` of :func:`fstqcodec.encode`).
+
+    Returns
+    -------
+    dict
+        Per tensor its weight divided by the largest weight of all tensors: a float, or an
+        :class:`ElementWeights` for per-element weights.
 
     Raises
     ------
@@ -46,36 +69,65 @@ def normalize_fisher(fisher, names: list, shapes: dict, power: float = 1.0) -> d
     unknown = set(fisher) - set(names)
     if unknown:
         raise EncodeError(f"fisher names tensors that are not being encoded: {sorted(unknown)[:5]}")
-    out = {}
+    out, largest = {}, {}
     for name in names:
         if name not in fisher:
             raise EncodeError(f"fisher has no weights for tensor {name!r}", tensor=name)
-        value = fisher[name]
-        if hasattr(value, "detach"):  # a torch tensor
-            value = value.detach().float().cpu().numpy()
-        if isinstance(value, (str, bytes, bool)) or np.asarray(value).dtype.kind not in "fiu":
-            raise EncodeError(f"fisher for {name!r} must be numbers, got {type(value).__name__}", tensor=name)
-        array = np.asarray(value, dtype=np.float64)
-        if array.ndim == 0:
-            weight = float(array)
-            if not (math.isfinite(weight) and weight >= 0):
-                raise EncodeError(f"fisher weight of {name!r} must be finite and >= 0, got {weight}", tensor=name)
-            out[name] = weight**power
-            continue
-        if array.shape != tuple(shapes[name]):
-            raise EncodeError(
-                f"fisher for {name!r} has shape {array.shape}, the tensor has {tuple(shapes[name])}", tensor=name
-            )
-        if not np.all(np.isfinite(array)) or np.any(array < 0):
-            raise EncodeError(f"fisher for {name!r} holds negative or non-finite weights", tensor=name)
-        out[name] = array if power == 1 else np.power(array, power)
-    return _normalized(out)
+        out[name], largest[name] = _tensor_weights(name, fisher[name], tuple(shapes[name]), power)
+    return _normalized(out, largest)
 
 
-def _normalized(weights: dict) -> dict:
+def _tensor_weights(name: str, value, shape: tuple, power: float) -> tuple:
+    """(the tensor's weights before normalisation, their largest value or None if there are none):
+    a float, or for per-element weights a float32/float64 array (to be square-rooted where the
+    power is 0.5, the one fractional power the federated entry points use: exact and cheap)."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().float().cpu().numpy()
+    if isinstance(value, (str, bytes, bool)) or np.asarray(value).dtype.kind not in "fiu":
+        raise EncodeError(f"fisher for {name!r} must be numbers, got {type(value).__name__}", tensor=name)
+    array = np.asarray(value)
+    if array.ndim == 0:
+        weight = float(array)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise EncodeError(f"fisher weight of {name!r} must be finite and >= 0, got {weight}", tensor=name)
+        return weight**power, weight**power
+    if array.shape != shape:
+        raise EncodeError(f"fisher for {name!r} has shape {array.shape}, the tensor has {shape}", tensor=name)
+    if array.dtype not in (np.float32, np.float64) or not array.dtype.isnative:
+        array = array.astype(np.float64)
+    array = np.ascontiguousarray(array).reshape(-1)
+    top = _checked_max(array)
+    if top is None:
+        raise EncodeError(f"fisher for {name!r} holds negative or non-finite weights", tensor=name)
+    if power == 0:
+        return (np.ones(array.size, dtype=np.float32), False), (1.0 if array.size else -math.inf)
+    if power == 1:
+        return (array, False), top
+    if power == 0.5:
+        return (array, True), (math.sqrt(top) if top >= 0 else top)
+    powered = np.power(array.astype(np.float64), power)
+    return (powered, False), (float(np.max(powered)) if powered.size else -math.inf)
+
+
+def _checked_max(array: np.ndarray):
+    """The largest element (-inf for an empty array), or None if any is negative or not finite."""
+    native = getattr(_rans._speedups, "weights_max", None)
+    if native is not None:
+        return native(array, array.itemsize)
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        return None
+    return float(np.max(array)) if array.size else -math.inf
+
+
+def _normalized(weights: dict, largest: dict) -> dict:
     """Divide every weight by the largest: only ratios matter to the allocation, and weights
-    near 1 stay representable through float32 arithmetic whatever their original scale."""
-    top = max(((float(np.max(w)) if np.ndim(w) else float(w)) for w in weights.values() if np.size(w)), default=0.0)
-    if not top > 0:
-        return weights  # all zero: nothing matters more than anything else
-    return {name: (w / top if np.ndim(w) else float(w) / top) for name, w in weights.items()}
+    near 1 stay representable whatever their original scale."""
+    top = max((value for value in largest.values() if value > -math.inf), default=0.0)
+    top = top if top > 0 else 0.0  # all zero: nothing matters more than anything else
+    out = {}
+    for name, weight in weights.items():
+        if isinstance(weight, tuple):
+            out[name] = ElementWeights(values=weight[0], root=weight[1], top=top)
+        else:
+            out[name] = float(weight) / top if top > 0 else float(weight)
+    return out

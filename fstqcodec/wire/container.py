@@ -108,12 +108,16 @@ def zstd_compress(payload: bytes) -> bytes:
     return compressor.compress(payload)
 
 
-def write_container(header: dict, body: bytes, *, compress_header: bool, minor: int = 0) -> bytes:
+def write_container(header: dict, body, *, compress_header: bool, minor: int = 0) -> bytes:
     """Frame ``header`` and ``body`` into a message: preamble, header, body, CRC-32.
 
-    The caller has already put the section table (stored lengths summing to ``len(body)``) into
-    ``header``; ``minor`` is the lowest minor version that holds the header's features.
+    ``body`` is bytes-like or a list of bytes-like parts (its sections, joined here once: a
+    large message is copied once, not once per layer). The caller has already put the section
+    table (stored lengths summing to the body's length) into ``header``; ``minor`` is the lowest
+    minor version that holds the header's features.
     """
+    body_parts = [memoryview(part).cast("B") for part in (body if isinstance(body, list) else [body])]
+    body_length = sum(len(part) for part in body_parts)
     header_bytes = msgpack.packb(header, use_bin_type=True)
     stored_header = header_bytes
     encoding = HEADER_RAW
@@ -123,13 +127,13 @@ def write_container(header: dict, body: bytes, *, compress_header: bool, minor: 
         if len(candidate) < len(header_bytes):
             stored_header, encoding = candidate, HEADER_ZSTD
     preamble = PREAMBLE.pack(
-        MAGIC, VERSION_MAJOR, minor, encoding, 0, len(stored_header), len(header_bytes), len(body)
+        MAGIC, VERSION_MAJOR, minor, encoding, 0, len(stored_header), len(header_bytes), body_length
     )
-    parts = [preamble, stored_header, body]
+    parts = [preamble, stored_header, *body_parts]
     crc = 0
     for part in parts:
         crc = zlib.crc32(part, crc)
-    return b"".join(parts) + struct.pack("<I", crc)
+    return b"".join([*parts, struct.pack("<I", crc)])
 
 
 def read_container(data, limits: Limits) -> Container:

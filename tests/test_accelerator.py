@@ -1,0 +1,232 @@
+"""The C accelerator's encoder passes give exactly what the numpy reference gives.
+
+Each test runs the same thing twice, with the accelerator (fstqcodec._speedups) and with
+``rans._speedups`` set to None, which sends every pass to its numpy reference, and asserts equal
+arrays or equal message bytes. Inputs include the benchmark's (LoRA-shaped Gaussian tensors with
+per-element Fisher at powers 1 and 0.5, large enough for the measured rate model and sign blocks)
+and the captured real updates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fstqcodec
+from fstqcodec import encoder
+from fstqcodec.policy import allocation
+from fstqcodec.policy.fisher import normalize_fisher
+from fstqcodec.stages import rans
+
+DATA = Path(__file__).parent / "data"
+
+pytestmark = pytest.mark.skipif(rans._speedups is None, reason="the C accelerator is not built")
+
+
+def _both(function, monkeypatch):
+    """(result with the accelerator, result with the numpy reference)."""
+    native = function()
+    with monkeypatch.context() as patch:
+        patch.setattr(rans, "_speedups", None)
+        reference = function()
+    return native, reference
+
+
+def _lora(seed: int, pairs: int = 4, width: int = 1024) -> tuple[dict, dict]:
+    """LoRA-shaped tensors (rank 16) with per-tensor scales, and a Fisher whose per-tensor scales
+    differ by e**N(0, 1): the throughput benchmark's input, smaller."""
+    rng = np.random.default_rng(seed)
+    tensors, fisher = {}, {}
+    for layer in range(pairs):
+        scale = float(np.exp(rng.normal(-6, 0.5)))
+        for name, shape, factor in (("A", (16, width), 1.0), ("B", (width, 16), 0.3)):
+            key = f"layers.{layer}.lora_{name}"
+            tensors[key] = (rng.standard_normal(shape) * scale * factor).astype(np.float32)
+            fisher[key] = (rng.standard_normal(shape).astype(np.float32) * np.float32(np.exp(rng.normal()))) ** 2
+    return tensors, fisher
+
+
+def _real_update(name: str) -> tuple[dict, dict]:
+    with np.load(DATA / name) as data:
+        names = [str(n) for n in data["names"]]
+        update = {n: data[f"x_{t}"].astype(np.float32) for t, n in enumerate(names)}
+        fisher = {n: data[f"s_{t}"].astype(np.float32) ** 2 for t, n in enumerate(names)}
+    return update, fisher
+
+
+def _ragged(seed: int) -> tuple[dict, dict]:
+    """Sizes that are not multiples of the block size, three dtypes, float64 Fisher of extreme scale."""
+    rng = np.random.default_rng(seed)
+    tensors = {
+        "a": (rng.standard_normal((40, 1000)) * np.exp(3 * rng.standard_normal((40, 1)))).astype(np.float32),
+        "b": rng.standard_normal(3333).astype(np.float16),
+        "c": rng.standard_normal((70, 90)) * 1e-3,
+        "zero": np.zeros(130, np.float32),
+    }
+    fisher = {
+        "a": rng.random((40, 1000)).astype(np.float32),
+        "b": 2.5,
+        "c": rng.random((70, 90)) * 1e250,
+        "zero": np.zeros(130),
+    }
+    return tensors, fisher
+
+
+INPUTS = {
+    "lora": lambda: _lora(1),
+    "bbc": lambda: _real_update("real_update_bbc.npz"),
+    "drugreview": lambda: _real_update("real_update_drugreview.npz"),
+    "ragged": lambda: _ragged(2),
+}
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64, 100, 256])
+@pytest.mark.parametrize("power", [1.0, 0.5, 0.3, 0.0])
+def test_block_statistics_are_identical(block_size, power, monkeypatch):
+    tensors, fisher = _ragged(3)
+    source = encoder.Input(tensors, block_size, "error")
+    weights = normalize_fisher(fisher, source.names, {s.name: s.shape for s in source.specs}, power)
+    native, reference = _both(lambda: encoder.budget.block_stats(source, weights, sign=True), monkeypatch)
+    for field in ("weight", "mean_square", "weighted_energy", "absmax", "mean_abs", "sign_distortion", "shared_sign_distortion"):
+        assert np.array_equal(getattr(native, field), getattr(reference, field)), field
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fisher_checks_agree(dtype, monkeypatch):
+    shapes = {"w": (5,)}
+    for values, ok in (([0.0, 1.0, 3.5, 2.0, 0.0], True), ([-0.0, 1.0, 2.0, 0.0, 0.0], True),
+                       ([1.0, -1e-30, 2.0, 0.0, 0.0], False), ([1.0, np.nan, 2.0, 0.0, 0.0], False),
+                       ([1.0, np.inf, 2.0, 0.0, 0.0], False), ([1.0, -np.inf, 2.0, 0.0, 0.0], False)):
+        fisher = {"w": np.array(values, dtype=dtype)}
+
+        def normalize():
+            try:
+                return normalize_fisher(fisher, ["w"], shapes)["w"].top
+            except fstqcodec.EncodeError:
+                return "refused"
+
+        native, reference = _both(normalize, monkeypatch)
+        assert native == reference
+        assert (native != "refused") == ok
+
+
+@pytest.mark.parametrize("which", sorted(INPUTS))
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_allocation_evaluations_are_identical(which, power, monkeypatch):
+    tensors, fisher = INPUTS[which]()
+    source = encoder.Input(tensors, 64, "error")
+    weights = normalize_fisher(fisher, source.names, {s.name: s.shape for s in source.specs}, power)
+    stats = encoder.budget.block_stats(source, weights, sign=True)
+    terms = allocation.evaluator(stats)
+    positive = stats.weight * stats.mean_square
+    positive = positive[positive > 0]
+    # From the richest choice (every step capped) to the poorest, as the search visits them.
+    for log2_lam in np.linspace(np.log2(positive.min()) - 50, np.log2(positive.max()) + 20, 25):
+        native, reference = _both(lambda: terms(float(2.0**log2_lam)), monkeypatch)
+        for field in ("mode", "log2_r", "tau", "bits", "distortion"):
+            assert np.array_equal(getattr(native, field), getattr(reference, field)), (log2_lam, field)
+        # The search's bits-only evaluations give the full evaluation's total.
+        total, total_reference = _both(lambda: allocation.evaluator(stats).total(float(2.0**log2_lam)), monkeypatch)
+        assert total == total_reference == native.total
+
+
+def _digest(tensors, **options) -> str:
+    return hashlib.sha256(fstqcodec.encode(tensors, **options)).hexdigest()
+
+
+@pytest.mark.parametrize("which", sorted(INPUTS))
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"fisher_power": 1.0, "bits_per_param": 1},
+        {"fisher_power": 0.5, "bits_per_param": 1},
+        {"fisher_power": 0.5, "bits_per_param": 0.25},
+        {"fisher_power": 1.0, "bits_per_param": 4},
+        {"fisher_power": None, "bits_per_param": 1},
+        {"fisher_power": None, "bits_per_param": 2, "rounding": "stochastic"},
+        {"fisher_power": None, "bits": 4},
+        {"fisher_power": None},
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_messages_are_identical(which, options, monkeypatch):
+    tensors, fisher = INPUTS[which]()
+    kwargs = {k: v for k, v in options.items() if k not in ("fisher_power", "bits_per_param")}
+    if options["fisher_power"] is not None:
+        kwargs.update(fisher=fisher, fisher_power=options["fisher_power"])
+    if "bits_per_param" in options:
+        kwargs["budget"] = fstqcodec.Budget(bits_per_param=options["bits_per_param"])
+    native, reference = _both(lambda: _digest(tensors, **kwargs), monkeypatch)
+    assert native == reference
+
+
+@pytest.mark.parametrize("which", ["bbc", "lora"])
+def test_rate_model_tables_are_identical(which, monkeypatch):
+    tensors, _ = INPUTS[which]()
+    source = encoder.Input(tensors, 64, "error")
+    stats = encoder.budget.block_stats(source, {n: 1.0 for n in source.names})
+    native, reference = _both(lambda: allocation.empirical_tables(stats.shape_sample), monkeypatch)
+    assert native.keys() == reference.keys()
+    for key in native:
+        assert np.array_equal(native[key], reference[key]), key
+
+
+def test_threads_give_the_same_bytes():
+    tensors, fisher = _lora(4)
+    budget = fstqcodec.Budget(bits_per_param=1)
+    for options in ({"fisher": fisher, "budget": budget}, {"budget": budget}, {"bits": 3}, {}):
+        single = fstqcodec.encode(tensors, **options)
+        assert fstqcodec.encode(tensors, threads=3, **options) == single
+        decoded, threaded = fstqcodec.decode(single), fstqcodec.decode(single, threads=3)
+        assert all(np.array_equal(decoded[name], threaded[name]) for name in decoded)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_threads_are_refused(threads):
+    with pytest.raises(ValueError, match="threads"):
+        fstqcodec.encode({"w": np.ones(4, np.float32)}, threads=threads)
+    with pytest.raises(ValueError, match="threads"):
+        fstqcodec.decode(fstqcodec.encode({"w": np.ones(4, np.float32)}), threads=threads)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_nonfinite_values_are_found_by_both(dtype, bad, monkeypatch):
+    values = np.linspace(-1, 1, 5000).astype(dtype)
+    values[4321] = bad
+
+    def outcome():
+        try:
+            fstqcodec.encode({"w": values})
+        except fstqcodec.EncodeError as error:
+            refused = str(error)
+        return refused, hashlib.sha256(fstqcodec.encode({"w": values}, nonfinite="zero")).hexdigest()
+
+    native, reference = _both(outcome, monkeypatch)
+    assert native == reference and "non-finite" in native[0]
+
+
+@pytest.mark.parametrize("which", sorted(INPUTS))
+@pytest.mark.parametrize("options", [{"budget": 1.0}, {"budget": 0.3}, {"bits": 4}, {"codebook": "nf4"}],
+                         ids=["bpp1", "bpp0.3", "bits4", "nf4"])
+def test_decodes_are_identical(which, options, monkeypatch):
+    tensors, fisher = INPUTS[which]()
+    if "budget" in options:
+        options = {"budget": fstqcodec.Budget(bits_per_param=options["budget"]), "fisher": fisher}
+    message = fstqcodec.encode(tensors, **options)
+    native, reference = _both(lambda: fstqcodec.decode(message), monkeypatch)
+    for name in tensors:
+        assert native[name].dtype == reference[name].dtype
+        assert np.array_equal(native[name], reference[name], equal_nan=False), name
+
+
+def test_rate_model_argmin_keeps_numpy_ties(monkeypatch):
+    rng = np.random.default_rng(8)
+    entropy = np.round(rng.random((257, 8)) * 4, 1)  # few distinct values: many exact ties
+    distortion = np.round(rng.random((257, 8)), 1)
+    native, reference = _both(lambda: allocation._best_per_u(entropy, distortion), monkeypatch)
+    for key in native:
+        assert np.array_equal(native[key], reference[key]), key
