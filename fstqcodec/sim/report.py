@@ -278,7 +278,11 @@ def write_outputs(results: dict, out_dir: str | pathlib.Path, *, plots: bool = T
 
 # Settings that may differ between runs whose methods are merged into one comparison ("extra" is
 # a field of older records).
-_MERGE_IGNORED = {"methods", "workers", "threads", "quick", "platform", "extra"}
+# Not settings of the experiment: how it ran, a description derived from settings compared anyway
+# (server_optimizer from server_lr and server_momentum), and how its summary chose the target
+# (the targets themselves must agree, checked apart).
+_MERGE_IGNORED = {"methods", "workers", "threads", "quick", "platform", "extra", "server_optimizer",
+                  "target_accuracy", "target_of_fp32"}
 
 
 def _comparable_settings(config: Mapping[str, Any]) -> dict:
