@@ -96,10 +96,13 @@ def run_config_for(config: SimConfig, out_dir: str | os.PathLike) -> str:
     Raises
     ------
     ValueError
-        If ``config.methods`` names anything but ``fstq``: the app runs that method only.
+        If ``config.methods`` names anything but ``fstq``: the app runs that method only; or if
+        token selection is on (``token_keep``): the app trains full sequences.
     """
     if tuple(config.methods) != ("fstq",):
         raise ValueError(f"the Flower app runs the 'fstq' method only, not {config.methods}")
+    if config.token_keep is not None:
+        raise ValueError("the Flower app trains full sequences: token selection (token_keep) runs in-process only")
     pairs = {}
     for field, key in RUN_CONFIG_KEYS.items():
         value = getattr(config, field)

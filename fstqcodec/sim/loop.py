@@ -60,6 +60,9 @@ class MethodRun:
         self.global_state = {name: array.copy() for name, array in bench.initial_state.items()}
         self.server_optimizer = ServerOptimizer(self.config.server_lr, self.config.server_momentum)
         self.client_states = [method.new_client_state() for _ in range(self.config.clients)]
+        # Token selection: each client's prior lives for the run, like its error-feedback memory.
+        self.token_states = ([bench.new_token_state() for _ in range(self.config.clients)]
+                             if self.config.token_keep is not None else [None] * self.config.clients)
         self.rounds = [{"round": 0, "accuracy": initial_accuracy, "uplink_bytes": 0,
                         "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0}]
         self.message_sizes: list[int] = []
@@ -98,7 +101,8 @@ class MethodRun:
         else:
             downlink = self.downlink_codec.encode(self.global_state, fisher=None, state=None, seed=0)
             replies = [client_round(self.bench, self.method, self.client_states[client], self.links,
-                                    self.global_state, len(downlink), round_number, client)
+                                    self.global_state, len(downlink), round_number, client,
+                                    tokens=self.token_states[client])
                        for client in participants]
         sent = [reply for reply in replies if reply.fault != "dropout"]
         for reply in replies:
@@ -120,6 +124,7 @@ class MethodRun:
             "round_time_s": duration,
             "max_compute_s": max((r.compute_s for r in sent), default=0.0),
             "max_upload_s": max((r.upload_s for r in sent), default=0.0),
+            **(_client_compute(sent) if self.config.token_keep is not None else {}),
             # e.g. ROUGE-L and exact match of a generative task; a Workbench-like stand-in may have none
             **getattr(self.bench, "round_metrics", dict)(),
             **proxy_figures,
@@ -132,7 +137,7 @@ class MethodRun:
         received, visible = self.proxy.receive(self.global_state, client, round_number)
         return client_round(self.bench, self.method, self.client_states[client], self.links, received,
                             self.proxy.last_bytes, round_number, client, visible=visible,
-                            on_trained=self.proxy.keep_local)
+                            on_trained=self.proxy.keep_local, tokens=self.token_states[client])
 
     def _book(self, reply, round_number: int) -> None:
         """Count what a client sent and log what went wrong on the way."""
@@ -230,6 +235,33 @@ class MethodRun:
         }
 
 
+def _client_compute(sent) -> dict:
+    """The round's client compute, summed over the clients that trained (token selection on)."""
+    costs = [reply.cost for reply in sent if reply.cost is not None]
+    return {
+        "client_compute_s": sum(reply.compute_s for reply in sent),
+        "client_train_measured_s": sum(cost.seconds for cost in costs),
+        "client_train_tokens": sum(cost.tokens for cost in costs),
+        "client_train_flops": sum(cost.flops for cost in costs),
+        "client_train_flops_full": sum(cost.full_flops for cost in costs),
+    }
+
+
+def _token_selection_description(config: SimConfig) -> dict:
+    """How the run's clients chose their training tokens and how their compute is counted."""
+    return {"token_selection": {
+        "keep_ratio": config.token_keep,
+        "selection": config.token_select if config.token_keep < 1 else "none (every token kept)",
+        "schedule": "a client's first round on full sequences (the Fisher prior is learnt from it; every "
+                    "selection alike), its later rounds on the kept tokens",
+        "special_tokens": "always kept, in order, at their original positions",
+        "flops": "encoder multiply-adds of each step's batch as computed (padded to its longest kept sequence), "
+                 "3 x forward per step, attention scoring included; the full batches' beside them",
+        "compute_s": ("measured wall time of local training and encoding" if config.step_time_s is None else
+                      f"{config.step_time_s} s x each step's FLOPs over its full batch's + measured encoding"),
+    }}
+
+
 def _proxy_downlink(bench):
     """The run's proxy downlink, from the config's mask rates and the shared initial adapter."""
     from fstqcodec.sim.downlink import ProxyDownlink
@@ -304,6 +336,7 @@ class _Federation:
             "platform": {"python": platform.python_version(), "torch": torch.__version__,
                          "machine": platform.machine(), "cpu_count": os.cpu_count()},
             **bench.describe(),
+            **(_token_selection_description(config) if config.token_keep is not None else {}),
         }
 
 
