@@ -124,11 +124,14 @@ class MethodRun:
             "round_time_s": duration,
             "max_compute_s": max((r.compute_s for r in sent), default=0.0),
             "max_upload_s": max((r.upload_s for r in sent), default=0.0),
-            **(_client_compute(sent) if self.config.token_keep is not None else {}),
             # e.g. ROUGE-L and exact match of a generative task; a Workbench-like stand-in may have none
             **getattr(self.bench, "round_metrics", dict)(),
             **proxy_figures,
         }
+        if self.config.token_keep is not None:  # only then: a run without token selection records as before
+            from fstqcodec.sim.token_selection import round_compute
+
+            entry.update(round_compute(sent))
         self.rounds.append(entry)
         return entry
 
@@ -235,33 +238,6 @@ class MethodRun:
         }
 
 
-def _client_compute(sent) -> dict:
-    """The round's client compute, summed over the clients that trained (token selection on)."""
-    costs = [reply.cost for reply in sent if reply.cost is not None]
-    return {
-        "client_compute_s": sum(reply.compute_s for reply in sent),
-        "client_train_measured_s": sum(cost.seconds for cost in costs),
-        "client_train_tokens": sum(cost.tokens for cost in costs),
-        "client_train_flops": sum(cost.flops for cost in costs),
-        "client_train_flops_full": sum(cost.full_flops for cost in costs),
-    }
-
-
-def _token_selection_description(config: SimConfig) -> dict:
-    """How the run's clients chose their training tokens and how their compute is counted."""
-    return {"token_selection": {
-        "keep_ratio": config.token_keep,
-        "selection": config.token_select if config.token_keep < 1 else "none (every token kept)",
-        "schedule": "a client's first round on full sequences (the Fisher prior is learnt from it; every "
-                    "selection alike), its later rounds on the kept tokens",
-        "special_tokens": "always kept, in order, at their original positions",
-        "flops": "encoder multiply-adds of each step's batch as computed (padded to its longest kept sequence), "
-                 "3 x forward per step, attention scoring included; the full batches' beside them",
-        "compute_s": ("measured wall time of local training and encoding" if config.step_time_s is None else
-                      f"{config.step_time_s} s x each step's FLOPs over its full batch's + measured encoding"),
-    }}
-
-
 def _proxy_downlink(bench):
     """The run's proxy downlink, from the config's mask rates and the shared initial adapter."""
     from fstqcodec.sim.downlink import ProxyDownlink
@@ -300,6 +276,11 @@ class _Federation:
 
         bench, config, links = self.bench, self.config, self.links
         task = bench.task
+        selection = {}
+        if config.token_keep is not None:
+            from fstqcodec.sim.token_selection import describe
+
+            selection = {"token_selection": describe(config)}
         return {
             "lora_alpha": config.lora_alpha,
             "trainable_parameters": bench.layout.total,
@@ -336,7 +317,7 @@ class _Federation:
             "platform": {"python": platform.python_version(), "torch": torch.__version__,
                          "machine": platform.machine(), "cpu_count": os.cpu_count()},
             **bench.describe(),
-            **(_token_selection_description(config) if config.token_keep is not None else {}),
+            **selection,
         }
 
 

@@ -30,7 +30,8 @@ import torch
 
 from fstqcodec import tokens
 
-__all__ = ["TrainingCost", "ClientTokens", "TokenSelector", "RoundSelection", "TRAINING_FORWARDS_PER_STEP"]
+__all__ = ["TrainingCost", "ClientTokens", "TokenSelector", "RoundSelection", "round_compute", "describe",
+           "TRAINING_FORWARDS_PER_STEP"]
 
 #: A training step counted as this many forward passes (the backward costs about two).
 TRAINING_FORWARDS_PER_STEP = 3
@@ -167,3 +168,30 @@ class RoundSelection:
     def add_seconds(self, seconds: float) -> None:
         """Book a step's measured time (its selection included)."""
         self.cost.seconds += seconds
+
+
+def round_compute(sent) -> dict:
+    """A round's client compute, summed over the replies ``sent`` (its clients that trained)."""
+    costs = [reply.cost for reply in sent if reply.cost is not None]
+    return {
+        "client_compute_s": sum(reply.compute_s for reply in sent),
+        "client_train_measured_s": sum(cost.seconds for cost in costs),
+        "client_train_tokens": sum(cost.tokens for cost in costs),
+        "client_train_flops": sum(cost.flops for cost in costs),
+        "client_train_flops_full": sum(cost.full_flops for cost in costs),
+    }
+
+
+def describe(config) -> dict:
+    """How the run's clients chose their training tokens and how their compute is counted (``SimConfig``)."""
+    return {
+        "keep_ratio": config.token_keep,
+        "selection": config.token_select if config.token_keep < 1 else "none (every token kept)",
+        "schedule": "a client's first round on full sequences (the Fisher prior is learnt from it; every "
+                    "selection alike), its later rounds on the kept tokens",
+        "special_tokens": "always kept, in order, at their original positions",
+        "flops": "encoder multiply-adds of each step's batch as computed (padded to its longest kept sequence), "
+                 "3 x forward per step, attention scoring included; the full batches' beside them",
+        "compute_s": ("measured wall time of local training and encoding" if config.step_time_s is None else
+                      f"{config.step_time_s} s x each step's FLOPs over its full batch's + measured encoding"),
+    }
