@@ -200,7 +200,8 @@ class SimConfig:
             (self.downlink_bpp > 0, "downlink_bpp must be > 0"),
             (self.proxy_fill in ("zero", "previous"), "proxy_fill must be 'zero' or 'previous'"),
             (bool(self.methods), "no methods given"),
-            (self.token_keep is None or 0 < self.token_keep <= 1, f"token_keep must be in (0, 1], got {self.token_keep}"),
+            (self.token_keep is None or 0 < self.token_keep <= 1,
+             f"token_keep must be in (0, 1], got {self.token_keep}"),
             (self.token_select in TOKEN_SELECTIONS, f"token_select must be one of {', '.join(TOKEN_SELECTIONS)}, "
                                                     f"got {self.token_select!r}"),
             (self.token_keep is not None or self.token_select == "fisher",
