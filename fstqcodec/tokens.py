@@ -36,6 +36,7 @@ __all__ = [
     "select_tokens",
     "reduce_batch",
     "keep_ratio_for_speedup",
+    "encoder_flops",
     "PrunedClassifier",
 ]
 
@@ -424,6 +425,16 @@ def _encoder_flops(length: float, hidden: int, intermediate: int, layers: int) -
     linear = length * (4 * hidden * hidden + 2 * hidden * intermediate)
     attention = 2 * length * length * hidden
     return layers * (linear + attention)
+
+
+def encoder_flops(config, length: float) -> float:
+    """Counted multiply-adds of one forward pass of a BERT-like encoder over one sequence of ``length`` tokens.
+
+    Projections, feed-forward and attention scores of every layer (``config.hidden_size``,
+    ``intermediate_size``, ``num_hidden_layers``); embeddings and the head are not counted. Padding
+    counts: the model computes on it.
+    """
+    return _encoder_flops(length, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
 
 
 def keep_ratio_for_speedup(config, speedup: float, *, length: int) -> float:

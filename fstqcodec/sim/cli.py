@@ -94,9 +94,13 @@ def _check_engine(config: SimConfig, engine: str) -> None:
     Raises
     ------
     ValueError
-        If ``--engine flower`` is asked for a causal-LM QA task (not run end to end on Flower yet).
+        If ``--engine flower`` is asked for a causal-LM QA task (not run end to end on Flower yet),
+        or for token selection (``--token-keep``, in-process only).
     """
     from fstqcodec.sim.causal_data import QA_TASKS
+
+    if engine == "flower" and config.token_keep is not None:
+        raise ValueError("--token-keep runs with --engine in-process (the Flower App trains full sequences)")
 
     if engine == "flower" and config.task in QA_TASKS:
         raise ValueError(f"--engine flower runs the classification tasks; {config.task!r} (a causal LM) "

@@ -12,7 +12,7 @@ torch, transformers and peft are imported when a :class:`Workbench` is built, no
 
 Seeds are derived from the run's seed with :func:`seed_for` and a stream number: 1 the evaluation
 subset, 2 the links, 3 the sampling of a round, 4 a client's batches, dropout masks and encoding,
-6 a client's faults.
+6 a client's faults, 8 the random token selection of a client's round.
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fstqcodec.sim.config import SimConfig
 from fstqcodec.sim.methods import Method, UpdateLayout
+
+if TYPE_CHECKING:  # token_selection imports torch, which this module leaves to the Workbench
+    from fstqcodec.sim.token_selection import TrainingCost
 
 __all__ = ["seed_for", "Workbench", "make_workbench", "LocalTraining", "Faults", "draw_faults", "ClientReply",
            "client_round", "corrupt_in_transit"]
@@ -45,6 +49,7 @@ class LocalTraining:
     fisher: dict[str, np.ndarray] | None  # diagonal Fisher accumulated while training, if asked for
     num_examples: int  # the partition's size (FedAvg's weight)
     mean_loss: float
+    cost: TrainingCost | None = None  # with token selection on: the tokens, FLOPs and seconds it took
 
 
 class Workbench:
@@ -85,6 +90,13 @@ class Workbench:
         self.eval_data = tokenize(tokenizer, [task.texts[i] for i in self.eval_idx],
                                   task.labels[self.eval_idx], config.max_length)
         self._bind_adapter()
+        self.token_selector = None
+        if config.token_keep is not None:
+            from fstqcodec.sim.token_selection import TokenSelector
+
+            self.token_selector = TokenSelector(self.model, config.token_keep, config.token_select,
+                                                special_ids=tokenizer.all_special_ids,
+                                                pad_id=tokenizer.pad_token_id or 0)
 
     def _bind_adapter(self) -> None:
         """The adapter as a client holds it: peft's state-dict names mapped to the live parameters,
@@ -112,13 +124,24 @@ class Workbench:
             for name in self.layout.names:
                 self.params_by_state[name].copy_(torch.from_numpy(np.asarray(state[name])))
 
+    def new_token_state(self):
+        """A client's token-selection state for a run (``config.token_keep`` set), before its first round."""
+        if self.token_selector is None:
+            raise ValueError("token selection is off (token_keep is not set)")
+        return self.token_selector.new_client_state()
+
     def train(self, state: Mapping[str, np.ndarray], client: int, round_number: int, *,
-              with_fisher: bool = True) -> LocalTraining:
+              with_fisher: bool = True, tokens=None) -> LocalTraining:
         """Train the adapter ``state`` on ``client``'s partition for one round.
 
         The batches and dropout masks come from ``seed_for(seed, 4, round_number, client)``, so
-        every method (and either engine) sees the same ones.
+        every method (and either engine) sees the same ones. With ``tokens`` (the client's
+        :meth:`new_token_state`, token selection on), each step trains on the tokens the config's
+        selection keeps (random scores from ``seed_for(seed, 8, round_number, client)``) and the
+        result carries the round's :class:`TrainingCost`.
         """
+        import contextlib
+
         import torch
 
         from fstqcodec.peft import adapter_fisher
@@ -134,16 +157,26 @@ class Workbench:
         batch_rng = np.random.default_rng(client_seed)
         local = self.partition[client]
         losses = []
-        for _ in range(config.local_steps):
-            # A batch without repeats; `local` indexes the tokenized train split.
-            picked = local[batch_rng.choice(len(local), min(config.batch_size, len(local)), replace=False)]
-            loss = self.model(**self.train_data.batch(picked)).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+        selection = None if tokens is None else self.token_selector.round(
+            tokens, seed_for(config.seed, 8, round_number, client))
+        with selection or contextlib.nullcontext():
+            for _ in range(config.local_steps):
+                # A batch without repeats; `local` indexes the tokenized train split.
+                picked = local[batch_rng.choice(len(local), min(config.batch_size, len(local)), replace=False)]
+                batch = self.train_data.batch(picked)
+                step_started = time.perf_counter()
+                if selection is not None:
+                    batch = selection.select(batch)
+                loss = self.model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                if selection is not None:
+                    selection.add_seconds(time.perf_counter() - step_started)
         fisher = adapter_fisher(self.accumulator, self.model) if with_fisher else None
-        return LocalTraining(self.adapter(), fisher, len(local), float(np.mean(losses)))
+        return LocalTraining(self.adapter(), fisher, len(local), float(np.mean(losses)),
+                             cost=None if selection is None else selection.cost)
 
     def evaluate(self, state: Mapping[str, np.ndarray] | None = None) -> float:
         """Accuracy of the adapter ``state`` (default: the loaded one) on the evaluation set."""
@@ -233,17 +266,20 @@ class ClientReply:
     finish_s: float = 0.0
     weight: float = 0.0  # FedAvg weight: the client's examples
     visible: dict | None = None  # downlink proxies: the entries the client received (None: all)
+    cost: TrainingCost | None = None  # token selection on: what the local training cost
 
 
 def client_round(bench: Workbench, method: Method, state, links, global_state: Mapping[str, np.ndarray],
                  downlink_bytes: int, round_number: int, client: int, *, visible: Mapping | None = None,
-                 on_trained: Callable | None = None) -> ClientReply:
+                 on_trained: Callable | None = None, tokens=None) -> ClientReply:
     """Play ``client``'s turn: train, encode under ``method`` with its ``state``, send.
 
     A message that does not arrive (lost, or past the round deadline) is reported to the client's
     error-feedback memory, which keeps the whole update for a later round. With downlink proxies,
     ``global_state`` is the client's decoded proxy, ``visible`` the entries it carried (the update
-    is sent on those only), and ``on_trained(client, adapter)`` sees the trained adapter.
+    is sent on those only), and ``on_trained(client, adapter)`` sees the trained adapter. ``tokens``
+    is the client's token-selection state when ``config.token_keep`` is set; the modelled clock
+    (``step_time_s``) then counts each step at its FLOPs over the full batch's.
 
     Raises
     ------
@@ -255,7 +291,9 @@ def client_round(bench: Workbench, method: Method, state, links, global_state: M
     if faults.dropout:
         return ClientReply(client, fault="dropout")
     started = time.perf_counter()
-    local = bench.train(global_state, client, round_number, with_fisher=method.uses_fisher)
+    # Only a run with token selection passes `tokens`: a Workbench-like stand-in need not know it.
+    selection = {} if tokens is None else {"tokens": tokens}
+    local = bench.train(global_state, client, round_number, with_fisher=method.uses_fisher, **selection)
     trained_at = time.perf_counter()
     update = {n: local.trained[n] - global_state[n] for n in bench.layout.names}
     if visible is not None:  # only what the client saw goes back: the server could not use the rest
@@ -270,11 +308,14 @@ def client_round(bench: Workbench, method: Method, state, links, global_state: M
     encode_s = time.perf_counter() - trained_at
     if config.step_time_s is None:
         compute_s = time.perf_counter() - started
+    elif local.cost is not None:  # steps on fewer tokens: modelled in proportion to their counted FLOPs
+        compute_s = local.cost.full_step_equivalents * config.step_time_s + encode_s
     else:  # modelled training time (repeatable on a busy machine) + measured encoding
         compute_s = config.local_steps * config.step_time_s + encode_s
     down, up = links.transfer_time(client, len(message), downlink_bytes)
     reply = ClientReply(client, sent=message, compute_s=compute_s, download_s=down, upload_s=up,
-                        finish_s=down + compute_s + up, weight=float(local.num_examples), visible=visible)
+                        finish_s=down + compute_s + up, weight=float(local.num_examples), visible=visible,
+                        cost=local.cost)
     return deliver(reply, faults, config.round_deadline_s, state)
 
 

@@ -16,11 +16,14 @@ from fstqcodec.config import DEFAULT_BLOCK_SIZE, FEDERATED_FISHER_POWER, EncodeC
 from fstqcodec.policy.budget import Budget
 from fstqcodec.sim.methods import DEFAULT_METHODS, METHOD_NAMES
 
-__all__ = ["SimConfig", "TASK_TARGETS", "QUICK_SETTINGS"]
+__all__ = ["SimConfig", "TASK_TARGETS", "QUICK_SETTINGS", "TOKEN_SELECTIONS"]
 
 #: Default target accuracy per built-in task (``--target`` overrides). The BBC target is the one the
 #: issue fixes; the others sit a few points under what fp32 reaches with the default settings.
 TASK_TARGETS = {"bbc": 0.85}
+
+#: How ``token_select`` ranks a sequence's tokens when ``token_keep`` is set (fstqcodec.sim.token_selection).
+TOKEN_SELECTIONS = ("fisher", "random", "attention")
 
 #: What ``--quick`` changes (a smoke run of well under a minute of training); options given
 #: explicitly on the command line win.
@@ -106,6 +109,13 @@ class SimConfig:
     max_new_tokens: int | None = _option(
         None, "QA tasks: greedy tokens generated per held-out answer (none: 24 for chatterbot-qa, "
               "12 for drug-condition)", type=int)
+    token_keep: float | None = _option(
+        None, "train each client on this share of every sequence's tokens, chosen by --token-select, and "
+              "record the client compute (tokens, counted FLOPs, seconds); 1 keeps every token but records "
+              "the compute (an ablation's baseline); none: off", type=float)
+    token_select: str = _option(
+        "fisher", "which tokens --token-keep keeps: 'fisher' (the client's token-Fisher prior, learnt from "
+                  "its own backward passes), 'random', or 'attention' ([CLS] attention in the first layer)")
     lora_rank: int = _option(8, "LoRA rank")
     lora_alpha: int | None = _option(None, "LoRA alpha (none: twice the rank)", type=int)
     target_modules: tuple[str, ...] = _option(("query", "value"), "modules adapted by LoRA", cli=False)
@@ -147,9 +157,15 @@ class SimConfig:
         return dataclasses.replace(self, **changes)
 
     def record(self) -> dict:
-        """The settings as JSON-safe data (tuples as lists)."""
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(self).items()}
+        """The settings as JSON-safe data (tuples as lists).
+
+        The token-selection settings appear only when it is on, so the record of a run without it
+        is what it was before the option existed.
+        """
+        settings = dataclasses.asdict(self)
+        if self.token_keep is None:
+            del settings["token_keep"], settings["token_select"]
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message on an invalid setting."""
@@ -184,6 +200,12 @@ class SimConfig:
             (self.downlink_bpp > 0, "downlink_bpp must be > 0"),
             (self.proxy_fill in ("zero", "previous"), "proxy_fill must be 'zero' or 'previous'"),
             (bool(self.methods), "no methods given"),
+            (self.token_keep is None or 0 < self.token_keep <= 1,
+             f"token_keep must be in (0, 1], got {self.token_keep}"),
+            (self.token_select in TOKEN_SELECTIONS, f"token_select must be one of {', '.join(TOKEN_SELECTIONS)}, "
+                                                    f"got {self.token_select!r}"),
+            (self.token_keep is not None or self.token_select == "fisher",
+             "token_select needs token_keep (token selection is off without it)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -191,4 +213,10 @@ class SimConfig:
         unknown = [name for name in self.methods if name not in METHOD_NAMES]
         if unknown:
             raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(METHOD_NAMES)}")
+        if self.token_keep is not None:
+            from fstqcodec.sim.causal_data import QA_TASKS
+
+            if self.task in QA_TASKS:
+                raise ValueError(f"token selection (token_keep) trains the classifier tasks; {self.task!r} is a "
+                                 "causal-LM QA task")
         self.encode_config()  # the encoder's own checks (block size, Fisher power), the same ValueError

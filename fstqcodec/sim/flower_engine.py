@@ -100,14 +100,17 @@ def run_config_for(config: SimConfig, out_dir: str | os.PathLike) -> str:
     Raises
     ------
     ValueError
-        If ``config.methods`` names anything but ``fstq`` (the app runs that method only), or the
-        config asks for a server optimizer other than FedAvg.
+        If ``config.methods`` names anything but ``fstq`` (the app runs that method only), the
+        config asks for a server optimizer other than FedAvg, or token selection is on
+        (``token_keep``: the app trains full sequences).
     """
     if tuple(config.methods) != ("fstq",):
         raise ValueError(f"the Flower app runs the 'fstq' method only, not {config.methods}")
     if config.server_lr != 1.0 or config.server_momentum != 0.0:
         raise ValueError("the Flower app aggregates with FedAvg; --server-lr and --server-momentum run "
                          "with the in-process engine only")
+    if config.token_keep is not None:
+        raise ValueError("the Flower app trains full sequences: token selection (token_keep) runs in-process only")
     pairs = {}
     for field, key in RUN_CONFIG_KEYS.items():
         value = getattr(config, field)

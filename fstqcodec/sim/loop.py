@@ -61,6 +61,9 @@ class MethodRun:
         self.server_optimizer = ServerOptimizer(self.config.server_lr, self.config.server_momentum)
         self.client_states = [method.new_client_state() for _ in range(self.config.clients)]
         self.server_references: dict[int, dict] = {}  # predictive coding: the server's g_i per client
+        # Token selection: each client's prior lives for the run, like its error-feedback memory.
+        self.token_states = ([bench.new_token_state() for _ in range(self.config.clients)]
+                             if self.config.token_keep is not None else [None] * self.config.clients)
         self.rounds = [{"round": 0, "accuracy": initial_accuracy, "uplink_bytes": 0,
                         "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0}]
         self.message_sizes: list[int] = []
@@ -99,7 +102,8 @@ class MethodRun:
         else:
             downlink = self.downlink_codec.encode(self.global_state, fisher=None, state=None, seed=0)
             replies = [client_round(self.bench, self.method, self.client_states[client], self.links,
-                                    self.global_state, len(downlink), round_number, client)
+                                    self.global_state, len(downlink), round_number, client,
+                                    tokens=self.token_states[client])
                        for client in participants]
         sent = [reply for reply in replies if reply.fault != "dropout"]
         for reply in replies:
@@ -125,6 +129,10 @@ class MethodRun:
             **getattr(self.bench, "round_metrics", dict)(),
             **proxy_figures,
         }
+        if self.config.token_keep is not None:  # only then: a run without token selection records as before
+            from fstqcodec.sim.token_selection import round_compute
+
+            entry.update(round_compute(sent))
         self.rounds.append(entry)
         return entry
 
@@ -133,7 +141,7 @@ class MethodRun:
         received, visible = self.proxy.receive(self.global_state, client, round_number)
         return client_round(self.bench, self.method, self.client_states[client], self.links, received,
                             self.proxy.last_bytes, round_number, client, visible=visible,
-                            on_trained=self.proxy.keep_local)
+                            on_trained=self.proxy.keep_local, tokens=self.token_states[client])
 
     def _book(self, reply, round_number: int) -> None:
         """Count what a client sent and log what went wrong on the way."""
@@ -286,6 +294,11 @@ class _Federation:
 
         bench, config, links = self.bench, self.config, self.links
         task = bench.task
+        selection = {}
+        if config.token_keep is not None:
+            from fstqcodec.sim.token_selection import describe
+
+            selection = {"token_selection": describe(config)}
         return {
             "lora_alpha": config.lora_alpha,
             "trainable_parameters": bench.layout.total,
@@ -322,6 +335,7 @@ class _Federation:
             "platform": {"python": platform.python_version(), "torch": torch.__version__,
                          "machine": platform.machine(), "cpu_count": os.cpu_count()},
             **bench.describe(),
+            **selection,
         }
 
 

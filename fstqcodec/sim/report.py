@@ -12,13 +12,21 @@
           "summary": {"final_accuracy", "best_accuracy", "reached_target", "rounds_to_target",
                       "uplink_to_target_bytes", "uplink_ratio_vs_fp32", "sim_time_to_target_s",
                       "time_reduction_vs_fp32", "total_uplink_bytes", "mean_message_bytes",
-                      "mean_bits_per_param"},
+                      "mean_bits_per_param",
+                      # with token selection (config "token_keep"): the client compute, in all and
+                      # to target: "total_client_train_flops", "client_train_flops_to_target", ...
+                      },
           "message_anatomy": {"<part>": mean bytes per message},   # e.g. header, scales, codes
           "faults": [...], "dropped_messages": [...],               # what went wrong, per round
           ...
         }
       }
     }
+
+With token selection on, each round (after round 0) also holds the clients' compute summed over
+the round's participants (``client_compute_s``: the simulated clock's; ``client_train_measured_s``,
+``client_train_tokens``, ``client_train_flops`` and ``client_train_flops_full``, the FLOPs the same
+steps would have cost on full sequences).
 
 ``uplink_bytes`` is the sum over the round's participants of ``len(message)``; ``sim_time_s`` and
 ``cumulative_uplink_bytes`` are cumulative. "To target" values are taken at the first round whose
@@ -54,6 +62,28 @@ def _first_reaching(rounds: list[Mapping[str, Any]], target: float) -> Mapping[s
     return None
 
 
+#: Per-round client compute, recorded when token selection is on (``token_keep``), summed over clients.
+COMPUTE_FIELDS = ("client_compute_s", "client_train_measured_s", "client_train_tokens", "client_train_flops",
+                  "client_train_flops_full")
+
+
+def _client_compute_summary(rounds: list[Mapping[str, Any]], hit: Mapping[str, Any] | None) -> dict:
+    """Client compute in all and to the target (runs with token selection; nothing otherwise)."""
+    if not any("client_train_flops" in entry for entry in rounds):
+        return {}
+
+    def total(key: str, entries) -> float:
+        return sum(entry.get(key, 0) for entry in entries)
+
+    summary = {f"total_{key}": total(key, rounds) for key in COMPUTE_FIELDS}
+    reached = rounds[: rounds.index(hit) + 1] if hit is not None else None
+    for key in ("client_compute_s", "client_train_tokens", "client_train_flops"):
+        summary[f"{key}_to_target"] = total(key, reached) if reached is not None else None
+    full = summary["total_client_train_flops_full"]
+    summary["client_train_flops_saved"] = 1.0 - summary["total_client_train_flops"] / full if full else None
+    return summary
+
+
 def summarize(results: dict) -> dict:
     """Add ``summary`` to every method of ``results`` (in place) and return ``results``."""
     target = float(results["target_accuracy"])
@@ -72,6 +102,7 @@ def summarize(results: dict) -> dict:
             "total_sim_time_s": rounds[-1]["sim_time_s"],
             "mean_message_bytes": data.get("mean_message_bytes"),
             "mean_bits_per_param": data.get("mean_bits_per_param"),
+            **_client_compute_summary(rounds, hit),
         }
     reference = methods.get("fp32", {}).get("summary")
     for data in methods.values():
