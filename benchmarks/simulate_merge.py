@@ -42,6 +42,8 @@ def main() -> int:
 
 
 def _merge(runs: list[dict], target: float | None) -> dict:
+    if target is not None:  # runs summarised against other targets merge once all use this one
+        runs = [{**run, "target_accuracy": target} for run in runs]
     merged = merge_results(runs)
     if target is not None:
         merged["target_accuracy"] = target
