@@ -251,3 +251,17 @@ def skip_without_packages(files, *, module_level: bool = False) -> None:
             package_path(distribution, relative)
     except RuntimeError as error:
         pytest.skip(str(error), allow_module_level=module_level)
+
+
+def load_real_update(name: str) -> tuple[dict, dict]:
+    """(update, Fisher) of one captured client update in tests/data (float32); regenerate the
+    files with ``python benchmarks/capture_updates.py --fixtures``."""
+    import pathlib
+
+    import numpy as np
+
+    with np.load(pathlib.Path(__file__).resolve().parent / "data" / name) as data:
+        names = [str(n) for n in data["names"]]
+        update = {n: data[f"x_{t}"].astype(np.float32) for t, n in enumerate(names)}
+        fisher = {n: data[f"s_{t}"].astype(np.float32) ** 2 for t, n in enumerate(names)}
+    return update, fisher

@@ -10,7 +10,6 @@ and the captured real updates.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,8 @@ from fstqcodec.policy import allocation
 from fstqcodec.policy.fisher import normalize_fisher
 from fstqcodec.stages import rans
 
-DATA = Path(__file__).parent / "data"
+from common import load_real_update
+
 
 pytestmark = pytest.mark.skipif(rans._speedups is None, reason="the C accelerator is not built")
 
@@ -49,14 +49,6 @@ def _lora(seed: int, pairs: int = 4, width: int = 1024) -> tuple[dict, dict]:
     return tensors, fisher
 
 
-def _real_update(name: str) -> tuple[dict, dict]:
-    with np.load(DATA / name) as data:
-        names = [str(n) for n in data["names"]]
-        update = {n: data[f"x_{t}"].astype(np.float32) for t, n in enumerate(names)}
-        fisher = {n: data[f"s_{t}"].astype(np.float32) ** 2 for t, n in enumerate(names)}
-    return update, fisher
-
-
 def _ragged(seed: int) -> tuple[dict, dict]:
     """Sizes that are not multiples of the block size, three dtypes, float64 Fisher of extreme scale."""
     rng = np.random.default_rng(seed)
@@ -77,8 +69,8 @@ def _ragged(seed: int) -> tuple[dict, dict]:
 
 INPUTS = {
     "lora": lambda: _lora(1),
-    "bbc": lambda: _real_update("real_update_bbc.npz"),
-    "drugreview": lambda: _real_update("real_update_drugreview.npz"),
+    "bbc": lambda: load_real_update("real_update_bbc.npz"),
+    "drugreview": lambda: load_real_update("real_update_drugreview.npz"),
     "ragged": lambda: _ragged(2),
 }
 

@@ -3,7 +3,6 @@ regenerate with ``python benchmarks/capture_updates.py --fixtures``) and the pee
 
 from __future__ import annotations
 
-import pathlib
 
 import numpy as np
 import pytest
@@ -11,18 +10,13 @@ import pytest
 import fstqcodec
 from fstqcodec.sim import peers
 
-DATA = pathlib.Path(__file__).resolve().parent / "data"
+from common import load_real_update
+
 FIXTURES = ("real_update_bbc.npz", "real_update_drugreview.npz")
 BUDGETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
-def load_fixture(name: str) -> tuple[dict, dict]:
-    """(update, Fisher) of one captured client update, float32."""
-    with np.load(DATA / name) as data:
-        names = [str(n) for n in data["names"]]
-        update = {n: data[f"x_{t}"].astype(np.float32) for t, n in enumerate(names)}
-        fisher = {n: data[f"s_{t}"].astype(np.float32) ** 2 for t, n in enumerate(names)}
-    return update, fisher
+load_fixture = load_real_update
 
 
 def gaussian_update(seed: int = 0) -> tuple[dict, dict]:
