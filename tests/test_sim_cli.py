@@ -52,6 +52,8 @@ def test_the_default_run_is_one_seed_evaluated_on_the_whole_held_out_set():
     (["--seeds", "0,0"], "--seeds"),
     (["--seeds", "0,1", "--seed", "2"], "--seed or --seeds"),
     (["--seeds", "0,1", "--engine", "flower", "--methods", "fstq"], "one seed"),
+    (["--engine", "flower", "--methods", "fp32,fstq"], "--methods fstq"),
+    (["--engine", "flower", "--methods", "fstq", "--server-momentum", "0.5"], "FedAvg"),
     (["--block-size", "0"], "block"),
 ])
 def test_bad_options_exit_with_status_2_and_one_line(capsys, argv, message):

@@ -94,10 +94,17 @@ def _check_engine(config: SimConfig, engine: str) -> None:
     Raises
     ------
     ValueError
-        If ``--engine flower`` is asked for a causal-LM QA task (not run end to end on Flower yet),
-        or for token selection (``--token-keep``, in-process only).
+        If ``--engine flower`` is asked for a method other than fstq, a causal-LM QA task (not run
+        end to end on Flower yet), token selection (``--token-keep``) or a server optimizer
+        (``--server-lr``, ``--server-momentum``), which run in-process only.
     """
     from fstqcodec.sim.causal_data import QA_TASKS
+
+    if engine == "flower" and tuple(config.methods) != ("fstq",):
+        raise ValueError("--engine flower runs the fstq method (FstqMod + FstqStrategy); pass --methods fstq")
+    if engine == "flower" and (config.server_lr != 1.0 or config.server_momentum != 0.0):
+        raise ValueError("--engine flower aggregates with FedAvg; --server-lr and --server-momentum run "
+                         "with --engine in-process")
 
     if engine == "flower" and config.token_keep is not None:
         raise ValueError("--token-keep runs with --engine in-process (the Flower App trains full sequences)")
@@ -130,8 +137,6 @@ def _run_on_flower(config: SimConfig, out_dir) -> dict:
     """The same experiment on Flower's simulation engine (``flwr run`` of the Flower App)."""
     from fstqcodec.sim.flower_engine import run_with_flwr
 
-    if tuple(config.methods) != ("fstq",):
-        raise ValueError("--engine flower runs the fstq method (FstqMod + FstqStrategy); pass --methods fstq")
     return run_with_flwr(config, out_dir)
 
 
