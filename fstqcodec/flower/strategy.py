@@ -473,10 +473,7 @@ class FstqStrategy(Strategy):
         ProtocolError
             If the reply is dropped (spec/FLOWER.md, Section 7), with the reason.
         """
-        content = reply.content
-        key, record = _the_record(content)
-        data = message_bytes(record, STYPE_UPDATE)
-        weight = reply_weight(content, self.strategy)
+        content, key, record, data, weight = self._read_reply(reply)
         if data is None:
             # A client without FstqMod sent its model in plain arrays: accept it if it fits.
             plain = matching_tensors(record, received, "the reply", unreadable="unreadable arrays")
@@ -511,11 +508,8 @@ class FstqStrategy(Strategy):
         ProtocolError
             If the reply is dropped (spec/FLOWER.md, Section 7), with the reason.
         """
-        content = reply.content
-        key, record = _the_record(content)
         received, visible = self._proxies.received(server_round, reply.metadata.src_node_id)
-        data = message_bytes(record, STYPE_UPDATE)
-        weight = reply_weight(content, self.strategy)
+        content, key, record, data, weight = self._read_reply(reply)
         if data is None:
             plain = matching_tensors(record, received, "the reply", unreadable="unreadable arrays")
             update = plain_update(plain, received)
@@ -523,6 +517,13 @@ class FstqStrategy(Strategy):
             update = decode_update(data, received, self.limits)
         masked.add(update, weight, content, key, visible=visible)
         return masked.decoded_bytes
+
+    def _read_reply(self, reply: Message) -> tuple[RecordDict, str, ArrayRecord, bytes | None, float]:
+        """A train reply's content, its one ArrayRecord (key and record), the fstq message's bytes
+        (None for plain arrays) and its FedAvg weight; :class:`ProtocolError` if unreadable."""
+        content = reply.content
+        key, record = _the_record(content)
+        return content, key, record, message_bytes(record, STYPE_UPDATE), reply_weight(content, self.strategy)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
