@@ -16,6 +16,7 @@ client's update to real bytes, which are decoded and compared with the update:
 
 Methods: fstq without Fisher, with Fisher**0.5 (the loop's default) and Fisher**1, all under
 ``Budget(bits_per_param=rate)`` with the tensors named by a schema digest (as the loop sends them);
+fstq's unbiased mode (``unbiased=True``, Fisher**0.5);
 DRIVE/EDEN with unbiased and least-squares scales (sub-bit rates by shared-random subsampling);
 scaled sign at 1 bit; top-k (uint32 index + float32 value); QSGD and NF4 at 4 bits. One shot:
 every error-feedback memory starts empty, as in a client's first round.
@@ -23,6 +24,11 @@ every error-feedback memory starts empty, as in a client's first round.
     python benchmarks/real_updates.py                       # every capture, every rate
     python benchmarks/real_updates.py --regime bbc-s2 --rates 0.25,1
     python benchmarks/real_updates.py --fill                # budget fill, 0.1-8 bits/param
+    python benchmarks/real_updates.py --draws 20            # give-back over 20 draws of the random codes
+
+One draw of an unbiased code gives back a random amount (zero in expectation): ``--draws N`` repeats
+the random methods (EDEN unbiased, fstq unbiased) with N seeds per client and prints the give-back's
+mean and standard deviation over the draws, beside the deterministic methods' single value.
 """
 
 from __future__ import annotations
@@ -43,26 +49,32 @@ from fstqcodec.sim.methods import UpdateLayout, make_method  # noqa: E402
 RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def _fstq(power):
-    def encode(capture, client, rate, schema):
+def _fstq(power, unbiased=False):
+    def encode(capture, client, rate, schema, draw=0):
         fisher = None if power is None else capture.fishers[client]
         message = fstqcodec.encode(capture.updates[client], fisher=fisher, fisher_power=power or 1.0,
-                                   budget=fstqcodec.Budget(bits_per_param=rate), schema=schema)
+                                   budget=fstqcodec.Budget(bits_per_param=rate), schema=schema,
+                                   unbiased=unbiased, seed=_draw_seed(client, draw) if unbiased else 0)
         return message, fstqcodec.decode(message, schemas=schema)
     return encode
 
 
+def _draw_seed(client: int, draw: int) -> int:
+    """The random methods' seed for one client's message in one draw (draw 0: the tables')."""
+    return 1000 + client + 100 * draw
+
+
 def _eden(scale):
-    def encode(capture, client, rate, schema):
+    def encode(capture, client, rate, schema, draw=0):
         names = capture.names
         flat = np.concatenate([capture.updates[client][n].ravel() for n in names])
         bits, fraction = (1, rate) if rate < 1 else (int(rate), 1.0)
-        message = peers.eden_encode(flat, bits=bits, fraction=fraction, scale=scale, seed=1000 + client)
+        message = peers.eden_encode(flat, bits=bits, fraction=fraction, scale=scale, seed=_draw_seed(client, draw))
         return message, _unflatten(capture, peers.eden_decode(message))
     return encode
 
 
-def _sign(capture, client, rate, schema):
+def _sign(capture, client, rate, schema, draw=0):
     if rate != 1:
         return None
     names = capture.names
@@ -72,7 +84,7 @@ def _sign(capture, client, rate, schema):
 
 
 def _sim_method(name, only_rate=None):
-    def encode(capture, client, rate, schema):
+    def encode(capture, client, rate, schema, draw=0):
         if only_rate is not None and rate != only_rate:
             return None
         layout = UpdateLayout({n: capture.updates[client][n].shape for n in capture.names})
@@ -86,6 +98,7 @@ METHODS = {
     "fstq-nofisher": _fstq(None),
     "fstq F^0.5": _fstq(0.5),
     "fstq F^1": _fstq(1.0),
+    "fstq unbiased": _fstq(0.5, unbiased=True),
     "eden-unbiased": _eden("unbiased"),
     "eden-ls": _eden("ls"),
     "scaled sign": _sign,
@@ -109,7 +122,7 @@ def _dot(a, b, names):
     return sum(float(np.dot(a[n].ravel().astype(np.float64), b[n].ravel().astype(np.float64))) for n in names)
 
 
-def measure(capture, method, rate) -> dict | None:
+def measure(capture, method, rate, draw: int = 0) -> dict | None:
     """The four figures of one method at one rate on one capture (None: not at this rate)."""
     names = capture.names
     schema = fstqcodec.Schema.of(capture.updates[0])
@@ -119,7 +132,7 @@ def measure(capture, method, rate) -> dict | None:
     mean_x = {n: np.zeros(capture.updates[0][n].shape) for n in names}
     mean_xhat = {n: np.zeros(capture.updates[0][n].shape) for n in names}
     for client, (x, fisher) in enumerate(zip(capture.updates, capture.fishers)):
-        result = method(capture, client, rate, schema)
+        result = method(capture, client, rate, schema, draw=draw)
         if result is None:
             return None
         message, xhat = result
@@ -164,6 +177,36 @@ def fill_table(files) -> None:
     print(f"\nsmallest fill (spent / budget, worst client): {worst:.3f}")
 
 
+#: The methods whose messages depend on the seed (the others give the same bytes every draw).
+RANDOM_METHODS = ("eden-unbiased", "eden-ls", "fstq unbiased")
+
+
+def _give_back(results) -> float:
+    # Pooled over the captures (a round whose update barely moves the loss would otherwise
+    # dominate a mean of ratios).
+    return sum(r["change"] for r in results) / sum(r["gain"] for r in results)
+
+
+def draws_table(files, regimes, rates, methods, draws: int) -> None:
+    """Give-back per regime, rate and method: mean +- std over ``draws`` seeds for random methods."""
+    print(f"| {'regime':<14} | {'rate':>4} | {'method':<14} | {'draws':>5} | {'give-back mean':>14} | {'std':>6} |")
+    print(f"|{'-' * 16}|{'-' * 6}|{'-' * 16}|{'-' * 7}|{'-' * 16}|{'-' * 8}|")
+    for regime in regimes:
+        captures = [load_capture(p) for p in files if _regime(p) == regime]
+        for rate in rates:
+            for name in methods:
+                count = draws if name in RANDOM_METHODS else 1
+                values = []
+                for draw in range(count):
+                    results = [measure(c, METHODS[name], rate, draw) for c in captures]
+                    if any(r is None for r in results):
+                        break
+                    values.append(_give_back(results))
+                if values:
+                    print(f"| {regime:<14} | {rate:>4} | {name:<14} | {len(values):>5} | {np.mean(values):>14.3f} | "
+                          f"{np.std(values):>6.3f} |", flush=True)
+
+
 def _regime(path: pathlib.Path) -> str:
     return path.stem.rsplit("-r", 1)[0]
 
@@ -174,6 +217,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rates", default=",".join(str(r) for r in RATES))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--fill", action="store_true", help="print the budget fill table instead")
+    parser.add_argument("--draws", type=int, default=0, help="give-back over this many draws of the random methods")
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
@@ -182,6 +226,9 @@ def main(argv=None) -> int:
         fill_table(files)
         return 0
     regimes = sorted({_regime(p) for p in files})
+    if args.draws:
+        draws_table(files, regimes, rates, methods, args.draws)
+        return 0
     for regime in regimes:
         captures = [load_capture(p) for p in files if _regime(p) == regime]
         rounds = ", ".join(f"r{c.meta['round']}" for c in captures)
@@ -196,9 +243,7 @@ def main(argv=None) -> int:
                 if any(r is None for r in results):
                     continue
                 mean = {k: float(np.mean([r[k] for r in results])) for k in ("rel_mse", "fisher_err", "bits")}
-                # Pooled over the captures (a round whose update barely moves the loss would
-                # otherwise dominate a mean of ratios).
-                mean["give_back"] = sum(r["change"] for r in results) / sum(r["gain"] for r in results)
+                mean["give_back"] = _give_back(results)
                 print(f"| {rate:>4} | {name:<14} | {mean['bits']:>10.3f} | {mean['rel_mse']:>8.4f} | "
                       f"{mean['fisher_err']:>10.4f} | {mean['give_back']:>9.3f} |", flush=True)
     return 0

@@ -29,6 +29,7 @@ def encode(
     codebook=None,
     rounding: str = "nearest",
     seed: int = 0,
+    unbiased: bool = False,
     nonfinite: str = "error",
     meta: dict | None = None,
     compress_header: bool = True,
@@ -69,8 +70,15 @@ def encode(
     rounding : {"nearest", "stochastic"}
         Stochastic rounding is unbiased and draws from ``seed``.
     seed : int
-        Seed of the random generator (stochastic rounding). The same input, options and seed
-        give the same bytes.
+        Seed of the random generator (stochastic rounding, the unbiased mode's draws). The same
+        input, options and seed give the same bytes.
+    unbiased : bool
+        Budget mode only: make the decoded update an unbiased estimate of the input (its
+        expectation over ``seed`` is the input), for servers that average many clients'
+        messages without error feedback. Each block is sent with a probability chosen by its
+        Fisher-weighted energy, scaled by the inverse, and rounded stochastically (``rounding``
+        is then ignored). Its error is larger than the default's, which shrinks toward zero
+        instead (README, "On real updates"). The wire format is the same.
     nonfinite : {"error", "zero"}
         What to do with NaN and inf: refuse (default) or replace them with 0.
     meta : dict, optional
@@ -118,7 +126,8 @@ def encode(
     """
     options = EncodeConfig(
         budget=budget, block_size=block_size, bits=bits, codebook=codebook, rounding=rounding,
-        seed=seed, fisher_power=fisher_power, nonfinite=nonfinite, compress_header=compress_header,
+        seed=seed, unbiased=unbiased, fisher_power=fisher_power, nonfinite=nonfinite,
+        compress_header=compress_header,
     )
     if config is not None:
         if not isinstance(config, EncodeConfig):
@@ -156,7 +165,8 @@ def _encode(tensors, fisher, config: EncodeConfig, meta, schema, masks=None) -> 
     if config.mode == "lossless":
         return encoder.assemble(source, encoder.lossless_plan(source), **options)
     limit = config.budget.resolve(elements=source.elements, raw_bytes=source.raw_bytes)
-    return encoder.encode_to_budget(source, weights, limit, rounding=config.rounding, seed=config.seed, **options)
+    return encoder.encode_to_budget(source, weights, limit, rounding=config.rounding, seed=config.seed,
+                                    unbiased=config.unbiased, **options)
 
 
 def _check_meta(meta) -> None:

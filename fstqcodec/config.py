@@ -45,7 +45,11 @@ class EncodeConfig:
         Fixed-rate explicit levels (``"nf4"``, or 2**k increasing values, stored as a tuple).
     rounding : {"nearest", "stochastic"}
     seed : int
-        Seed of stochastic rounding; the same input, config and seed give the same bytes.
+        Seed of stochastic rounding and of the unbiased mode's draws; the same input, config and
+        seed give the same bytes.
+    unbiased : bool
+        Budget mode only: an unbiased estimate of the input (:func:`fstqcodec.encode`). Left out
+        of :meth:`get_config` when False, so configs read the same as before the option existed.
     fisher_power : float
         The error is weighed by ``F ** fisher_power`` (1: Fisher-weighted error; 0: uniform).
     nonfinite : {"error", "zero"}
@@ -70,6 +74,7 @@ class EncodeConfig:
     codebook: str | tuple[float, ...] | None = None
     rounding: str = "nearest"
     seed: int = 0
+    unbiased: bool = False
     fisher_power: float = 1.0
     nonfinite: str = "error"
     compress_header: bool = True
@@ -89,6 +94,10 @@ class EncodeConfig:
         if self.nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be 'error' or 'zero', got {self.nonfinite!r}")
         set_field("seed", _seed(self.seed))
+        if not isinstance(self.unbiased, bool):
+            raise TypeError(f"unbiased must be a bool, got {type(self.unbiased).__name__}")
+        if self.unbiased and self.budget is None:
+            raise ValueError("unbiased=True needs a budget (the fixed-rate modes round as 'rounding' says)")
         set_field("fisher_power", check_fisher_power(self.fisher_power))
         if not isinstance(self.compress_header, bool):
             raise TypeError(f"compress_header must be a bool, got {type(self.compress_header).__name__}")
@@ -110,6 +119,8 @@ class EncodeConfig:
         """A JSON-safe dict of every option (``budget`` as :meth:`Budget.get_config`)."""
         config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         config["budget"] = None if self.budget is None else self.budget.get_config()
+        if not self.unbiased:
+            del config["unbiased"]
         if isinstance(self.codebook, tuple):
             config["codebook"] = list(self.codebook)
         return {"id": "fstq", **config}

@@ -168,6 +168,8 @@ def test_safetensors_metadata_is_accepted_and_the_written_header_is_aligned(tmp_
      fstqcodec.EncodeConfig(budget=fstqcodec.Budget(max_bytes=900), block_size=32, rounding="stochastic", seed=7)),
     (["--ratio", "8", "--nonfinite", "zero"], fstqcodec.EncodeConfig(budget=fstqcodec.Budget(ratio=8.0), nonfinite="zero")),
     (["--bits", "4"], fstqcodec.EncodeConfig(bits=4)),
+    (["--bits-per-param", "0.5", "--unbiased", "--seed", "3"],
+     fstqcodec.EncodeConfig(budget=fstqcodec.Budget(bits_per_param=0.5), unbiased=True, seed=3)),
     (["--codebook", "nf4"], fstqcodec.EncodeConfig(codebook="nf4")),
 ])
 def test_the_options_are_one_encode_config(options, expected):
@@ -265,6 +267,7 @@ ENCODE_ERRORS = {
     "fisher power without fisher": (["x.npz", "-o", "o.fstq", "--bits-per-param", "1", "--fisher-power", "0.5"],
                                     ["--fisher-power", "--fisher"]),
     "stochastic lossless": (["x.npz", "-o", "o.fstq", "--rounding", "stochastic"], ["--rounding", "lossless"]),
+    "unbiased without budget": (["x.npz", "-o", "o.fstq", "--unbiased", "--bits", "4"], ["--unbiased", "budget"]),
     "budget below the smallest message": (["x.npz", "-o", "o.fstq", "--max-bytes", "10"], ["--max-bytes 10", "smallest"]),
     "missing output option": (["x.npz"], ["-o/--output"]),
     "missing input": (["nothing.npz", "-o", "o.fstq"], ["nothing.npz", "No such file"]),

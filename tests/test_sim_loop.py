@@ -174,3 +174,17 @@ def test_ef21_a_lost_message_moves_neither_reference():
     assert all(state.reference == {} for state in run.client_states)
     for name in SHAPES:
         np.testing.assert_array_equal(run.global_state[name], 0.0)
+
+
+def test_fstq_unbiased_keeps_no_residual_and_the_server_averages_its_unbiased_messages():
+    run = _run("fstq-unbiased", clients=3, rounds=1, budget_bpp=0.5)
+    assert run.method.encode_config.unbiased and run.method.config()["error_feedback"] is False
+    assert all(state is None for state in run.client_states)  # nothing held back on average
+    before = {name: a.copy() for name, a in run.global_state.items()}
+    run.play_round(1)
+    weights = run.bench.client_sizes[:3]
+    moved = {name: run.global_state[name] - before[name] for name in SHAPES}
+    # The round moved the model by some average of sampled messages: not all zero, not the exact mean.
+    exact = {name: sum(w * run.bench.step(c, 1)[name] for c, w in enumerate(weights)) / weights.sum() for name in SHAPES}
+    assert any(np.any(moved[name] != 0) for name in SHAPES)
+    assert any(not np.allclose(moved[name], exact[name]) for name in SHAPES)

@@ -82,7 +82,10 @@ def _add_encode_parser(commands_) -> None:
     modes.add_argument("--codebook", choices=["nf4"], help="fixed-rate with a built-in codebook")
     p.add_argument("--block-size", type=_block_size, default=64, help="elements per block (default 64)")
     p.add_argument("--rounding", choices=["nearest", "stochastic"], default="nearest", help="(default nearest)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of stochastic rounding (default 0)")
+    p.add_argument("--unbiased", action="store_true",
+                   help="budget mode: an unbiased estimate (blocks sent with Fisher-chosen probabilities, "
+                        "scaled by their inverse, stochastic rounding), for averaging without error feedback")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of stochastic rounding and --unbiased (default 0)")
     p.add_argument("--nonfinite", choices=["error", "zero"], default="error",
                    help="NaN and inf: refuse them, or send them as 0 (default error)")
     p.set_defaults(handler=commands.cmd_encode)

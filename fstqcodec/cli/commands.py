@@ -32,7 +32,8 @@ def encode_config(args) -> EncodeConfig:
     ------
     UsageError
         An option that would be silently ignored: ``--fisher`` without a budget, ``--fisher-power``
-        without ``--fisher``, stochastic rounding of a lossless encoding.
+        without ``--fisher``, stochastic rounding of a lossless encoding, ``--unbiased`` without a
+        budget.
     """
     budget = _budget(args)
     if args.fisher is not None and budget is None:
@@ -42,10 +43,13 @@ def encode_config(args) -> EncodeConfig:
         raise UsageError("--fisher-power: it weighs the --fisher weights; give --fisher too")
     if args.rounding == "stochastic" and budget is None and args.bits is None and args.codebook is None:
         raise UsageError("--rounding stochastic: a lossless encoding rounds nothing; give a budget, --bits or --codebook")
+    if args.unbiased and budget is None:
+        raise UsageError("--unbiased: it samples blocks under a budget; give --bits-per-param, --max-bytes or --ratio")
     fisher_power = 1.0 if args.fisher_power is None else args.fisher_power
     try:
         return EncodeConfig(budget=budget, block_size=args.block_size, bits=args.bits, codebook=args.codebook,
-                            rounding=args.rounding, seed=args.seed, fisher_power=fisher_power, nonfinite=args.nonfinite)
+                            rounding=args.rounding, seed=args.seed, unbiased=args.unbiased, fisher_power=fisher_power,
+                            nonfinite=args.nonfinite)
     except (TypeError, ValueError) as error:  # each option was checked by its type; a safety net
         raise UsageError(f"invalid encoder options: {error}") from None
 

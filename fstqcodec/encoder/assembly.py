@@ -123,7 +123,8 @@ def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan) -> None
         codebook_index = 0 if plan.codebook is not None else None
         # A sign context (width 1) always decodes through its two centroids.
         if plan.codebook is None and plan.class_sums is not None and (
-            width == 1 or width <= _CENTROID_MAX_WIDTH and int(source.counts[rows].sum()) >= _CENTROID_MIN_ELEMENTS
+            width == 1 or plan.grid_centroids and width <= _CENTROID_MAX_WIDTH
+            and int(source.counts[rows].sum()) >= _CENTROID_MIN_ELEMENTS
         ):
             codebook_index = len(built.codebooks)
             built.codebooks.append(centroid_levels(plan, classes, width))

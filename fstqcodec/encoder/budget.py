@@ -4,6 +4,7 @@ message size until the message fills the budget."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from . import moments
 from .assembly import assemble
 from .plans import Plan, dtype_max_rows, lossless_plan, rd_plan
 from .source import Input
+from .unbiased import unbiased_plan
 
 __all__ = ["encode_to_budget", "block_stats", "LOW_WATER"]
 
@@ -90,8 +92,10 @@ def _weighted_sums(source: Input, weights: dict, scale, sum_squares, sum_abs):
     return weight, energy, weighted_abs, weight_sum
 
 
-def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str, seed: int, **options) -> bytes:
-    """The best message the allocation finds within ``limit`` bytes.
+def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str, seed: int, unbiased: bool = False,
+                     **options) -> bytes:
+    """The best message the allocation finds within ``limit`` bytes (``unbiased``: the best
+    message of :func:`.unbiased.unbiased_plan`, whose decoded value is unbiased).
 
     Raises
     ------
@@ -111,28 +115,38 @@ def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str,
         if len(lossless) <= limit:
             return lossless
     source.check_quantizable()
+    if unbiased:
+        stats = block_stats(source, weights)
+        return _fill_budget(source, lambda target: unbiased_plan(source, stats, target, seed=seed), limit, smallest,
+                            LOW_WATER, **options)
     stats = block_stats(source, weights, sign=rounding == "nearest")
     low_water = LOW_WATER if stats.shape_sample is None else _LOW_WATER_MEASURED
-    best = _fill_budget(source, stats, limit, smallest, low_water, rounding=rounding, seed=seed, **options)
+    best = _fill_budget(source, _rd_plans(source, stats, rounding, seed), limit, smallest, low_water, **options)
     if len(best) < LOW_WATER * limit and stats.sign_distortion is not None:
         # A sign context's own table and codebook can cost more than a tiny budget has left, a
         # step the model does not see: try again without sign blocks, keep the fuller message.
         stats.sign_distortion = stats.shared_sign_distortion = None
-        retry = _fill_budget(source, stats, limit, smallest, low_water, rounding=rounding, seed=seed, **options)
+        retry = _fill_budget(source, _rd_plans(source, stats, rounding, seed), limit, smallest, low_water, **options)
         best = retry if len(retry) > len(best) else best
     return best
 
 
-def _fill_budget(source: Input, stats: BlockStats, limit: int, smallest: bytes, low_water: float, *,
-                 rounding: str, seed: int, **options) -> bytes:
-    """The size loop: the fullest message within ``limit`` it finds (``smallest`` if none)."""
+def _rd_plans(source: Input, stats: BlockStats, rounding: str, seed: int) -> Callable[[float], Plan]:
+    """The Fisher-weighted allocation's plan per model target (its evaluator built once)."""
+    terms = evaluator(stats)
+    return lambda target: rd_plan(source, stats, target, rounding=rounding, rng=np.random.default_rng(seed), evaluator=terms)
+
+
+def _fill_budget(source: Input, plan_for: Callable[[float], Plan], limit: int, smallest: bytes, low_water: float,
+                 **options) -> bytes:
+    """The size loop: the fullest message within ``limit`` it finds (``smallest`` if none), over
+    the plans ``plan_for(target)`` gives for a model cost of ``target`` bits."""
     fixed_bits = 8.0 * len(smallest)
     target = max(8.0 * limit * _AIM - fixed_bits, 0.0)
     best, best_size = smallest, len(smallest)
     fits, overshoots = 0.0, math.inf  # bracket on the model target
-    terms = evaluator(stats)
     for _ in range(_MAX_SIZE_ITERATIONS):
-        plan = rd_plan(source, stats, target, rounding=rounding, rng=np.random.default_rng(seed), evaluator=terms)
+        plan = plan_for(target)
         message = assemble(source, plan, **options)
         del plan  # its codes: not held while the next plan is built
         size = len(message)

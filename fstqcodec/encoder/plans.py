@@ -56,6 +56,9 @@ class Plan:
     - ``class_sums`` (sums of ``x / scale`` per code, same indexing) and ``class_sampled`` (the
       counts behind them) are both None (no centroid codebooks) or both set.
     - ``force_packed``: a fixed-rate plan; its codes go packed, one context per width.
+    - ``grid_centroids``: whether grid contexts may decode through their bins' centroids (where
+      that pays). False keeps every grid code at its own level, as unbiased rounding needs; sign
+      contexts always decode through their two centroids.
     """
 
     mode: np.ndarray
@@ -69,6 +72,7 @@ class Plan:
     class_sums: np.ndarray | None = None
     class_sampled: np.ndarray | None = None
     force_packed: bool = False
+    grid_centroids: bool = True
 
     def __post_init__(self) -> None:
         # The cheap structural invariants; a violation is a bug in a plan builder.

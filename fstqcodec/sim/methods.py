@@ -28,6 +28,10 @@ eden, signsgd-ef
 fstq, fstq-nofisher
     :func:`fstqcodec.encode` under ``Budget(bits_per_param=...)`` with :class:`fstqcodec.ErrorFeedback`,
     with the diagonal Fisher from the client's accumulator, or with uniform importance (ablation).
+fstq-unbiased
+    fstq's unbiased mode (``EncodeConfig(unbiased=True)``: blocks sent with Fisher-chosen
+    probabilities, scaled by their inverse, stochastic rounding) without error feedback: the
+    server's average is unbiased, as EDEN's is.
 fstq-ef21
     fstq with predictive coding across rounds instead of error feedback: each message encodes the
     client's update minus a reference both ends hold (:mod:`fstqcodec.sim.predictive`; measured as
@@ -59,7 +63,7 @@ __all__ = [
 
 #: Every method ``fstq simulate`` knows, in the order results are reported.
 METHOD_NAMES = ("fp32", "fp16", "nf4", "qsgd8", "qsgd4", "topk", "eden", "signsgd-ef", "fstq-nofisher", "fstq",
-                "fstq-ef21")
+                "fstq-unbiased", "fstq-ef21")
 #: Methods run by ``fstq simulate`` with no ``--methods``.
 DEFAULT_METHODS = ("fp32", "nf4", "fstq")
 
@@ -349,29 +353,31 @@ class Fstq(Method):
     for codes in a ~4 kB message.
     """
 
-    def __init__(self, layout: UpdateLayout, config: EncodeConfig, *, use_fisher: bool):
+    def __init__(self, layout: UpdateLayout, config: EncodeConfig, *, use_fisher: bool, unbiased: bool = False):
         super().__init__(layout)
-        self.name = "fstq" if use_fisher else "fstq-nofisher"
+        self.name = "fstq-unbiased" if unbiased else "fstq" if use_fisher else "fstq-nofisher"
         self.uses_fisher = use_fisher
-        self.encode_config = config
+        # The unbiased mode needs no error feedback: nothing is held back on average.
+        self.error_feedback = not unbiased
+        self.encode_config = config.replace(unbiased=True) if unbiased else config
         self.wire_schema = fstqcodec.Schema(
             [(name, "float32", layout.shapes[name], config.block_size) for name in layout.names]
         )
 
     def config(self):
-        return {"name": self.name, "fisher": self.uses_fisher, "error_feedback": True,
+        return {"name": self.name, "fisher": self.uses_fisher, "error_feedback": self.error_feedback,
                 "header": "tensors named by schema digest (both ends know the model)",
                 "encode_config": self.encode_config.get_config()}
 
     def new_client_state(self):
-        return fstqcodec.ErrorFeedback(self.encode_config)
+        return fstqcodec.ErrorFeedback(self.encode_config) if self.error_feedback else None
 
     def encode(self, update, *, fisher, state, seed, budget_bytes=None):
         self.layout.check(update)
         config = self.encode_config.replace(seed=seed)
         if budget_bytes is not None:
             config = config.replace(budget=fstqcodec.Budget(max_bytes=int(budget_bytes)))
-        return state.encode(
+        return (state.encode if self.error_feedback else fstqcodec.encode)(
             {name: np.asarray(update[name], dtype=np.float32) for name in self.layout.names},
             fisher=fisher if self.uses_fisher else None,
             schema=self.wire_schema,
@@ -421,8 +427,8 @@ def make_method(name: str, layout: UpdateLayout, config: EncodeConfig) -> Method
         if config.budget is None or config.budget.bits_per_param is None:
             raise ValueError("topk needs a bits-per-parameter budget to choose k")
         return TopK(layout, config.budget.bits_per_param)
-    if name in ("fstq", "fstq-nofisher"):
-        return Fstq(layout, config, use_fisher=name == "fstq")
+    if name in ("fstq", "fstq-nofisher", "fstq-unbiased"):
+        return Fstq(layout, config, use_fisher=name != "fstq-nofisher", unbiased=name == "fstq-unbiased")
     if name in ("eden", "signsgd-ef"):
         from fstqcodec.sim.peer_methods import Eden, SignSGDEF  # imports this module
 
