@@ -8,6 +8,12 @@ target (counted FLOPs, real tokens, the modelled clock's seconds), and the measu
 
     python benchmarks/token_loop.py --run             # the four runs (about 3-5 min each on 1 thread), then the table
     python benchmarks/token_loop.py                   # the table of runs already in --out
+    python benchmarks/token_loop.py --run --seeds 1,2 --variants none,fisher,random   # more seeds
+    python benchmarks/token_loop.py --seeds 0,1,2 --variants none,fisher,random       # mean +- std over seeds
+
+Seed 0's runs live in ``--out/<variant>``, seed n's in ``--out/seed-<n>/<variant>``. With several
+seeds the script prints each seed's table and one of means and standard deviations (ratios against
+``none`` are taken per seed, then averaged), and writes ``table-seeds.md``.
 
 Writes ``table.md`` next to the runs (default ``benchmarks/simulate_results/bbc-token-selection``).
 """
@@ -21,6 +27,8 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+
 OUT = pathlib.Path(__file__).resolve().parent / "simulate_results" / "bbc-token-selection"
 #: run directory -> (keep ratio, selection)
 VARIANTS = {"none": (1.0, "fisher"), "fisher": (0.5, "fisher"), "random": (0.5, "random"),
@@ -31,18 +39,23 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", action="store_true", help="run the four simulations first")
     parser.add_argument("--keep", type=float, default=0.5, help="keep ratio of the three selections")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of: {', '.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", type=pathlib.Path, default=OUT)
     return parser.parse_args(argv)
 
 
-def command(name: str, args) -> list[str]:
+def run_dir(args, seed: int, name: str) -> pathlib.Path:
+    return args.out / name if seed == 0 else args.out / f"seed-{seed}" / name
+
+
+def command(name: str, args, seed: int) -> list[str]:
     keep, selection = VARIANTS[name]
     keep = keep if name == "none" else args.keep
     return ["fstq", "simulate", "--methods", "fstq", "--threads", "1", "--workers", "1", "--no-plots",
-            "--no-progress", "--step-time-s", "0.3", "--seed", str(args.seed), "--rounds", str(args.rounds),
-            "--token-keep", f"{keep:g}", "--token-select", selection, "--out", str(args.out / name)]
+            "--no-progress", "--step-time-s", "0.3", "--seed", str(seed), "--rounds", str(args.rounds),
+            "--token-keep", f"{keep:g}", "--token-select", selection, "--out", str(run_dir(args, seed, name))]
 
 
 def row(name: str, results: dict, baseline: dict | None) -> dict:
@@ -97,29 +110,70 @@ def table(rows: list[dict], target: float) -> str:
     return "\n".join(lines)
 
 
+def seed_table(per_seed: dict[int, list[dict]], target: float) -> str:
+    """Mean +- std over seeds per selection (ratios against ``none`` per seed, then averaged)."""
+    lines = [f"| training tokens | seeds | final acc | rounds to {target:.2f} | uplink to target vs none "
+             "| client FLOPs to target vs none | FLOPs saved (20 rounds) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    names = [r["selection"] for r in next(iter(per_seed.values()))]
+    for name in names:
+        rows = [next(r for r in rows if r["selection"] == name) for rows in per_seed.values()]
+        bases = [next(r for r in rows if r["selection"] == "none") for rows in per_seed.values()]
+        reached = [(r, b) for r, b in zip(rows, bases) if r["rounds_to_target"] and b["rounds_to_target"]]
+
+        def stat(values, pattern):
+            return "-" if not values else f"{pattern.format(np.mean(values))} +- {pattern.format(np.std(values))}"
+
+        label = "every token (none)" if name == "none" else f"{name}, keep {rows[0]['keep']:g}"
+        lines.append(
+            f"| {label} | {len(rows)} | {stat([r['final_accuracy'] for r in rows], '{:.3f}')} "
+            f"| {stat([r['rounds_to_target'] for r in rows if r['rounds_to_target']], '{:.1f}')}"
+            f"{'' if len(reached) == len(rows) else f' ({len(rows) - len(reached)} not reached)'} "
+            f"| {stat([r['uplink_to_target_bytes'] / b['uplink_to_target_bytes'] for r, b in reached], '{:.2f}x')} "
+            f"| {stat([r['flops_to_target'] / b['flops_to_target'] for r, b in reached], '{:.2f}x')} "
+            f"| {stat([r['flops_saved_per_run'] for r in rows], '{:.1%}')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
     if args.run:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        for name in VARIANTS:
-            print(" ".join(command(name, args)), flush=True)
-            subprocess.run(command(name, args), check=True, env=env)
-    loaded = {name: json.loads((args.out / name / "results.json").read_text())
-              for name in VARIANTS if (args.out / name / "results.json").exists()}
-    if not loaded:
-        print(f"no runs in {args.out}; pass --run", file=sys.stderr)
-        return 1
-    baseline = loaded.get("none")
-    rows = [row(name, results, baseline) for name, results in loaded.items()]
-    target = next(iter(loaded.values()))["target_accuracy"]
-    text = table(rows, target)
-    print(text)
-    seeds = sorted({results["config"]["seed"] for results in loaded.values()})
-    note = (f"\n\nOne seed ({', '.join(map(str, seeds))}), not a headline figure; fstq uplink; the simulated clock "
-            "models a full local step as 0.3 s and a reduced one by its FLOPs; measured seconds on a shared "
-            "2-core machine.\n")
-    (args.out / "table.md").write_text(text + note)
-    (args.out / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
+        for seed in seeds:
+            for name in variants:
+                print(" ".join(command(name, args, seed)), flush=True)
+                subprocess.run(command(name, args, seed), check=True, env=env)
+    per_seed = {}
+    for seed in seeds:
+        loaded = {name: json.loads((run_dir(args, seed, name) / "results.json").read_text())
+                  for name in variants if (run_dir(args, seed, name) / "results.json").exists()}
+        if not loaded:
+            print(f"no runs for seed {seed} in {args.out}; pass --run", file=sys.stderr)
+            return 1
+        baseline = loaded.get("none")
+        per_seed[seed] = [row(name, results, baseline) for name, results in loaded.items()]
+        target = next(iter(loaded.values()))["target_accuracy"]
+        text = table(per_seed[seed], target)
+        print(f"seed {seed}\n{text}\n")
+        if len(seeds) == 1:
+            note = (f"\n\nOne seed ({seed}), not a headline figure; fstq uplink; the simulated clock "
+                    "models a full local step as 0.3 s and a reduced one by its FLOPs; measured seconds on a shared "
+                    "2-core machine.\n")
+            out = run_dir(args, seed, "")
+            (out / "table.md").write_text(text + note)
+            (out / "rows.json").write_text(json.dumps(per_seed[seed], indent=1) + "\n")
+    if len(seeds) > 1:
+        text = seed_table(per_seed, target)
+        print(text)
+        (args.out / "table-seeds.md").write_text(
+            text + f"\n\nSeeds {', '.join(map(str, seeds))}; mean +- std over seeds; ratios against 'none' per seed; "
+            "the whole held-out split (444) each round.\n")
+        (args.out / "rows-seeds.json").write_text(json.dumps(per_seed, indent=1) + "\n")
     return 0
 
 
