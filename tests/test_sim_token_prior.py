@@ -158,6 +158,13 @@ def test_a_prior_of_another_vocabulary_is_refused():
     assert "vocabulary" in dropped[0]["error"]
 
 
+def test_a_budget_below_the_smallest_prior_message_names_the_option():
+    import fstqcodec
+
+    with pytest.raises(fstqcodec.BudgetError, match=r"^token_prior_bpp 0.01 is too low for a prior of 4064 values"):
+        encode_prior(_client_state(0).accumulator.prior(), 0.01)
+
+
 def test_a_lost_update_loses_its_prior_too():
     state = _client_state(0)
     state.rounds_trained = 1

@@ -35,10 +35,15 @@ def encode_prior(prior: Mapping[str, np.ndarray], bits_per_param: float) -> byte
 
     Raises
     ------
-    fstqcodec.EncodeError
-        If the budget is below the smallest message of the prior.
+    fstqcodec.BudgetError
+        If the budget is below the smallest message of the prior (the message names token_prior_bpp).
     """
-    return fstqcodec.encode(dict(prior), budget=fstqcodec.Budget(bits_per_param=bits_per_param))
+    try:
+        return fstqcodec.encode(dict(prior), budget=fstqcodec.Budget(bits_per_param=bits_per_param))
+    except fstqcodec.BudgetError as error:
+        values = sum(np.size(value) for value in prior.values())
+        raise fstqcodec.BudgetError(f"token_prior_bpp {bits_per_param:g} is too low for a prior of {values} values: "
+                                    f"{error}", budget=error.budget, minimum=error.minimum) from error
 
 
 def decode_prior(message: bytes, *, vocab_size: int, max_positions: int) -> dict[str, np.ndarray]:
