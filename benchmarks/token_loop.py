@@ -5,8 +5,11 @@ client trains on: every token (``--token-keep 1``, which trains as without the o
 the compute), and half of each sequence chosen by the client's token-Fisher prior, at random, or by
 first-layer [CLS] attention. Prints, per run: accuracy, rounds, uplink and client compute to the
 target (counted FLOPs, real tokens, the modelled clock's seconds), and the measured training seconds.
+A fifth variant, ``fisher-federated``, ranks by the clients' priors averaged by the server
+(``--token-prior federated``): its uplink to the target includes the prior messages' bytes (shown
+beside it).
 
-    python benchmarks/token_loop.py --run             # the four runs (about 3-5 min each on 1 thread), then the table
+    python benchmarks/token_loop.py --run             # the five runs (about 3-5 min each on 1 thread), then the table
     python benchmarks/token_loop.py                   # the table of runs already in --out
     python benchmarks/token_loop.py --run --seeds 1,2 --variants none,fisher,random   # more seeds
     python benchmarks/token_loop.py --seeds 0,1,2 --variants none,fisher,random       # mean +- std over seeds
@@ -32,12 +35,14 @@ import numpy as np
 OUT = pathlib.Path(__file__).resolve().parent / "simulate_results" / "bbc-token-selection"
 #: run directory -> (keep ratio, selection)
 VARIANTS = {"none": (1.0, "fisher"), "fisher": (0.5, "fisher"), "random": (0.5, "random"),
-            "attention": (0.5, "attention")}
+            "attention": (0.5, "attention"), "fisher-federated": (0.5, "fisher")}
+#: run directory -> further options: the federated prior (sent through the codec, averaged, sent back)
+EXTRA_OPTIONS = {"fisher-federated": ["--token-prior", "federated"]}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", action="store_true", help="run the four simulations first")
+    parser.add_argument("--run", action="store_true", help="run the simulations first")
     parser.add_argument("--keep", type=float, default=0.5, help="keep ratio of the three selections")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of: {', '.join(VARIANTS)}")
@@ -55,7 +60,8 @@ def command(name: str, args, seed: int) -> list[str]:
     keep = keep if name == "none" else args.keep
     return ["fstq", "simulate", "--methods", "fstq", "--threads", "1", "--workers", "1", "--no-plots",
             "--no-progress", "--step-time-s", "0.3", "--seed", str(seed), "--rounds", str(args.rounds),
-            "--token-keep", f"{keep:g}", "--token-select", selection, "--out", str(run_dir(args, seed, name))]
+            "--token-keep", f"{keep:g}", "--token-select", selection, *EXTRA_OPTIONS.get(name, []),
+            "--out", str(run_dir(args, seed, name))]
 
 
 def row(name: str, results: dict, baseline: dict | None) -> dict:
@@ -75,6 +81,10 @@ def row(name: str, results: dict, baseline: dict | None) -> dict:
         "total_measured_train_s": summary["total_client_train_measured_s"],
         "flops_saved_per_run": summary["client_train_flops_saved"],
         "accuracy_by_round": [entry["accuracy"] for entry in rounds],
+        # The federated prior's bytes (inside the uplink and downlink figures); None for the others.
+        "prior_uplink_to_target_bytes": summary.get("prior_uplink_to_target_bytes"),
+        "total_prior_uplink_bytes": summary.get("total_prior_uplink_bytes"),
+        "total_prior_downlink_bytes": summary.get("total_prior_downlink_bytes"),
     }
     if baseline is not None:
         base = baseline["methods"]["fstq"]["summary"]
@@ -101,9 +111,11 @@ def table(rows: list[dict], target: float) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         label = "every token (none)" if r["selection"] == "none" else f"{r['selection']}, keep {r['keep']:g}"
+        prior = r.get("prior_uplink_to_target_bytes")
+        prior_note = "" if prior is None else f" (prior {prior:,} B)"
         lines.append(
             f"| {label} | {r['final_accuracy']:.3f} | {r['best_accuracy']:.3f} | {_fmt(r['rounds_to_target'], '{}')} "
-            f"| {_fmt(r['uplink_to_target_bytes'], '{:,} B')} | {_fmt(_tera(r['flops_to_target']), '{:.2f} T')} "
+            f"| {_fmt(r['uplink_to_target_bytes'], '{:,} B')}{prior_note} | {_fmt(_tera(r['flops_to_target']), '{:.2f} T')} "
             f"| {_fmt(r.get('flops_to_target_vs_none'), '{:.2f}x', '-')} "
             f"| {_fmt(r['modelled_compute_to_target_s'], '{:.1f} s')} | {r['flops_saved_per_run']:.1%} "
             f"| {r['total_measured_train_s']:.0f} | {_fmt(r.get('measured_train_s_vs_none'), '{:.2f}x', '-')} |")
@@ -114,7 +126,9 @@ def seed_table(per_seed: dict[int, list[dict]], target: float) -> str:
     """Mean +- std over seeds per selection (ratios against ``none`` per seed, then averaged)."""
     lines = [f"| training tokens | seeds | final acc | rounds to {target:.2f} | uplink to target vs none "
              "| client FLOPs to target vs none | FLOPs saved (20 rounds) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    names = [r["selection"] for r in next(iter(per_seed.values()))]
+    # Only the selections every seed ran (fisher-federated was run on seed 0 alone).
+    names = [r["selection"] for r in next(iter(per_seed.values()))
+             if all(any(other["selection"] == r["selection"] for other in rows) for rows in per_seed.values())]
     for name in names:
         rows = [next(r for r in rows if r["selection"] == name) for rows in per_seed.values()]
         bases = [next(r for r in rows if r["selection"] == "none") for rows in per_seed.values()]

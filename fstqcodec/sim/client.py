@@ -267,6 +267,8 @@ class ClientReply:
     weight: float = 0.0  # FedAvg weight: the client's examples
     visible: dict | None = None  # downlink proxies: the entries the client received (None: all)
     cost: TrainingCost | None = None  # token selection on: what the local training cost
+    prior_sent: bytes = b""  # federated token prior: the client's prior message, sent with the update
+    prior_received: bytes | None = None  # what of it reached the server (it shares the update's fate)
 
 
 def client_round(bench: Workbench, method: Method, state, links, global_state: Mapping[str, np.ndarray],
@@ -279,7 +281,9 @@ def client_round(bench: Workbench, method: Method, state, links, global_state: M
     ``global_state`` is the client's decoded proxy, ``visible`` the entries it carried (the update
     is sent on those only), and ``on_trained(client, adapter)`` sees the trained adapter. ``tokens``
     is the client's token-selection state when ``config.token_keep`` is set; the modelled clock
-    (``step_time_s``) then counts each step at its FLOPs over the full batch's.
+    (``step_time_s``) then counts each step at its FLOPs over the full batch's. With the federated
+    token prior, the client's prior message (``reply.prior_sent``) goes up with the update and its
+    bytes are in the upload time; ``downlink_bytes`` then includes the averaged prior it received.
 
     Raises
     ------
@@ -305,6 +309,8 @@ def client_round(bench: Workbench, method: Method, state, links, global_state: M
         budget_bytes = max(config.min_budget_bytes, links.budget_bytes(client, config.deadline_s))
     message = method.encode(update, fisher=local.fisher, state=state,
                             seed=seed_for(config.seed, 4, round_number, client), budget_bytes=budget_bytes)
+    # The federated token prior rides with the update (b"" unless config.token_prior sends it now).
+    prior = b"" if tokens is None else tokens.prior_message(config)
     encode_s = time.perf_counter() - trained_at
     if config.step_time_s is None:
         compute_s = time.perf_counter() - started
@@ -312,10 +318,10 @@ def client_round(bench: Workbench, method: Method, state, links, global_state: M
         compute_s = local.cost.full_step_equivalents * config.step_time_s + encode_s
     else:  # modelled training time (repeatable on a busy machine) + measured encoding
         compute_s = config.local_steps * config.step_time_s + encode_s
-    down, up = links.transfer_time(client, len(message), downlink_bytes)
+    down, up = links.transfer_time(client, len(message) + len(prior), downlink_bytes)
     reply = ClientReply(client, sent=message, compute_s=compute_s, download_s=down, upload_s=up,
                         finish_s=down + compute_s + up, weight=float(local.num_examples), visible=visible,
-                        cost=local.cost)
+                        cost=local.cost, prior_sent=prior)
     return deliver(reply, faults, config.round_deadline_s, state)
 
 
@@ -327,8 +333,11 @@ def deliver(reply: ClientReply, faults: Faults, round_deadline_s: float | None, 
         reply.fault = "lost"  # never arrives; the client learns it (no acknowledgement)
     elif faults.corrupted:
         reply.fault, reply.received = "corrupted", corrupt_in_transit(reply.sent, faults.rng)
+        # The prior travels in the same transmission: it arrives damaged too (drawn after the update's bits).
+        reply.prior_received = corrupt_in_transit(reply.prior_sent, faults.rng) if reply.prior_sent else None
     else:
         reply.received = reply.sent
+        reply.prior_received = reply.prior_sent or None
     if reply.received is None:
         message_lost(state)
     return reply

@@ -16,7 +16,7 @@ from fstqcodec.config import DEFAULT_BLOCK_SIZE, FEDERATED_FISHER_POWER, EncodeC
 from fstqcodec.policy.budget import Budget
 from fstqcodec.sim.methods import DEFAULT_METHODS, METHOD_NAMES
 
-__all__ = ["SimConfig", "TASK_TARGETS", "QUICK_SETTINGS", "TOKEN_SELECTIONS"]
+__all__ = ["SimConfig", "TASK_TARGETS", "QUICK_SETTINGS", "TOKEN_SELECTIONS", "TOKEN_PRIORS"]
 
 #: Default target accuracy per built-in task (``--target`` overrides). The BBC target is the one the
 #: issue fixes; the others sit a few points under what fp32 reaches with the default settings.
@@ -24,6 +24,9 @@ TASK_TARGETS = {"bbc": 0.85}
 
 #: How ``token_select`` ranks a sequence's tokens when ``token_keep`` is set (fstqcodec.sim.token_selection).
 TOKEN_SELECTIONS = ("fisher", "random", "attention")
+
+#: Whose token prior ranks a client's tokens under ``token_select="fisher"`` (fstqcodec.sim.prior_exchange).
+TOKEN_PRIORS = ("local", "federated")
 
 #: What ``--quick`` changes (a smoke run of well under a minute of training); options given
 #: explicitly on the command line win.
@@ -116,6 +119,14 @@ class SimConfig:
     token_select: str = _option(
         "fisher", "which tokens --token-keep keeps: 'fisher' (the client's token-Fisher prior, learnt from "
                   "its own backward passes), 'random', or 'attention' ([CLS] attention in the first layer)")
+    token_prior: str = _option(
+        "local", "whose token prior --token-select fisher ranks by: 'local' (each client's own, never sent) or "
+                 "'federated' (clients send their prior through the codec with their update, the server "
+                 "averages them by example count and sends the average down; its bytes counted)")
+    token_prior_bpp: float = _option(1.0, "--token-prior federated: bits per value of a prior message, up and down")
+    token_prior_every: int | None = _option(
+        None, "--token-prior federated: a client sends its prior after its first round and then after every "
+              "this many of its rounds (none: after its first round only)", type=int)
     lora_rank: int = _option(8, "LoRA rank")
     lora_alpha: int | None = _option(None, "LoRA alpha (none: twice the rank)", type=int)
     target_modules: tuple[str, ...] = _option(("query", "value"), "modules adapted by LoRA", cli=False)
@@ -165,7 +176,26 @@ class SimConfig:
         settings = dataclasses.asdict(self)
         if self.token_keep is None:
             del settings["token_keep"], settings["token_select"]
+        if self.token_prior == "local":  # a run with the clients' own priors records as it did before
+            del settings["token_prior"], settings["token_prior_bpp"], settings["token_prior_every"]
         return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
+
+    def _token_prior_checks(self) -> list[tuple[bool, str]]:
+        """The checks of the token-prior settings, as ``(ok, message)`` pairs naming the option."""
+        federated = self.token_prior == "federated"
+        every = self.token_prior_every
+        return [
+            (self.token_prior in TOKEN_PRIORS,
+             f"token_prior must be one of {', '.join(TOKEN_PRIORS)}, got {self.token_prior!r}"),
+            (isinstance(self.token_prior_bpp, (int, float)) and 0 < self.token_prior_bpp <= 32,
+             f"token_prior_bpp must be in (0, 32], got {self.token_prior_bpp!r}"),
+            (every is None or (isinstance(every, int) and every >= 1),
+             f"token_prior_every must be an integer >= 1, got {every!r}"),
+            (not federated or (self.token_keep is not None and self.token_keep < 1 and self.token_select == "fisher"),
+             "token_prior federated needs token_keep below 1 and token_select fisher (the prior ranks the tokens)"),
+            (federated or (self.token_prior_bpp == 1.0 and every is None),
+             "token_prior_bpp and token_prior_every need token_prior federated (a local prior is never sent)"),
+        ]
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message on an invalid setting."""
@@ -206,6 +236,7 @@ class SimConfig:
                                                     f"got {self.token_select!r}"),
             (self.token_keep is not None or self.token_select == "fisher",
              "token_select needs token_keep (token selection is off without it)"),
+            *self._token_prior_checks(),
         ]
         for ok, message in checks:
             if not ok:

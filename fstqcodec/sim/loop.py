@@ -64,6 +64,7 @@ class MethodRun:
         # Token selection: each client's prior lives for the run, like its error-feedback memory.
         self.token_states = ([bench.new_token_state() for _ in range(self.config.clients)]
                              if self.config.token_keep is not None else [None] * self.config.clients)
+        self.priors = _prior_exchange(bench) if self.config.token_prior == "federated" else None
         self.rounds = [{"round": 0, "accuracy": initial_accuracy, "uplink_bytes": 0,
                         "cumulative_uplink_bytes": 0, "downlink_bytes": 0, "sim_time_s": 0.0}]
         self.message_sizes: list[int] = []
@@ -97,29 +98,32 @@ class MethodRun:
     def play_round(self, round_number: int) -> dict:
         """Sample, broadcast, let each participant play its turn, average what arrived, evaluate."""
         participants = self.participants(round_number)
+        # The federated token prior: the server's latest average goes down to each participant lacking it.
+        prior_down = {client: self._prior_downlink(client) for client in participants}
         if self.proxy is not None:
-            replies = [self._proxy_turn(client, round_number) for client in participants]
+            replies = [self._proxy_turn(client, round_number, prior_down[client]) for client in participants]
         else:
             downlink = self.downlink_codec.encode(self.global_state, fisher=None, state=None, seed=0)
             replies = [client_round(self.bench, self.method, self.client_states[client], self.links,
-                                    self.global_state, len(downlink), round_number, client,
+                                    self.global_state, len(downlink) + prior_down[client], round_number, client,
                                     tokens=self.token_states[client])
                        for client in participants]
         sent = [reply for reply in replies if reply.fault != "dropout"]
         for reply in replies:
             self._book(reply, round_number)
         proxy_figures = self._aggregate(replies, round_number)
+        prior_figures = self._collect_priors(sent, round_number, sum(prior_down.values()))
         duration = round_time([r.compute_s for r in sent], [r.download_s for r in sent],
                               [r.upload_s for r in sent], self.config.round_deadline_s)
         previous = self.rounds[-1]
-        uplink = sum(len(r.sent) for r in sent)
+        uplink = sum(len(r.sent) + len(r.prior_sent) for r in sent)
         entry = {
             "round": round_number,
             "accuracy": self.bench.evaluate(self.global_state),
             "uplink_bytes": uplink,
             "cumulative_uplink_bytes": previous["cumulative_uplink_bytes"] + uplink,
             "downlink_bytes": (len(downlink) * len(participants) if self.proxy is None
-                               else proxy_figures["proxy_downlink_bytes"]),
+                               else proxy_figures["proxy_downlink_bytes"]) + sum(prior_down.values()),
             "sim_time_s": previous["sim_time_s"] + duration,
             # Where the round's time went (the slowest client's parts are not broken out).
             "round_time_s": duration,
@@ -128,6 +132,7 @@ class MethodRun:
             # e.g. ROUGE-L and exact match of a generative task; a Workbench-like stand-in may have none
             **getattr(self.bench, "round_metrics", dict)(),
             **proxy_figures,
+            **prior_figures,
         }
         if self.config.token_keep is not None:  # only then: a run without token selection records as before
             from fstqcodec.sim.token_selection import round_compute
@@ -136,12 +141,24 @@ class MethodRun:
         self.rounds.append(entry)
         return entry
 
-    def _proxy_turn(self, client: int, round_number: int):
+    def _proxy_turn(self, client: int, round_number: int, prior_bytes: int = 0):
         """A client's turn from its decoded proxy (:mod:`fstqcodec.sim.downlink`)."""
         received, visible = self.proxy.receive(self.global_state, client, round_number)
         return client_round(self.bench, self.method, self.client_states[client], self.links, received,
-                            self.proxy.last_bytes, round_number, client, visible=visible,
+                            self.proxy.last_bytes + prior_bytes, round_number, client, visible=visible,
                             on_trained=self.proxy.keep_local, tokens=self.token_states[client])
+
+    def _prior_downlink(self, client: int) -> int:
+        """Bytes of the averaged token prior sent to ``client`` this round (0 without the federated prior)."""
+        return 0 if self.priors is None else self.priors.send_down(self.token_states[client])
+
+    def _collect_priors(self, sent, round_number: int, downlink_bytes: int) -> dict:
+        """The server averages the token priors that arrived; the round's prior figures ({} without)."""
+        if self.priors is None:
+            return {}
+        figures, dropped = self.priors.collect(sent, round_number)
+        self.dropped.extend(dropped)
+        return {**figures, "prior_downlink_bytes": downlink_bytes}
 
     def _book(self, reply, round_number: int) -> None:
         """Count what a client sent and log what went wrong on the way."""
@@ -256,6 +273,13 @@ class MethodRun:
         }
 
 
+def _prior_exchange(bench):
+    """The server's side of the federated token prior, for the workbench's model and clients."""
+    from fstqcodec.sim.prior_exchange import PriorExchange
+
+    return PriorExchange(bench.config, bench.model.config, bench.client_sizes)
+
+
 def _proxy_downlink(bench):
     """The run's proxy downlink, from the config's mask rates and the shared initial adapter."""
     from fstqcodec.sim.downlink import ProxyDownlink
@@ -299,6 +323,10 @@ class _Federation:
             from fstqcodec.sim.token_selection import describe
 
             selection = {"token_selection": describe(config)}
+            if config.token_prior == "federated":
+                from fstqcodec.sim import prior_exchange
+
+                selection["token_selection"]["prior"] = prior_exchange.describe(config)
         return {
             "lora_alpha": config.lora_alpha,
             "trainable_parameters": bench.layout.total,

@@ -28,7 +28,12 @@ the round's participants (``client_compute_s``: the simulated clock's; ``client_
 ``client_train_tokens``, ``client_train_flops`` and ``client_train_flops_full``, the FLOPs the same
 steps would have cost on full sequences).
 
-``uplink_bytes`` is the sum over the round's participants of ``len(message)``; ``sim_time_s`` and
+With the federated token prior (config ``token_prior``), each round also holds ``prior_uplink_bytes``
+and ``prior_downlink_bytes`` (already counted in ``uplink_bytes`` and ``downlink_bytes``),
+``prior_messages_averaged`` and ``prior_clients``, and the summary their totals and
+``prior_uplink_to_target_bytes``.
+
+``uplink_bytes`` is the sum over the round's participants of ``len(message)`` (plus their prior messages); ``sim_time_s`` and
 ``cumulative_uplink_bytes`` are cumulative. "To target" values are taken at the first round whose
 accuracy reaches the target, ``null`` when it is never reached.
 
@@ -84,6 +89,22 @@ def _client_compute_summary(rounds: list[Mapping[str, Any]], hit: Mapping[str, A
     return summary
 
 
+#: Per-round figures of the federated token prior (``token_prior="federated"``), already inside
+#: ``uplink_bytes`` and ``downlink_bytes`` and broken out here.
+PRIOR_FIELDS = ("prior_uplink_bytes", "prior_downlink_bytes")
+
+
+def _prior_summary(rounds: list[Mapping[str, Any]], hit: Mapping[str, Any] | None) -> dict:
+    """The federated prior's bytes in all and to the target (nothing for runs without it)."""
+    if not any("prior_uplink_bytes" in entry for entry in rounds):
+        return {}
+    summary = {f"total_{key}": sum(entry.get(key, 0) for entry in rounds) for key in PRIOR_FIELDS}
+    reached = rounds[: rounds.index(hit) + 1] if hit is not None else None
+    summary["prior_uplink_to_target_bytes"] = (sum(entry.get("prior_uplink_bytes", 0) for entry in reached)
+                                               if reached is not None else None)
+    return summary
+
+
 def summarize(results: dict) -> dict:
     """Add ``summary`` to every method of ``results`` (in place) and return ``results``."""
     target = float(results["target_accuracy"])
@@ -103,6 +124,7 @@ def summarize(results: dict) -> dict:
             "mean_message_bytes": data.get("mean_message_bytes"),
             "mean_bits_per_param": data.get("mean_bits_per_param"),
             **_client_compute_summary(rounds, hit),
+            **_prior_summary(rounds, hit),
         }
     reference = methods.get("fp32", {}).get("summary")
     for data in methods.values():

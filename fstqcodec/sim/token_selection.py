@@ -7,7 +7,9 @@ at their original positions), ranked by ``token_select``:
 - ``fisher``: the client's own token-importance prior (:class:`fstqcodec.tokens.TokenPriorRecorder`),
   learnt from the token Fisher of the backward passes its training runs anyway and kept by the
   client from round to round; ranking a batch is a lookup (:func:`fstqcodec.tokens.prior_scores`,
-  vocabulary id plus position, the combination that ranked best for inference).
+  vocabulary id plus position, the combination that ranked best for inference). With
+  ``token_prior="federated"`` the clients' priors travel and the clients rank by the server's
+  average of them (:mod:`fstqcodec.sim.prior_exchange`).
 - ``random``: uniform random scores, seeded per client and round (the ablation).
 - ``attention``: the attention [CLS] pays each token in the first layer
   (:func:`fstqcodec.tokens.first_layer_attention_scores`, a partial forward counted in the compute).
@@ -49,11 +51,40 @@ class TrainingCost:
 
 
 class ClientTokens:
-    """One client's token selection across a run: its token prior and how many rounds it has trained."""
+    """One client's token selection across a run: its token prior and how many rounds it has trained.
+
+    With the federated prior (:mod:`fstqcodec.sim.prior_exchange`) it also holds the server's
+    averaged prior it last received, and ranks by that one.
+    """
 
     def __init__(self, vocab_size: int, max_positions: int):
         self.accumulator = tokens.TokenPriorAccumulator(vocab_size, max_positions)
         self.rounds_trained = 0
+        self.received_prior: dict | None = None  # the server's average, decoded (federated prior only)
+        self.prior_version = 0  # which average it is (0: none yet)
+
+    def receive_prior(self, prior: dict, version: int) -> None:
+        """Keep the server's averaged prior (decoded from its downlink message) to rank by."""
+        self.received_prior, self.prior_version = prior, int(version)
+
+    def ranking_prior(self) -> dict:
+        """The prior a Fisher selection ranks by: the received average, else the client's own."""
+        return self.received_prior if self.received_prior is not None else self.accumulator.prior()
+
+    def prior_message(self, config) -> bytes:
+        """The client's own prior encoded for the uplink when ``config`` has it sent this round, else b"".
+
+        Called after the round's training: sent after the client's first round and after every
+        ``config.token_prior_every`` of its rounds (never with ``token_prior="local"``).
+        """
+        if config.token_prior != "federated" or self.rounds_trained < 1:
+            return b""
+        every = config.token_prior_every
+        if self.rounds_trained != 1 and (every is None or (self.rounds_trained - 1) % every):
+            return b""
+        from fstqcodec.sim.prior_exchange import encode_prior
+
+        return encode_prior(self.accumulator.prior(), config.token_prior_bpp)
 
 
 class TokenSelector:
@@ -126,7 +157,7 @@ class RoundSelection:
         self.cost = TrainingCost()
         # The first round trains on full sequences (the prior is learnt from it), whatever the selection.
         self.active = selector.keep_ratio < 1.0 and state.rounds_trained > 0
-        self.prior = state.accumulator.prior() if self.active and selector.selection == "fisher" else None
+        self.prior = state.ranking_prior() if self.active and selector.selection == "fisher" else None
         self.generator = torch.Generator().manual_seed(seed)
         self._recorder = None
 
