@@ -54,6 +54,13 @@ EXPERIMENTS = {
     # Server momentum (FedAvgM, every method alike): what moved the hard regime (issue 11).
     "seeds-bbc-alpha0.1-momentum": ["--alpha", "0.1", "--rounds", "40", "--server-momentum", "0.5",
                                     "--target-of-fp32", "0.95", "--methods", "fp32,fstq", "--seeds", "0,1,2", *_CLOCK],
+    "seeds-bbc-alpha0.1-partial-momentum": ["--alpha", "0.1", "--rounds", "40", "--clients", "30", "--participation", "0.3",
+                                            "--server-momentum", "0.5", "--target-of-fp32", "0.95",
+                                            "--methods", "fp32,fstq", "--seeds", "0,1,2", *_CLOCK],
+    # fstq's unbiased mode (no error feedback) beside the records above (issue 16).
+    "seeds-bbc-unbiased": ["--methods", "fstq-unbiased", "--seeds", "0,1,2", *_CLOCK],
+    "seeds-bbc-alpha0.1-partial-unbiased": ["--alpha", "0.1", "--rounds", "40", "--clients", "30", "--participation", "0.3",
+                                            "--target", "0.82", "--methods", "fstq-unbiased", "--seeds", "0,1,2", *_CLOCK],
     # The distributed-mean-estimation peers in the loop (issue 16), beside seeds-bbc-default.
     "seeds-bbc-peers": ["--methods", "eden,signsgd-ef", "--seeds", "0,1,2", *_CLOCK],
     # One-seed exploration behind the above (bbc-*-variants-seed0 in the records).
