@@ -85,6 +85,14 @@ def test_a_request_reads_back_as_it_was_written():
     assert TrainRequest.from_record(record) == sent
 
 
+def test_an_unbiased_request_reads_back_and_a_plain_one_does_not_name_the_option():
+    # A plain request's encoder JSON is what earlier versions wrote: older clients still read it.
+    plain = fstqcodec.EncodeConfig(budget=fstqcodec.Budget(bits_per_param=0.3))
+    assert "unbiased" not in json.loads(TrainRequest(plain, error_feedback=True, server_round=1, last_accepted_round=0).to_record()["encoder"])
+    sent = TrainRequest(plain.replace(unbiased=True), error_feedback=False, server_round=1, last_accepted_round=0)
+    assert TrainRequest.from_record(sent.to_record()).encoder.unbiased is True
+
+
 def test_a_request_without_fisher_power_gets_the_federated_default():
     record = request(None)
     record["encoder"] = json.dumps({"id": "fstq", "budget": {"ratio": 8}})
