@@ -265,3 +265,14 @@ def load_real_update(name: str) -> tuple[dict, dict]:
         update = {n: data[f"x_{t}"].astype(np.float32) for t, n in enumerate(names)}
         fisher = {n: data[f"s_{t}"].astype(np.float32) ** 2 for t, n in enumerate(names)}
     return update, fisher
+
+
+def check_kept_tokens_rank_highest(scores, reduced: dict, input_ids, special_ids) -> None:
+    """Every row of a token-reduced batch kept exactly its highest-scoring ordinary tokens: the
+    lowest score kept is at least the highest score dropped (special tokens aside, always kept)."""
+    special = np.isin(input_ids, special_ids)
+    for row in range(len(input_ids)):
+        kept = np.zeros(input_ids.shape[1], bool)
+        kept[reduced["position_ids"][row].numpy()] = True
+        dropped = ~kept & ~special[row]
+        assert scores[row][kept & ~special[row]].min() >= scores[row][dropped].max()

@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 
+from common import check_kept_tokens_rank_highest
 from fstqcodec.sim.config import SimConfig
 
 pytest.importorskip("torch")
@@ -236,9 +237,4 @@ def test_a_fisher_selection_keeps_the_tokens_the_received_prior_ranks_highest(be
     with selector.round(state, seed=11) as selection:
         reduced = selection.select(dict(batch))
     scores = tokens.prior_scores(received, batch["input_ids"], use="both").numpy()
-    special = np.isin(batch["input_ids"].numpy(), bench.token_selector.special_ids)
-    for row in range(6):
-        kept = np.zeros(batch["input_ids"].shape[1], bool)
-        kept[reduced["position_ids"][row].numpy()] = True
-        dropped = ~kept & ~special[row]
-        assert scores[row][kept & ~special[row]].min() >= scores[row][dropped].max()
+    check_kept_tokens_rank_highest(scores, reduced, batch["input_ids"].numpy(), bench.token_selector.special_ids)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fstqcodec.sim.bandwidth import LinkModel
+from common import check_kept_tokens_rank_highest
 from fstqcodec.sim.config import SimConfig
 from fstqcodec.sim.loop import MethodRun
 from fstqcodec.sim.methods import make_method
@@ -162,12 +163,7 @@ def test_fisher_keeps_the_tokens_its_prior_ranks_highest(bench):
     batch = bench.train_data.batch(bench.partition[1][:6])
     reduced = _kept_ids(bench, "fisher", state, batch)
     scores = token_api.prior_scores(state.accumulator.prior(), batch["input_ids"], use="both").numpy()
-    special = np.isin(batch["input_ids"].numpy(), bench.token_selector.special_ids)
-    for row in range(6):
-        kept = np.zeros(batch["input_ids"].shape[1], bool)
-        kept[reduced["position_ids"][row].numpy()] = True
-        dropped = ~kept & ~special[row]
-        assert scores[row][kept & ~special[row]].min() >= scores[row][dropped].max()
+    check_kept_tokens_rank_highest(scores, reduced, batch["input_ids"].numpy(), bench.token_selector.special_ids)
 
 
 def test_a_round_records_the_client_compute_and_models_its_time_from_the_flops(bench):
