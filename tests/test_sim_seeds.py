@@ -58,7 +58,23 @@ def test_the_seed_table_says_mean_pm_std_and_the_number_of_seeds():
     assert "seeds" in header
     cells = [cell.strip() for cell in fstq.strip("|").split("|")]
     assert cells[:3] == ["fstq", "3", f"{statistics.fmean([0.88, 0.86, 0.87]):.3f} ± {statistics.stdev([0.88, 0.86, 0.87]):.3f}"]
-    assert cells[6] == f"50.0x (min {1000 / 60:.1f}x)"
+    assert cells[7] == f"50.0x (min {1000 / 60:.1f}x)"
+
+
+def test_last_rounds_accuracy_averages_the_last_rounds_after_round_zero():
+    run = _run(0, [0.1] + [0.5] * 3 + [0.6, 0.7, 0.8, 0.9, 1.0], [0.1, 0.2, 0.3], 10)
+    summary = run["methods"]["fp32"]["summary"]
+    assert summary["last_rounds_accuracy"] == pytest.approx(0.8)  # rounds 4-8: the last five
+    assert summary["final_accuracy"] == 1.0
+    short = run["methods"]["fstq"]["summary"]
+    assert short["last_rounds_accuracy"] == pytest.approx(0.25)  # only rounds 1-2 exist; round 0 left out
+    merged = aggregate_seeds(_three_seeds())
+    fstq = merged["methods"]["fstq"]["summary"]
+    per_seed = [statistics.fmean([0.6, 0.85, 0.88]), statistics.fmean([0.5, 0.8, 0.86]), statistics.fmean([0.7, 0.86, 0.87])]
+    assert fstq["spread"]["last_rounds_accuracy"]["values"] == pytest.approx(per_seed)
+    header, _, _, row = format_table(merged).splitlines()
+    assert "last 5 acc" in header
+    assert f"{statistics.fmean(per_seed):.3f} ± {statistics.stdev(per_seed):.3f}" in row
 
 
 def test_a_seed_that_misses_the_target_is_counted_and_no_ratio_of_means_is_claimed():
