@@ -250,6 +250,24 @@ def test_merge_results_combines_methods_of_identical_setups():
         merge_results([first, first])
 
 
+def test_fixed_rate_runs_merge_with_any_budget_and_budgeted_runs_must_agree():
+    from fstqcodec.sim.report import merge_results
+
+    whole = _fake_results()
+    fp32 = {**whole, "methods": {"fp32": whole["methods"]["fp32"]},
+            "config": {**whole["config"], "methods": ["fp32"], "budget_bpp": 0.3}}
+    fstq = {**whole, "methods": {"fstq": whole["methods"]["fstq"]},
+            "config": {**whole["config"], "methods": ["fstq"], "budget_bpp": 0.6}}
+    merged = merge_results([fp32, fstq])  # fp32 read no budget: its 0.3 is not a setting of the comparison
+    assert merged["config"]["budget_bpp"] == 0.6  # the record names the budget the fstq run had
+    bad = {**whole, "methods": {"bad": whole["methods"]["bad"]},
+           "config": {**whole["config"], "methods": ["topk"], "budget_bpp": 0.3}}
+    with pytest.raises(ValueError, match="budget_bpp"):
+        merge_results([fp32, fstq, bad])  # topk at 0.3 against fstq at 0.6: not the same bytes budget
+    with pytest.raises(ValueError, match="alpha"):
+        merge_results([fp32, {**fstq, "config": {**fstq["config"], "alpha": 0.1}}])
+
+
 def test_merge_counts_a_setting_a_run_predates_as_its_default():
     from fstqcodec.sim.report import merge_results
 

@@ -64,6 +64,10 @@ __all__ = [
 #: Every method ``fstq simulate`` knows, in the order results are reported.
 METHOD_NAMES = ("fp32", "fp16", "nf4", "qsgd8", "qsgd4", "topk", "eden", "signsgd-ef", "fstq-nofisher", "fstq",
                 "fstq-unbiased", "fstq-ef21")
+#: Methods that read none of the encoder settings (:data:`ENCODER_SETTINGS`): fixed-rate codes.
+FIXED_RATE_METHODS = frozenset({"fp32", "fp16", "nf4", "qsgd8", "qsgd4", "signsgd-ef"})
+#: The loop's settings that only the other methods read (fstq's encoder options, topk's and eden's rate).
+ENCODER_SETTINGS = ("budget_bpp", "deadline_s", "min_budget_bytes", "block_size", "fisher_power")
 #: Methods run by ``fstq simulate`` with no ``--methods``.
 DEFAULT_METHODS = ("fp32", "nf4", "fstq")
 

@@ -360,7 +360,19 @@ def _comparable_settings(config: Mapping[str, Any]) -> dict:
     from fstqcodec.sim.config import SimConfig
 
     defaults = SimConfig().record()
-    return {k: v for k, v in {**defaults, **config}.items() if k not in _MERGE_IGNORED}
+    # A run of fixed-rate methods only (fp32, nf4, ...) read no encoder setting, so it merges with
+    # runs of any budget; runs that do read them must agree.
+    from fstqcodec.sim.methods import ENCODER_SETTINGS
+
+    ignored = _MERGE_IGNORED if _reads_encoder_settings(config) else _MERGE_IGNORED | set(ENCODER_SETTINGS)
+    return {k: v for k, v in {**defaults, **config}.items() if k not in ignored}
+
+
+def _reads_encoder_settings(config: Mapping[str, Any]) -> bool:
+    """Whether some method of a run reads the encoder settings (its budget, block size, Fisher power)."""
+    from fstqcodec.sim.methods import FIXED_RATE_METHODS
+
+    return any(name not in FIXED_RATE_METHODS for name in config.get("methods", ()))
 
 
 def merge_results(runs: list[Mapping[str, Any]]) -> dict:
@@ -382,16 +394,21 @@ def merge_results(runs: list[Mapping[str, Any]]) -> dict:
     merged_methods: dict[str, Any] = {}
     for run in runs:
         config = _comparable_settings(run["config"])
-        differing = sorted(k for k in set(base) | set(config) if base.get(k) != config.get(k))
+        differing = sorted(k for k in set(base) | set(config) if base.get(k, config.get(k)) != config.get(k, base.get(k)))
         if differing:
             raise ValueError(f"runs differ in settings {differing}; only runs of the same setup merge")
+        base = {**config, **base}  # a later run may be the first to read the encoder settings
         if run["target_accuracy"] != first["target_accuracy"]:
             raise ValueError("runs have different target accuracies")
         for name, data in run["methods"].items():
             if name in merged_methods:
                 raise ValueError(f"method {name!r} appears in more than one run")
             merged_methods[name] = {k: v for k, v in data.items() if k != "summary"}
+    from fstqcodec.sim.methods import ENCODER_SETTINGS
+
     config = dict(first["config"])
+    encoder_run = next((run for run in runs if _reads_encoder_settings(run["config"])), first)
+    config.update({key: encoder_run["config"][key] for key in ENCODER_SETTINGS if key in encoder_run["config"]})
     config["methods"] = list(merged_methods)
     config["merged_from"] = len(runs)
     merged = {"config": config, "target_accuracy": first["target_accuracy"],
