@@ -61,6 +61,18 @@ EXPERIMENTS = {
     "seeds-bbc-unbiased": ["--methods", "fstq-unbiased", "--seeds", "0,1,2", *_CLOCK],
     "seeds-bbc-alpha0.1-partial-unbiased": ["--alpha", "0.1", "--rounds", "40", "--clients", "30", "--participation", "0.3",
                                             "--target", "0.82", "--methods", "fstq-unbiased", "--seeds", "0,1,2", *_CLOCK],
+    # Partial participation with FedAvgM (issue 11's third bar): the unbiased mode at 0.3 and 0.6 bit/param,
+    # and at 0.6 the error-feedback mode, fstq-nofisher and top-k under the same budget, nf4 and qsgd4;
+    # fp32 is seeds-bbc-alpha0.1-partial-momentum's (fixed-rate runs merge with any budget).
+    "seeds-bbc-alpha0.1-partial-momentum-unbiased": ["--alpha", "0.1", "--rounds", "40", "--clients", "30",
+                                                     "--participation", "0.3", "--server-momentum", "0.5",
+                                                     "--target", "0.873", "--methods", "fstq-unbiased",
+                                                     "--seeds", "0,1,2", *_CLOCK],
+    "seeds-bbc-alpha0.1-partial-momentum-bpp0.6": ["--alpha", "0.1", "--rounds", "40", "--clients", "30",
+                                                   "--participation", "0.3", "--server-momentum", "0.5",
+                                                   "--budget-bpp", "0.6", "--target", "0.873",
+                                                   "--methods", "fstq-unbiased,fstq,fstq-nofisher,topk,nf4,qsgd4",
+                                                   "--seeds", "0,1,2", *_CLOCK],
     # The distributed-mean-estimation peers in the loop (issue 16), beside seeds-bbc-default.
     "seeds-bbc-peers": ["--methods", "eden,signsgd-ef", "--seeds", "0,1,2", *_CLOCK],
     # One-seed exploration behind the above (bbc-*-variants-seed0 in the records).
