@@ -1,7 +1,7 @@
 /*
  * Optional C accelerator: the interleaved rANS coder (spec section 6.5), the header and zstd frame
- * walks of the decoder, the encoder's per-element passes (Fisher checks and normalisation, row
- * maxima, the allocation's evaluations, quantization, sign codes, code statistics) and the
+ * walks of the decoder, the encoder's per-element passes (Fisher checks, per-block sums of
+ * values and weights, the allocation's evaluations, quantization, sign codes, code statistics) and the
  * decoder's dequantization.
  *
  * Each has a numpy reference (fstqcodec/stages/rans.py, encoder/, policy/, decoder.py) that is
@@ -467,67 +467,166 @@ static inline float row_absmax_one(const float *row, Py_ssize_t count) {
     return value;
 }
 
-HOT static void absmax_loop(const float *x, Py_ssize_t block_size, Py_ssize_t rows, double *out) {
-    for (Py_ssize_t r = 0; r < rows; r++) out[r] = (double)row_absmax_one(x + r * block_size, block_size);
+/* Per-block sums for the allocation (encoder/moments.py, block_moments, the reference): per row of
+ * block_size float32 values x, and per element the weight w = (root ? sqrt(F) : F) * p2 + 0.0 in
+ * float64 (the + 0.0 turns -0.0 into +0.0, so every term is >= +0.0 and adding from 0 is exact):
+ * the largest |x|, and sums of x*x, |x| and, with weights, of w, w*(x*x), w*|x|, each over 8
+ * lanes (element k in lane k % 8, added in order) combined as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)):
+ * an order numpy reproduces with cumsum. Weights past `count` elements (the tensor's padding) are 0. */
+static int double_buffer(PyObject *object, Py_buffer *view, Py_ssize_t count, int writable, const char *what);
+
+typedef struct {
+    double *absmax, *squares, *magnitudes, *weights, *weighted_squares, *weighted_magnitudes;
+} moment_outputs;
+
+static inline double lanes_total(const double *l) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
+
+static inline double moment_weight(const void *values, int itemsize, Py_ssize_t i, int root, double p2) {
+    double f = itemsize == 4 ? (double)((const float *)values)[i] : ((const double *)values)[i];
+    return (root ? sqrt(f) : f) * p2 + 0.0;
 }
 
-/* row_absmax(matrix_f32, block_size, out_f64): the largest |x| of every row. */
-static PyObject *row_absmax(PyObject *self, PyObject *args) {
-    Py_buffer matrix, out;
-    Py_ssize_t block_size;
-    PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*nw*", &matrix, &block_size, &out)) return NULL;
+/* One row in the general layout (any block size, a row that the tensor's end cuts). */
+static void moments_row_general(const float *x, Py_ssize_t block_size, const void *fisher, int itemsize, Py_ssize_t first,
+                                Py_ssize_t count, int root, double p2, double sums[5][8], float *top) {
+    for (Py_ssize_t k = 0; k < block_size; k++) {
+        double v = x[k], a = fabs(v), w = 0.0;
+        if (fisher && first + k < count) w = moment_weight(fisher, itemsize, first + k, root, p2);
+        float af = fabsf(x[k]);
+        *top = af > *top ? af : *top;
+        int j = (int)(k & 7);
+        sums[0][j] += v * v;
+        sums[1][j] += a;
+        sums[2][j] += w;
+        sums[3][j] += w * (v * v);
+        sums[4][j] += w * a;
+    }
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+/* 4-double vectors: elementwise IEEE operations, so the same bits as the scalar lanes. */
+typedef double lanes4 __attribute__((vector_size(32)));
+#define LANES4_LOAD(p) ((lanes4){(p)[0], (p)[1], (p)[2], (p)[3]})
+#else
+#define MOMENTS_SCALAR_ONLY 1
+#endif
+
+#ifndef MOMENTS_SCALAR_ONLY
+static inline void lanes4_store(double *out, lanes4 v) { memcpy(out, &v, sizeof v); }
+
+/* Full rows of a multiple of 8 elements with float32 weights or none: lanes 0-3 and 4-7 as two
+ * vectors; the weights of up to 64 elements at a time in a plain loop that vectorises. */
+HOT static void moments_rows_fast(const float *x, Py_ssize_t block_size, Py_ssize_t rows, const float *fisher, int root,
+                                  double p2, const moment_outputs *out) {
+    double v[64], a[64], w[64], l[8];
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *row = x + r * block_size;
+        const float *f = fisher ? fisher + r * block_size : NULL;
+        lanes4 zero = {0, 0, 0, 0}, sq[2] = {zero, zero}, ab[2] = {zero, zero}, ws[2] = {zero, zero}, wsq[2] = {zero, zero},
+               wab[2] = {zero, zero};
+        for (Py_ssize_t k0 = 0; k0 < block_size; k0 += 64) {
+            int m = (int)(block_size - k0 < 64 ? block_size - k0 : 64);
+            for (int k = 0; k < m; k++) {
+                v[k] = row[k0 + k];
+                a[k] = fabs(v[k]);
+            }
+            if (f) {
+                if (root) for (int k = 0; k < m; k++) w[k] = sqrt((double)f[k0 + k]) * p2 + 0.0;
+                else for (int k = 0; k < m; k++) w[k] = (double)f[k0 + k] * p2 + 0.0;
+            }
+            for (int k = 0; k < m; k += 8) {
+                for (int h = 0; h < 2; h++) {
+                    lanes4 vv = LANES4_LOAD(v + k + 4 * h), aa = LANES4_LOAD(a + k + 4 * h), squares = vv * vv;
+                    sq[h] += squares;
+                    ab[h] += aa;
+                    if (f) {
+                        lanes4 ww = LANES4_LOAD(w + k + 4 * h);
+                        ws[h] += ww;
+                        wsq[h] += ww * squares;
+                        wab[h] += ww * aa;
+                    }
+                }
+            }
+        }
+        out->absmax[r] = row_absmax_one(row, block_size);
+        lanes4_store(l, sq[0]); lanes4_store(l + 4, sq[1]); out->squares[r] = lanes_total(l);
+        lanes4_store(l, ab[0]); lanes4_store(l + 4, ab[1]); out->magnitudes[r] = lanes_total(l);
+        if (f) {
+            lanes4_store(l, ws[0]); lanes4_store(l + 4, ws[1]); out->weights[r] = lanes_total(l);
+            lanes4_store(l, wsq[0]); lanes4_store(l + 4, wsq[1]); out->weighted_squares[r] = lanes_total(l);
+            lanes4_store(l, wab[0]); lanes4_store(l + 4, wab[1]); out->weighted_magnitudes[r] = lanes_total(l);
+        }
+    }
+}
+#endif
+
+static void moments_rows(const float *x, Py_ssize_t block_size, Py_ssize_t rows, const void *fisher, int itemsize, Py_ssize_t count,
+                         int root, double p2, const moment_outputs *out) {
+    Py_ssize_t fast = 0;
+#ifndef MOMENTS_SCALAR_ONLY
+    if (block_size % 8 == 0 && (!fisher || itemsize == 4)) fast = fisher ? count / block_size : rows;
+    if (fast > rows) fast = rows;
+    moments_rows_fast(x, block_size, fast, (const float *)fisher, root, p2, out);
+#endif
+    for (Py_ssize_t r = fast; r < rows; r++) {
+        double sums[5][8] = {{0}};
+        float top = 0.0f;
+        moments_row_general(x + r * block_size, block_size, fisher, itemsize, r * block_size, count, root, p2, sums, &top);
+        out->absmax[r] = top;
+        out->squares[r] = lanes_total(sums[0]);
+        out->magnitudes[r] = lanes_total(sums[1]);
+        if (fisher) {
+            out->weights[r] = lanes_total(sums[2]);
+            out->weighted_squares[r] = lanes_total(sums[3]);
+            out->weighted_magnitudes[r] = lanes_total(sums[4]);
+        }
+    }
+}
+
+/* block_moments(matrix_f32 rows, block_size, fisher|None, itemsize, count, root, p2, absmax_f64,
+ *               squares_f64, magnitudes_f64, weights_f64|None, weighted_squares_f64|None,
+ *               weighted_magnitudes_f64|None): the sums above for every row of the matrix given;
+ * fisher holds `count` values (float32 or float64) for the matrix's first elements. */
+static PyObject *block_moments(PyObject *self, PyObject *args) {
+    Py_buffer matrix, fisher = {0}, views[6];
+    PyObject *fisher_object, *objects[6];
+    Py_ssize_t block_size, count;
+    int itemsize, root, held = 0, ok = 0;
+    double p2;
+    if (!PyArg_ParseTuple(args, "y*nOinidOOOOOO", &matrix, &block_size, &fisher_object, &itemsize, &count, &root, &p2,
+                          &objects[0], &objects[1], &objects[2], &objects[3], &objects[4], &objects[5]))
+        return NULL;
+    int weighted = fisher_object != Py_None;
     Py_ssize_t rows = block_size > 0 ? matrix.len / 4 / block_size : 0;
-    if (block_size < 1 || matrix.len % (4 * block_size) || out.len != 8 * rows) {
-        PyErr_SetString(PyExc_ValueError, "row_absmax: inconsistent arguments");
+    double **targets[6];
+    moment_outputs out = {0};
+    targets[0] = &out.absmax; targets[1] = &out.squares; targets[2] = &out.magnitudes;
+    targets[3] = &out.weights; targets[4] = &out.weighted_squares; targets[5] = &out.weighted_magnitudes;
+    if (block_size < 1 || matrix.len % (4 * block_size)) {
+        PyErr_SetString(PyExc_ValueError, "block_moments: inconsistent arguments");
         goto done;
     }
+    if (weighted) {
+        if (PyObject_GetBuffer(fisher_object, &fisher, PyBUF_SIMPLE) < 0) goto done;
+        if ((itemsize != 4 && itemsize != 8) || fisher.len != itemsize * count || count > rows * block_size) {
+            PyErr_SetString(PyExc_ValueError, "block_moments: the weights do not fit the rows");
+            goto done;
+        }
+    }
+    for (int i = 0; i < (weighted ? 6 : 3); i++) {
+        if (double_buffer(objects[i], &views[held], rows, 1, "an output") < 0) goto done;
+        *targets[i] = (double *)views[held++].buf;
+    }
     Py_BEGIN_ALLOW_THREADS
-    absmax_loop((const float *)matrix.buf, block_size, rows, (double *)out.buf);
+    moments_rows((const float *)matrix.buf, block_size, rows, weighted ? fisher.buf : NULL, itemsize, count, root, p2, &out);
     Py_END_ALLOW_THREADS
-    Py_INCREF(Py_None);
-    result = Py_None;
+    ok = 1;
 done:
+    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    if (fisher.buf) PyBuffer_Release(&fisher);
     PyBuffer_Release(&matrix);
-    PyBuffer_Release(&out);
-    return result;
-}
-
-HOT static void normalize_loop(const void *values, int itemsize, Py_ssize_t count, int root, double top, float *out) {
-    if (itemsize == 4) {
-        const float *v = (const float *)values;
-        if (root) for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)(sqrt((double)v[i]) / top);
-        else for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)((double)v[i] / top);
-    } else {
-        const double *v = (const double *)values;
-        if (root) for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)(sqrt(v[i]) / top);
-        else for (Py_ssize_t i = 0; i < count; i++) out[i] = (float)(v[i] / top);
-    }
-}
-
-/* normalized_weights(values, itemsize, root, top, out_f32): out[i] = float32((root ? sqrt(v) : v)
- * / top) in float64 (policy/fisher.py's normalisation and the cast the encoder applies), for the
- * values present; out may be longer (padding, left as it is). */
-static PyObject *normalized_weights(PyObject *self, PyObject *args) {
-    Py_buffer values, out;
-    int itemsize, root;
-    double top;
-    PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*ipdw*", &values, &itemsize, &root, &top, &out)) return NULL;
-    Py_ssize_t count = (itemsize == 4 || itemsize == 8) ? values.len / itemsize : 0;
-    if ((itemsize != 4 && itemsize != 8) || values.len % itemsize || out.len % 4 || out.len / 4 < count) {
-        PyErr_SetString(PyExc_ValueError, "normalized_weights: inconsistent arguments");
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    normalize_loop(values.buf, itemsize, count, root, top, (float *)out.buf);
-    Py_END_ALLOW_THREADS
-    Py_INCREF(Py_None);
-    result = Py_None;
-done:
-    PyBuffer_Release(&values);
-    PyBuffer_Release(&out);
-    return result;
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* Float bits with -0.0 mapped to +0.0: then a weight is bad (negative, NaN or infinite) exactly
@@ -1135,8 +1234,7 @@ static PyMethodDef methods[] = {
     {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"msgpack_scan", msgpack_scan, METH_VARARGS, "msgpack_scan(header_bytes, container_budget) -> None (FORMAT.md 5.1)"},
-    {"row_absmax", row_absmax, METH_VARARGS, "row_absmax(matrix, block_size, out) (encoder/moments.py)"},
-    {"normalized_weights", normalized_weights, METH_VARARGS, "normalized_weights(values, itemsize, root, top, out) (encoder/moments.py)"},
+    {"block_moments", block_moments, METH_VARARGS, "block_moments(matrix, block_size, fisher, itemsize, count, root, p2, *outputs) (encoder/moments.py)"},
     {"all_finite", all_finite, METH_VARARGS, "all_finite(array, itemsize) -> whether every float32/float64 value is finite"},
     {"weights_max", weights_max, METH_VARARGS, "weights_max(array, itemsize) -> largest element, or None if one is negative or not finite"},
     {"evaluate_blocks", evaluate_blocks, METH_VARARGS, "evaluate_blocks(...) -> capped count (policy/allocation.py, _Evaluator)"},

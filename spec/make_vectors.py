@@ -440,6 +440,27 @@ def lora_source():
     return {"lora_A": a, "lora_B": b}, {"lora_A": fisher_a, "lora_B": 1.0}
 
 
+#: Valid vectors that the reference encoder's budgeted path wrote. That path's output is not
+#: normative (FORMAT.md Section 19) and changed on purpose in issue 17 (Section 17's change log);
+#: the vectors are fixed bytes that decoders must decode, so they are kept as committed, never
+#: rewritten by a newer encoder. Delete an entry here only to replace its vector deliberately.
+FROZEN_ENCODER_VECTORS = {"budget_1bpp", "budget_2bpp", "budget_4bpp", "stochastic_seed7", "masks_proxy_budget_2bpp"}
+COMMITTED = Path(__file__).resolve().parent / "vectors" / "valid"
+# Read before generate() clears the output directory (by default, spec/vectors itself).
+_FROZEN_BYTES = {name: (COMMITTED / f"{name}.fstq").read_bytes() for name in FROZEN_ENCODER_VECTORS
+                 if (COMMITTED / f"{name}.fstq").is_file()}
+
+
+def _frozen(name: str, encode) -> bytes:
+    """The committed bytes of vector ``name`` where it is frozen (a missing file is an error, not
+    regenerated), else ``encode()``."""
+    if name not in FROZEN_ENCODER_VECTORS:
+        return encode()
+    if name not in _FROZEN_BYTES:
+        sys.exit(f"{COMMITTED / name}.fstq is missing: it is a frozen vector (FROZEN_ENCODER_VECTORS), restore it from git")
+    return _FROZEN_BYTES[name]
+
+
 def valid_vectors():
     """Yield (name, description, message bytes)."""
     f32 = np.float32
@@ -489,11 +510,12 @@ def valid_vectors():
     )
     tensors, fisher = lora_source()
     for bpp in (0.5, 1, 2, 4):
+        name = f"budget_{str(bpp).replace('.', 'p')}bpp"
         yield (
-            f"budget_{str(bpp).replace('.', 'p')}bpp",
+            name,
             f"Fisher-weighted RD allocation at {bpp} bits/param (LoRA-shaped 48x80 and 80x48 float32, block 64): "
             "zero blocks, rANS contexts, centroid codebooks, zstd-encoded blocks/scales sections, zstd header.",
-            fstqcodec.encode(tensors, fisher=fisher, budget=fstqcodec.Budget(bits_per_param=bpp)),
+            _frozen(name, lambda: fstqcodec.encode(tensors, fisher=fisher, budget=fstqcodec.Budget(bits_per_param=bpp))),
         )
     yield ("fixed_bits4", "Fixed-rate bits=4: uniform grid, absmax bfloat16 scales, packed codes.", fstqcodec.encode(tensors, bits=4))
     yield ("fixed_bits8", "Fixed-rate bits=8: packed width 8.", fstqcodec.encode({"lora_A": tensors["lora_A"]}, bits=8))
@@ -501,7 +523,7 @@ def valid_vectors():
     yield (
         "stochastic_seed7",
         "Stochastic rounding with seed 7 at 2 bits/param.",
-        fstqcodec.encode(tensors, budget=fstqcodec.Budget(bits_per_param=2), rounding="stochastic", seed=7),
+        _frozen("stochastic_seed7", lambda: fstqcodec.encode(tensors, budget=fstqcodec.Budget(bits_per_param=2), rounding="stochastic", seed=7)),
     )
     many = {f"model.layers.{i}.self_attn.q_proj.lora_A.weight": np.full((2, 2), i, dtype=f32) for i in range(40)}
     yield ("zstd_header", "40 small tensors with long, similar names: the header is stored zstd-compressed (header encoding 1).", fstqcodec.encode(many))
@@ -717,7 +739,7 @@ def mask_valid_vectors():
         "Format 1.1, reference encoder: a downlink proxy of the LoRA pair (server mask keep 0.7 and client mask keep "
         "0.9 each; columns of lora_A, rows then elements of lora_B), Fisher-free RD allocation at 2 bits per visible "
         "element.",
-        fstqcodec.encode(lora, masks=proxy_masks, budget=fstqcodec.Budget(bits_per_param=2)),
+        _frozen("masks_proxy_budget_2bpp", lambda: fstqcodec.encode(lora, masks=proxy_masks, budget=fstqcodec.Budget(bits_per_param=2))),
     )
     yield (
         "masks_keep_one_and_none",

@@ -155,6 +155,18 @@ def test_messages_are_identical(which, options, monkeypatch):
     assert native == reference
 
 
+@pytest.mark.parametrize("power", [1.0, None])
+def test_large_messages_are_identical(power, monkeypatch):
+    """Enough elements (3M) that the code statistics sample every other row, so the size loop
+    sizes plans whose other codes are filled only for the message (Plan.pending)."""
+    tensors, fisher = _lora(7, pairs=24, width=4096)
+    kwargs = {"budget": fstqcodec.Budget(bits_per_param=1)}
+    if power is not None:
+        kwargs.update(fisher=fisher, fisher_power=power)
+    native, reference = _both(lambda: _digest(tensors, **kwargs), monkeypatch)
+    assert native == reference
+
+
 @pytest.mark.parametrize("which", ["bbc", "lora"])
 def test_rate_model_tables_are_identical(which, monkeypatch):
     tensors, _ = INPUTS[which]()

@@ -11,6 +11,8 @@ from fstqcodec.encoder.plans import rd_plan
 from fstqcodec.policy.allocation import DROP, QUANTIZE, RAW_EXACT
 from fstqcodec.policy.fisher import normalize_fisher
 
+from common import load_real_update
+
 
 def _source(seed: int, block_size: int = 64) -> encoder.Input:
     """Tensors whose sizes are not multiples of the block size (padding), of three dtypes, with
@@ -27,7 +29,8 @@ def _source(seed: int, block_size: int = 64) -> encoder.Input:
 
 
 def check_plan_invariants(plan: encoder.Plan, source: encoder.Input) -> None:
-    """Assert every invariant of the Plan docstring."""
+    """Assert every invariant of the Plan docstring (a lazy plan's codes filled first)."""
+    plan.complete()
     assert plan.mode.shape == (len(source.counts),)
     assert set(np.unique(plan.mode)) <= {DROP, QUANTIZE, RAW_EXACT}
     rows = plan.quantized_rows
@@ -115,3 +118,46 @@ def test_rd_plan_invariants_with_sign_blocks(target_bits_per_element):
     check_plan_invariants(plan, source)
     assert plan.class_width[0] == 1 and np.count_nonzero(plan.row_class == 0) > 0
     assert encoder.assemble(source, plan, meta=None, compress_header=True)
+
+
+def _large_plan(target_bits_per_element: float = 2.0):
+    """A LoRA-shaped input of 2**22 elements with per-element Fisher: enough rows that the code
+    statistics sample every other row, so that an rd_plan leaves codes for later."""
+    rng = np.random.default_rng(5)
+    tensors = {f"t{i}": (rng.standard_normal((16, 4096)) * np.exp(rng.normal(-6, 0.5))).astype(np.float32) for i in range(64)}
+    fisher = {name: (rng.standard_normal(t.shape).astype(np.float32) * np.float32(np.exp(rng.normal()))) ** 2
+              for name, t in tensors.items()}
+    source = encoder.Input(tensors, 64, "error")
+    weights = normalize_fisher(fisher, source.names, {s.name: s.shape for s in source.specs}, 1.0)
+    stats = block_stats(source, weights, sign=True)
+    return source, lambda: rd_plan(source, stats, target_bits_per_element * source.elements, rounding="nearest",
+                                   rng=np.random.default_rng(0))
+
+
+def test_lazy_plan_fills_the_codes_it_would_have_had_at_once():
+    source, plan_for = _large_plan()
+    plan = plan_for()
+    assert plan.pending is not None and not plan.memo["filled"].all()  # something left for later
+    plan.complete(np.arange(0, len(plan.quantized_rows), 3))  # in two steps, as assemble's estimate does
+    plan.complete()
+    at_once = plan_for()
+    at_once.complete()
+    assert np.array_equal(plan.codes, at_once.codes)
+    check_plan_invariants(plan, source)
+
+
+@pytest.mark.parametrize("which", ["lora", "real_update_bbc.npz"])
+def test_size_estimate_is_close_to_the_message(which):
+    """The size loop trusts ``assemble(..., estimate=True)`` to within a fraction of its window."""
+    if which == "lora":
+        source, plan_for = _large_plan()
+        plan = plan_for()
+    else:  # sign blocks in packed contexts, whose zstd gain the estimate must see
+        update, fisher = load_real_update(which)
+        source = encoder.Input(update, 64, "error")
+        weights = normalize_fisher(fisher, source.names, {s.name: s.shape for s in source.specs}, 0.5)
+        plan = rd_plan(source, block_stats(source, weights, sign=True), 0.5 * source.elements, rounding="nearest",
+                       rng=np.random.default_rng(0))
+    estimate = len(encoder.assemble(source, plan, meta=None, compress_header=True, estimate=True))
+    message = encoder.assemble(source, plan, meta=None, compress_header=True)
+    assert abs(estimate / len(message) - 1) < 0.002

@@ -52,9 +52,14 @@ class _Contexts:
         self.streams.append(stream)
 
 
-def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: bool, schema: Schema | None = None, masked: tuple | None = None) -> bytes:
+def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: bool, schema: Schema | None = None, masked: tuple | None = None,
+             estimate: bool = False) -> bytes:
     """Turn a plan into a message: a zero context, raw contexts by format, then the quantized
     contexts, each section zstd-encoded where that pays.
+
+    ``estimate``: a stand-in of about the message's size, for the size loop, built without most
+    codes: every part as in the message but the rANS code streams, which are zero bytes of their
+    expected length (from the plan's code statistics).
 
     ``masked`` (from :func:`fstqcodec.encoder.masking.apply_masks`) is ``(declared specs, tensor
     index -> masks)``: the source then holds masked tensors' visible elements only, and the header
@@ -65,25 +70,33 @@ def assemble(source: Input, plan: Plan, *, meta: dict | None, compress_header: b
     EncodeError
         If the plan needs more contexts than the format's 256.
     """
+    if not estimate:
+        plan.complete()
     built = _Contexts(len(plan.mode))
     dropped = plan.mode == DROP
     if np.any(dropped):
         built.add(Context("zero"), b"", dropped)
     _add_raw_contexts(built, source, plan)
     if len(plan.quantized_rows):
-        _add_quantized_contexts(built, source, plan)
+        _add_quantized_contexts(built, source, plan, estimate)
     if len(built.contexts) > 256:
         raise EncodeError(f"{len(built.contexts)} contexts exceed the format's 256")
     section_table, body_parts = [], []
     for kind, payload in (("blocks", built.of_block.tobytes()), ("scales", plan.scale_bits.astype("<u2").tobytes())):
-        entry, stored = _maybe_zstd(payload, kind)
+        remembered = plan.memo.get(kind)
+        if remembered is None or remembered[0] != payload:
+            plan.memo[kind] = remembered = (payload, *_maybe_zstd(payload, kind))
+        entry, stored = list(remembered[1]), remembered[2]
         section_table.append(entry)
         body_parts.append(stored)
     for context, stream in zip(built.contexts, built.streams):
         if context.kind == "rans":  # rANS output is incompressible: do not spend time on zstd
             entry, stored = ["codes", len(stream), ENCODING_NONE, len(stream)], stream
-        else:
-            entry, stored = _maybe_zstd(stream, "codes")
+        else:  # a packed stream the plan's estimate already stored is not compressed again
+            remembered = plan.memo.setdefault("stored", {}).get(id(stream))
+            if remembered is None or remembered[0] is not stream:
+                plan.memo["stored"][id(stream)] = remembered = (stream, *_maybe_zstd(stream, "codes"))
+            entry, stored = list(remembered[1]), remembered[2]
         section_table.append(entry)
         body_parts.append(stored)
     declared, masks = masked if masked is not None else (source.specs, {})
@@ -109,10 +122,12 @@ def _add_raw_contexts(built: _Contexts, source: Input, plan: Plan) -> None:
         built.add(Context("raw", width=8 * RAW_FORMATS[fmt], raw_format=fmt), memoryview(values).cast("B"), rows)
 
 
-def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan) -> None:
+def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan, estimate: bool = False) -> None:
     """One context per group of classes, with its coder, and centroid codebooks where they pay.
     The code streams are built on the worker threads when ``encode`` has them."""
-    group_of_class, groups = group_classes(plan)
+    if "groups" not in plan.memo:
+        plan.memo["groups"] = group_classes(plan)
+    group_of_class, groups = plan.memo["groups"]
     context_of_row = group_of_class[plan.row_class]
     if plan.codebook is not None:
         built.codebooks.append(plan.codebook)
@@ -141,8 +156,24 @@ def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan) -> None
             )
         else:
             context = Context("packed", width=width, codebook=codebook_index)
-        jobs.append((context, choice, members, rows))
-    streams = _threads.map_items(lambda job: _code_stream(source, plan, *job), jobs)
+        jobs.append((context, dict(choice, counts=counts) if estimate else choice, members, rows))
+    if estimate:  # the packed contexts' codes, before the (threaded) streams
+        for context, _, members, _ in jobs:
+            if context.kind != "rans":
+                plan.complete(members)
+    stream = _estimated_stream if estimate else _code_stream
+
+    def build(numbered):
+        """A job's stream; packed streams are real in an estimate too, and kept for the message."""
+        number, job = numbered
+        if job[0].kind == "rans":
+            return stream(source, plan, *job)
+        key = ("packed", number)
+        if key not in plan.memo:
+            plan.memo[key] = stream(source, plan, *job)
+        return plan.memo[key]
+
+    streams = _threads.map_items(build, enumerate(jobs))
     for (context, _, _, rows), stream in zip(jobs, streams):
         built.add(context, stream, rows)
 
@@ -153,8 +184,27 @@ def _code_stream(source: Input, plan: Plan, context: Context, choice: dict, memb
     if plan.codebook is not None:
         symbols = flat.view(np.uint8)
     else:
-        # Codes lie in [-2**(w-1), 2**(w-1) - 1]: adding the offset modulo 256 is exact.
-        symbols = flat.view(np.uint8) + np.uint8(1 << (context.width - 1))
+        # Codes lie in [-2**(w-1), 2**(w-1) - 1]: adding the offset modulo 256 is exact. (In
+        # place: ``flat`` is a copy, the gather above.)
+        symbols = flat.view(np.uint8)
+        symbols += np.uint8(1 << (context.width - 1))
     if context.kind == "rans":
         return rans.encode(symbols, choice["freqs"], choice["prob_bits"], choice["lanes"])
     return bitpack.pack(symbols, context.width)
+
+
+def _estimated_stream(source: Input, plan: Plan, context: Context, choice: dict, members, rows) -> bytes:
+    """The context's code stream where it is packed; where it is rANS-coded, zero bytes of the
+    length it is expected to have: the cross-entropy of the sampled code counts scaled to the
+    context's elements, plus the lanes' 4-byte states less the 8 bits a lane's final state holds
+    on average (2 bytes per word)."""
+    if context.kind != "rans":
+        # Packed codes can compress (a real update's signs do, by a fifth): the real stream
+        # (assemble filled its codes).
+        return _code_stream(source, plan, context, choice, members, rows)
+    elements = int(source.counts[rows].sum())
+    counts = np.asarray(choice["counts"], dtype=np.float64)
+    bits = rans.estimate_bits(counts, choice["freqs"], choice["prob_bits"]) * elements / max(float(counts.sum()), 1.0)
+    lanes = choice["lanes"]
+    words = max(0, int(round((bits - 8 * lanes) / 16)))
+    return bytes(4 * lanes + 2 * words)

@@ -8,10 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .. import _threads
 from ..errors import BudgetError
 from ..policy.allocation import BlockStats, evaluator, shape_sample
-from ..policy.fisher import ElementWeights
 from ..wire.header import DTYPES
 from . import moments
 from .assembly import assemble
@@ -23,7 +21,8 @@ __all__ = ["encode_to_budget", "block_stats", "LOW_WATER"]
 
 #: The size loop accepts a message in [LOW_WATER * budget, budget] ...
 LOW_WATER = 0.96
-#: ... and aims a little below the budget, so that the first try usually lands inside.
+#: ... and aims at least this far into the budget (else the middle of that window), so that
+#: the first try usually lands inside.
 _AIM = 0.985
 #: With the measured rate model (messages of 16,384+ elements) the loop keeps trying until this
 #: fill: there the real size follows the target closely, and on a near-binary update at 1
@@ -33,21 +32,19 @@ _MAX_SIZE_ITERATIONS = 8
 
 
 def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockStats:
-    """Per-block statistics for the allocation (in float64; the sums in float32 on values
-    rescaled by a power of two when their magnitude is extreme, :mod:`.moments`). ``sign``:
-    whether the two-level sign quantizer is a candidate (it needs centroid codebooks, so
-    nearest rounding)."""
-    matrix = source.matrix
+    """Per-block statistics for the allocation (float64 sums in a fixed order, :mod:`.moments`).
+    ``sign``: whether the two-level sign quantizer is a candidate (it needs centroid codebooks,
+    so nearest rounding)."""
     n = source.counts
-    absmax = moments.absmax(matrix)
-    scale = moments.value_scale(absmax)
-    sum_squares, sum_abs = moments.value_sums(matrix, scale) if len(n) else (np.zeros(0), np.zeros(0))
-    mean_square = sum_squares / np.maximum(n, 1)
-    weight, energy, weighted_abs, weight_sum = _weighted_sums(source, weights, scale, sum_squares, sum_abs)
+    sums = moments.block_sums(source, weights)
+    absmax, sum_abs, energy, weighted_abs, weight_sum = (
+        sums.absmax, sums.magnitudes, sums.weighted_squares, sums.weighted_magnitudes, sums.weights)
+    mean_square = sums.squares / np.maximum(n, 1)
+    weight = weight_sum / np.maximum(n, 1)
     raw_bits = np.array([16 if s.dtype == "bfloat16" else 8 * DTYPES[s.dtype].itemsize for s in source.specs], dtype=np.int64)
     stats = BlockStats(
         count=n, weight=weight, mean_square=mean_square, weighted_energy=energy, absmax=absmax,
-        raw_bits=raw_bits[source.block_tensor], shape_sample=shape_sample(matrix, n, mean_square),
+        raw_bits=raw_bits[source.block_tensor], shape_sample=shape_sample(source.matrix, n, mean_square),
     )
     if sign and stats.shape_sample is not None:
         # Sign blocks' scales: the block's own mean |x|, or its tensor's (equal scales cost
@@ -65,31 +62,6 @@ def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockSta
             errors.append(np.where(near_limit, np.inf, error))
         stats.sign_distortion, stats.shared_sign_distortion = errors
     return stats
-
-
-def _weighted_sums(source: Input, weights: dict, scale, sum_squares, sum_abs):
-    """Per block: mean weight, sum w x**2, sum w |x| and sum w."""
-    n = source.counts
-    if not any(isinstance(weights[name], ElementWeights) for name in source.names):
-        weight = np.array([weights[s.name] for s in source.specs], dtype=np.float64)[source.block_tensor]
-        return weight, weight * sum_squares, weight * sum_abs, weight * n
-    weight, energy, weighted_abs, weight_sum = (np.empty(len(n), dtype=np.float64) for _ in range(4))
-
-    def tensor(t):
-        spec = source.specs[t]
-        lo, hi = int(source.first_block[t]), int(source.first_block[t + 1])
-        w = weights[spec.name]
-        if not isinstance(w, ElementWeights):
-            weight[lo:hi] = w
-            energy[lo:hi] = w * sum_squares[lo:hi]
-            weighted_abs[lo:hi] = w * sum_abs[lo:hi]
-            weight_sum[lo:hi] = w * n[lo:hi]
-            return
-        weight_sum[lo:hi], energy[lo:hi], weighted_abs[lo:hi] = moments.weighted_sums(source, t, w, scale)
-        weight[lo:hi] = weight_sum[lo:hi] / np.maximum(n[lo:hi], 1)
-
-    _threads.map_items(tensor, range(len(source.specs)))
-    return weight, energy, weighted_abs, weight_sum
 
 
 def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str, seed: int, unbiased: bool = False,
@@ -140,27 +112,45 @@ def _rd_plans(source: Input, stats: BlockStats, rounding: str, seed: int) -> Cal
 def _fill_budget(source: Input, plan_for: Callable[[float], Plan], limit: int, smallest: bytes, low_water: float,
                  **options) -> bytes:
     """The size loop: the fullest message within ``limit`` it finds (``smallest`` if none), over
-    the plans ``plan_for(target)`` gives for a model cost of ``target`` bits."""
+    the plans ``plan_for(target)`` gives for a model cost of ``target`` bits.
+
+    Each plan is first sized by ``assemble(..., estimate=True)`` (every part of the message but
+    the code streams, whose lengths come from the plan's code statistics: within about 0.05% of
+    the real size), and only a plan whose estimate lands in ``[low_water, 1] * limit`` is built
+    in full; the real size then decides, as the estimate does for the plans that are not built.
+    """
+    aim = max(_AIM, (1.0 + low_water) / 2)  # the middle of the window, which the estimate can hit
     fixed_bits = 8.0 * len(smallest)
-    target = max(8.0 * limit * _AIM - fixed_bits, 0.0)
+    target = max(8.0 * limit * aim - fixed_bits, 0.0)
     best, best_size = smallest, len(smallest)
+    # The target of the fullest plan estimated to fit but not built (not the plan: its codes
+    # would be held while the next plan is built).
+    fallback, fallback_size = None, best_size
     fits, overshoots = 0.0, math.inf  # bracket on the model target
     for _ in range(_MAX_SIZE_ITERATIONS):
         plan = plan_for(target)
-        message = assemble(source, plan, **options)
-        del plan  # its codes: not held while the next plan is built
-        size = len(message)
-        if size <= limit:
-            if size > best_size:
+        size = len(assemble(source, plan, estimate=True, **options))
+        if low_water * limit <= size <= limit:
+            message = assemble(source, plan, **options)
+            size = len(message)
+            if best_size < size <= limit:
                 best, best_size = message, size
-            if size >= low_water * limit:
+            if low_water * limit <= size <= limit:
                 break
+        elif fallback_size < size <= limit:
+            fallback, fallback_size = target, size
+        del plan  # its codes: not held while the next plan is built
+        if size <= limit:
             fits = max(fits, target)
         else:
             overshoots = min(overshoots, target)
-        # Scale the target by how far the real size is from the aim, kept inside the bracket.
-        proposal = target * (8.0 * limit * _AIM - fixed_bits) / max(8.0 * size - fixed_bits, 1.0)
+        # Scale the target by how far the size is from the aim, kept inside the bracket.
+        proposal = target * (8.0 * limit * aim - fixed_bits) / max(8.0 * size - fixed_bits, 1.0)
         if not fits < proposal < overshoots:
             proposal = 0.5 * (fits + overshoots) if math.isfinite(overshoots) else 2 * max(target, 1.0)
         target = proposal
+    if fallback is not None and fallback_size > best_size:
+        message = assemble(source, plan_for(fallback), **options)
+        if best_size < len(message) <= limit:
+            best = message
     return best

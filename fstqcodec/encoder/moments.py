@@ -1,17 +1,21 @@
 """Per-block sums of the values and of their Fisher weights (the allocation's statistics).
 
-The sums are numpy's (float32 ``einsum`` for squares and weighted sums, float64 ``sum`` for
-magnitudes): they decide the allocation, and the encoder's bytes are frozen (tests/
-test_byte_identity.py), so their summation order must stay numpy's, which a C loop cannot promise
-to reproduce. What changed is around them: the whole-matrix reductions run over slices of rows
-(temporaries of a few MiB instead of a copy of the input; slices of 8192 rows keep every row in
-one piece of numpy's 8192-element buffers, which leaves the results bit for bit the same), and
-the per-element weights ``float32(F**p / top)`` come from one C pass over the caller's Fisher
-(``normalized_weights``) instead of a float64 copy, a division pass and a cast.
+One pass per tensor reads the values and the caller's Fisher together and writes, per block, the
+largest |x| and the sums of ``x**2``, ``|x|``, ``w``, ``w x**2`` and ``w |x|`` in float64 (no
+overflow or underflow for any float32 value, so no rescaling). The weights are
+``w = F**p * 2**-e + 0.0`` with ``2**e`` the power of two just above the largest weight ``top``
+(exact scaling, and the ``+ 0.0`` makes -0.0 weights +0.0); the block sums are then divided by
+``top * 2**-e``, which gives the weights ``F**p / top`` that the allocation expects.
+
+The order of every sum is fixed, so that the C pass (``_speedups.block_moments``) and the numpy
+reference below give the same bits: element ``k`` of a block goes to lane ``k % 8``, each lane adds
+its elements in order starting from +0.0 (every term is >= +0.0, so the start is exact), and the
+lanes are combined as ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -21,83 +25,86 @@ from ..policy.fisher import ElementWeights
 from ..stages import rans as _rans
 from .source import Input
 
-__all__ = ["value_scale", "value_sums", "weighted_sums", "element_weights32", "absmax"]
+__all__ = ["BlockSums", "block_sums"]
 
-#: Rows per slice of the whole-matrix reductions (a multiple of numpy's 8192-element buffer in
-#: elements whatever the block size, so rows never straddle a buffer boundary).
+#: Rows per piece of work: bounds the reference's temporaries and gives threads several pieces.
 _SLICE_ROWS = 8192
 
 
-def value_scale(absmax: np.ndarray) -> float:
-    """A power of two that brings the largest |x| near 1, where squares cannot overflow or
-    underflow in float32 (they do beyond about 1e19 and below about 1e-19). Multiplying by a
-    power of two is exact, and only ratios matter to the allocation."""
-    top = float(absmax.max()) if len(absmax) else 0.0
-    if top == 0.0 or 2.0**-40 < top < 2.0**40:
-        return 1.0
-    return 2.0 ** -math.frexp(top)[1]
+@dataclasses.dataclass
+class BlockSums:
+    """Per block: largest |x|, sum x**2, sum |x|, and sum w, sum w x**2, sum w |x| (float64)."""
+
+    absmax: np.ndarray
+    squares: np.ndarray
+    magnitudes: np.ndarray
+    weights: np.ndarray
+    weighted_squares: np.ndarray
+    weighted_magnitudes: np.ndarray
 
 
-def absmax(matrix: np.ndarray) -> np.ndarray:
-    """Largest |x| per row as float64 (``plans.absmax_rows``, in one C pass where built)."""
-    native = getattr(_rans._speedups, "row_absmax", None)
-    if native is None or not len(matrix):
-        from .plans import absmax_rows
-
-        return absmax_rows(matrix).astype(np.float64)
-    out = np.empty(len(matrix), dtype=np.float64)
-    _threads.map_ranges(len(matrix), lambda lo, hi: native(matrix[lo:hi], matrix.shape[1], out[lo:hi]))
-    return out
-
-
-def _work(matrix: np.ndarray, lo: int, hi: int, scale: float) -> np.ndarray:
-    rows = matrix[lo:hi]
-    return rows if scale == 1.0 else rows * np.float32(scale)
+def block_sums(source: Input, weights: dict) -> BlockSums:
+    """The sums of every block of ``source`` under ``weights`` (``name -> float | ElementWeights``,
+    from :func:`fstqcodec.policy.fisher.normalize_fisher`)."""
+    blocks = len(source.counts)
+    sums = BlockSums(*(np.empty(blocks) for _ in range(6)))
+    pieces = []
+    for t in range(len(source.specs)):
+        lo, hi = int(source.first_block[t]), int(source.first_block[t + 1])
+        pieces.extend((t, start, min(hi, start + _SLICE_ROWS)) for start in range(lo, hi, _SLICE_ROWS))
+    _threads.map_items(lambda piece: _piece(source, weights, sums, *piece), pieces)
+    return sums
 
 
-def value_sums(matrix: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(sum x**2, sum |x|) per row, on the values times ``scale``, unscaled again."""
-    rows = len(matrix)
-    sum_squares, sum_abs = np.empty(rows), np.empty(rows)
+def _piece(source: Input, weights: dict, sums: BlockSums, t: int, lo: int, hi: int) -> None:
+    """The sums of blocks ``lo:hi`` (blocks of tensor ``t``) into ``sums``."""
+    weight = weights[source.specs[t].name]
+    first = (lo - int(source.first_block[t])) * source.block_size
+    rows = source.matrix[lo:hi]
+    if isinstance(weight, ElementWeights):
+        values = weight.values.reshape(-1)[first : first + (hi - lo) * source.block_size]
+        top = weight.top if weight.top > 0 else 1.0
+        p2 = 2.0 ** -math.frexp(top)[1]
+        parts = _moments(rows, values, weight.root, p2)
+        norm = top * p2  # exact: the weights were scaled by p2 instead of divided by top
+        sums.weights[lo:hi], sums.weighted_squares[lo:hi], sums.weighted_magnitudes[lo:hi] = (p / norm for p in parts[3:])
+    else:
+        parts = _moments(rows, None, False, 1.0)
+        w, n = float(weight), source.counts[lo:hi]
+        sums.weights[lo:hi], sums.weighted_squares[lo:hi], sums.weighted_magnitudes[lo:hi] = w * n, w * parts[1], w * parts[2]
+    sums.absmax[lo:hi], sums.squares[lo:hi], sums.magnitudes[lo:hi] = parts[:3]
 
-    def rows_slice(lo, hi):
-        for start in range(lo, hi, _SLICE_ROWS):
-            stop = min(hi, start + _SLICE_ROWS)
-            work = _work(matrix, start, stop, scale)
-            sum_squares[start:stop] = np.einsum("ij,ij->i", work, work).astype(np.float64) * (1.0 / (scale * scale))
-            sum_abs[start:stop] = np.abs(work).sum(axis=1, dtype=np.float64) / scale
 
-    # Worker ranges start at multiples of the slice, as the single-thread slices do.
-    slices = -(-rows // _SLICE_ROWS)
-    _threads.map_ranges(slices, lambda lo, hi: rows_slice(lo * _SLICE_ROWS, min(rows, hi * _SLICE_ROWS)))
-    return sum_squares, sum_abs
-
-
-def element_weights32(weights: ElementWeights, padded_size: int) -> np.ndarray:
-    """The tensor's weights ``float32(F**p / top)``, zero-padded to ``padded_size`` elements."""
-    out = np.zeros(padded_size, dtype=np.float32)
-    values = weights.values
-    top = weights.top if weights.top > 0 else 1.0
-    native = getattr(_rans._speedups, "normalized_weights", None)
+def _moments(rows: np.ndarray, fisher, root: bool, p2: float) -> list:
+    """[absmax, sum x**2, sum |x|] per row, and [sum w, sum w x**2, sum w |x|] with ``fisher``
+    (the first elements' weights before scaling; past them, the padding, w = 0)."""
+    native = getattr(_rans._speedups, "block_moments", None)
+    count = 0 if fisher is None else len(fisher)
     if native is not None:
-        native(values, values.itemsize, weights.root, top, out)
-        return out
-    array = values.astype(np.float64).reshape(-1)
-    if weights.root:
-        array = np.power(array, 0.5)
-    out[: len(array)] = array / top
+        outputs = [np.empty(len(rows)) for _ in range(6 if fisher is not None else 3)]
+        itemsize = 4 if fisher is None else fisher.itemsize
+        native(rows, rows.shape[1], fisher, itemsize, count, root, p2, *outputs, *([None] * (6 - len(outputs))))
+        return outputs
+    from .plans import absmax_rows
+
+    x = rows.astype(np.float64)
+    magnitudes = np.abs(x)
+    squares = x * x
+    out = [absmax_rows(rows).astype(np.float64), _lane_total(squares), _lane_total(magnitudes)]
+    if fisher is not None:
+        w = np.zeros(x.size)
+        f = fisher.astype(np.float64)
+        w[:count] = (np.sqrt(f) if root else f) * p2 + 0.0
+        w = w.reshape(x.shape)
+        out += [_lane_total(w), _lane_total(w * squares), _lane_total(w * magnitudes)]
     return out
 
 
-def weighted_sums(source: Input, t: int, weights: ElementWeights, scale: float) -> tuple:
-    """(sum w, sum w x**2, sum w |x|) per block of tensor ``t``."""
-    lo, hi = int(source.first_block[t]), int(source.first_block[t + 1])
-    w = element_weights32(weights, (hi - lo) * source.block_size).reshape(-1, source.block_size)
-    weight_sum, energy, weighted_abs = np.empty(hi - lo), np.empty(hi - lo), np.empty(hi - lo)
-    for start in range(0, hi - lo, _SLICE_ROWS):
-        stop = min(hi - lo, start + _SLICE_ROWS)
-        part, work = w[start:stop], _work(source.matrix, lo + start, lo + stop, scale)
-        weight_sum[start:stop] = part.sum(axis=1, dtype=np.float64)
-        energy[start:stop] = np.einsum("ij,ij,ij->i", part, work, work).astype(np.float64) / (scale * scale)
-        weighted_abs[start:stop] = np.einsum("ij,ij->i", part, np.abs(work)).astype(np.float64) / scale
-    return weight_sum, energy, weighted_abs
+def _lane_total(terms: np.ndarray) -> np.ndarray:
+    """Per row the sum of ``terms`` (rows x block_size, float64, every term >= +0.0) in the C
+    pass's order: lane k % 8 in order (cumsum adds strictly in order), then a fixed tree."""
+    rows, width = terms.shape
+    if width % 8:
+        terms = np.pad(terms, ((0, 0), (0, -width % 8)))
+    lanes = np.cumsum(terms.reshape(rows, -1, 8), axis=1)[:, -1, :]
+    return ((lanes[:, 0] + lanes[:, 1]) + (lanes[:, 2] + lanes[:, 3])) + ((lanes[:, 4] + lanes[:, 5]) + (lanes[:, 6] + lanes[:, 7]))

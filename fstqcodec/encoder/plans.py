@@ -7,6 +7,7 @@ Fisher-weighted allocation (``policy.allocation``) says for a target cost.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +57,11 @@ class Plan:
     - ``class_sums`` (sums of ``x / scale`` per code, same indexing) and ``class_sampled`` (the
       counts behind them) are both None (no centroid codebooks) or both set.
     - ``force_packed``: a fixed-rate plan; its codes go packed, one context per width.
+    - ``pending``: where set, only some rows hold their codes yet (the rows the code statistics
+      sample, and those :meth:`complete` was asked for); :meth:`complete` fills the rest, each
+      row with the codes it would have had at once.
+    - ``memo``: what ``assemble`` derived from the plan (its contexts, its stored side sections),
+      kept for the next ``assemble`` of the same plan (the size loop sizes a plan, then builds it).
     - ``grid_centroids``: whether grid contexts may decode through their bins' centroids (where
       that pays). False keeps every grid code at its own level, as unbiased rounding needs; sign
       contexts always decode through their two centroids.
@@ -73,6 +79,24 @@ class Plan:
     class_sampled: np.ndarray | None = None
     force_packed: bool = False
     grid_centroids: bool = True
+    pending: "Callable[[np.ndarray], None] | None" = None
+    memo: dict = field(default_factory=dict, repr=False)
+
+    def complete(self, positions: np.ndarray | None = None) -> None:
+        """Fill the codes a lazy plan left for later (see ``pending``): of the quantized rows at
+        ``positions`` (indices into ``quantized_rows``), or of all of them."""
+        if self.pending is None:
+            return
+        filled = self.memo["filled"]
+        chosen = np.ones(len(filled), dtype=bool) if positions is None else np.zeros(len(filled), dtype=bool)
+        if positions is not None:
+            chosen[positions] = True
+        chosen &= ~filled
+        if chosen.any():
+            self.pending(chosen)
+        filled |= chosen
+        if positions is None:
+            self.pending = None
 
     def __post_init__(self) -> None:
         # The cheap structural invariants; a violation is a bug in a plan builder.
@@ -223,19 +247,37 @@ def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: s
         row_class[where] = part["row_class"] + first_class
         largest[where] = part["largest"]
         first_class += len(part["class_width"])
-        if part is grid:
-            _quantize_rows(source, part, rounding, rng, codes, where)
-        else:
-            _sign_codes(source, part["rows"], codes, where)
     class_width = np.concatenate([p["class_width"] for p in parts])
     scales = from_bf16_bits(scale_bits)
+    sample = _statistics_sample(len(rows), source.block_size)
+
+    def fill_codes(chosen: np.ndarray) -> None:
+        """Codes of the quantized rows that the mask ``chosen`` (over them) selects."""
+        for part, where in zip(parts, positions):
+            keep = chosen[where]
+            if part is grid:
+                subset = {k: part[k][keep] for k in ("rows", "scales", "offset", "largest", "capped")}
+                _quantize_rows(source, subset, rounding, rng, codes, where[keep])
+            else:
+                _sign_codes(source, part["rows"][keep], codes, where[keep])
+
+    # The code statistics read the sampled rows only: with deterministic rounding the other rows
+    # are quantized when the message is built (Plan.pending), so a plan the size loop rejects
+    # costs no pass over every value. Stochastic rounding draws in row order: all rows at once.
+    lazy = rounding != "stochastic"
+    filled = np.zeros(len(rows), dtype=bool)
+    filled[sample if lazy else slice(None)] = True
+    fill_codes(filled)
     hist, sums, sampled = _class_statistics(
         source, rows, codes, row_class, scales, largest, with_centroids=rounding == "nearest"
     )
-    return Plan(
+    plan = Plan(
         mode=mode, quantized_rows=rows, scale_bits=scale_bits, codes=codes, row_class=row_class,
         class_width=class_width, class_hist=hist, class_sums=sums, class_sampled=sampled,
+        pending=fill_codes if lazy else None,
     )
+    plan.memo["filled"] = filled
+    return plan
 
 
 #: A sign block's scale (its mean |x|) is snapped to this grid per octave before bfloat16: a few
@@ -285,11 +327,20 @@ def _grid_rows(source: Input, stats: BlockStats, allocation, mode: np.ndarray, r
     )
     if not len(rows):
         return None
-    class_keys, row_class = np.unique(keys, return_inverse=True)
+    class_keys, row_class = _dense_classes(keys)
     class_width = np.full(len(class_keys), 2, dtype=np.int64)
     np.maximum.at(class_width, row_class, _signed_width(-largest, np.minimum(largest, 127)))
     return {"rows": rows, "scale_bits": scale_bits, "scales": scales, "offset": offset, "row_class": row_class.astype(np.int64),
             "largest": largest, "capped": capped, "class_width": class_width}
+
+
+def _dense_classes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` for keys in a small range (half-octaves of
+    spread), by counting instead of sorting."""
+    low = int(keys.min())
+    present = np.bincount(keys - low) > 0
+    index = np.cumsum(present) - 1
+    return np.flatnonzero(present) + low, index[keys - low]
 
 
 def _grid_steps(step: np.ndarray, absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -357,6 +408,15 @@ def _quantize_rows(source: Input, grid: dict, rounding: str, rng, codes: np.ndar
 _STATISTICS_ELEMENTS = 1 << 20
 
 
+def _statistics_stride(rows: int, block_size: int) -> int:
+    return max(1, -(-rows * block_size // _STATISTICS_ELEMENTS))
+
+
+def _statistics_sample(rows: int, block_size: int) -> np.ndarray:
+    """Positions (among the quantized rows) of the rows the code statistics read."""
+    return np.arange(0, rows, _statistics_stride(rows, block_size))
+
+
 def _class_statistics(source: Input, rows, codes, row_class, scales, largest, *, with_centroids: bool):
     """Per-class histograms of codes (offset 128) and, optionally, sums of x / step per code
     with the counts behind them (else None, None).
@@ -365,8 +425,8 @@ def _class_statistics(source: Input, rows, codes, row_class, scales, largest, *,
     sample missed still gets a non-zero frequency in its context's table.
     """
     class_count = int(row_class.max()) + 1
-    stride = max(1, -(-len(rows) * source.block_size // _STATISTICS_ELEMENTS))
-    sample = np.arange(0, len(rows), stride)
+    sample = _statistics_sample(len(rows), source.block_size)
+    stride = _statistics_stride(len(rows), source.block_size)
     native = getattr(_rans._speedups, "class_statistics", None)
     if native is not None:
         counts = np.zeros(class_count * 256, dtype=np.int64)

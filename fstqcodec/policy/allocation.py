@@ -261,6 +261,9 @@ class Allocation:
     lam: float
 
 
+#: The first search of a size loop runs on every this-many-th block, to bracket the full one.
+_SAMPLE_STRIDE = 16
+
 #: Model cost of a quantized block's side information: its bfloat16 scale after zstd and its
 #: context id (bits). Measured on typical messages; the size loop corrects any error.
 SCALE_BITS = 10.0
@@ -330,6 +333,37 @@ class _Evaluator:
             self._run(lam, bits, None)
             self._totals[lam] = float(bits.sum())
         return self._totals[lam]
+
+    def bracket(self, target_bits: float, low: float, high: float) -> tuple[float, float]:
+        """A narrower ``(low, high)`` on log2(lambda) with the model over ``target_bits`` at
+        ``low`` and within it at ``high``, from the totals already computed (the size loop's
+        earlier searches) or else from a search on every ``_SAMPLE_STRIDE``-th block: the full
+        search then needs a few evaluations instead of a dozen."""
+        if not self._totals and len(self.n) >= 4 * _SAMPLE_STRIDE:
+            sample = self._sample()
+            found = _search(sample, target_bits * len(sample.n) / len(self.n), low, high, 12, 0.01)
+            for step in (0.125, 0.5, 2.0, 8.0):  # widen until the full model brackets the target
+                lower, upper = max(low, found - step), min(high, found + step)
+                if self.total(2.0**lower) > target_bits and self.total(2.0**upper) <= target_bits:
+                    return lower, upper
+        over = [math.log2(lam) for lam, total in self._totals.items() if total > target_bits and low < math.log2(lam) < high]
+        under = [math.log2(lam) for lam, total in self._totals.items() if total <= target_bits and low < math.log2(lam) < high]
+        low = max(over, default=low)
+        high = min([h for h in under if h > low], default=high)
+        return low, high
+
+    def _sample(self) -> "_Evaluator":
+        """This evaluator on every ``_SAMPLE_STRIDE``-th block (the same tables)."""
+        part = slice(None, None, _SAMPLE_STRIDE)
+        sample = object.__new__(_Evaluator)
+        sample.__dict__.update(self.__dict__)
+        for name in ("n", "log2_energy", "log2_r_cap", "empty", "exact_bits", "drop_energy", "energy"):
+            setattr(sample, name, np.ascontiguousarray(getattr(self, name)[part]))
+        sample.stats = dataclasses.replace(self.stats, **{
+            name: np.ascontiguousarray(getattr(self.stats, name)[part])
+            for name in ("sign_distortion", "shared_sign_distortion") if getattr(self.stats, name) is not None})
+        sample._totals = {}
+        return sample
 
     def _run(self, lam: float, bits: np.ndarray, choice: "_Choice | None") -> None:
         native = getattr(_rans._speedups, "evaluate_blocks", None)
@@ -463,6 +497,7 @@ def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tol
     # log2(lambda), which needs far fewer evaluations than bisection on this smooth curve.
     low = math.log2(float(positive.min())) - 50.0
     high = math.log2(float(positive.max())) + 20.0
+    low, high = evaluate.bracket(target_bits, low, high)
     # The search needs only the model totals: the two choices it ends with are evaluated in full
     # once it is over (the same lambdas give the same choices), so no more are held meanwhile.
     lam_over, lam_under = 2.0**low, 2.0**high
@@ -498,6 +533,33 @@ def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tol
     if under_total > target_bits or under_total >= target_bits * (1 - tolerance):
         return _allocation(stats, under)  # nothing fits the target, or the search met it
     return _allocation(stats, _fill(under, evaluate(lam_over), target_bits))
+
+
+def _search(evaluate: _Evaluator, target_bits: float, low: float, high: float, iterations: int, tolerance: float) -> float:
+    """log2(lambda) where the model meets ``target_bits`` within ``tolerance`` (Illinois on the
+    bracket ``(low, high)``, as :func:`allocate` searches), for a first bracket."""
+    f_low, f_high = evaluate.total(2.0**low) - target_bits, evaluate.total(2.0**high) - target_bits
+    if f_low <= 0 or f_high > 0:
+        return low if f_low <= 0 else high
+    side = 0
+    for _ in range(iterations):
+        middle = (low * f_high - high * f_low) / (f_high - f_low) if f_high != f_low else 0.5 * (low + high)
+        if not low < middle < high:
+            middle = 0.5 * (low + high)
+        value = evaluate.total(2.0**middle) - target_bits
+        if value > 0:
+            low, f_low = middle, value
+            if side == -1:
+                f_high *= 0.5
+            side = -1
+        else:
+            high, f_high = middle, value
+            if value >= -tolerance * target_bits:
+                return middle
+            if side == 1:
+                f_low *= 0.5
+            side = 1
+    return high
 
 
 def _fill(under: _Choice, over: _Choice, target_bits: float) -> _Choice:
