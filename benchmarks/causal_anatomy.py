@@ -78,8 +78,8 @@ def main() -> int:
         ("fstq-unbiased (schema digest)", make_method("fstq-unbiased", layout, encode_config)),
         ("fstq (tensors named, Flower App)", None),
     ]
-    header = (f"| client | message | bits/param | bytes | framing | header | block table | scales | codes "
-              f"| rel. error | Fisher-weighted rel. error |")
+    header = ("| client | message | bits/param | bytes | framing | header | block table | scales | codes "
+              "| rel. error | Fisher-weighted rel. error |")
     print()
     print(header)
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -116,7 +116,8 @@ def test_flower_engine_runs_a_causal_task_with_its_own_settings(monkeypatch, tmp
     config = handed["config"]
     assert config.model == "SmolLM2-135M-Instruct" and config.max_new_tokens == CAUSAL_QUICK_SETTINGS["max_new_tokens"]
     pairs = dict(item.split("=", 1) for item in flower_engine.run_config_for(config, tmp_path).split(" "))
-    app_config = tomllib.loads((flower_engine.app_dir() / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    pyproject = tomllib.loads((flower_engine.app_dir() / "pyproject.toml").read_text())
+    app_config = pyproject["tool"]["flwr"]["app"]["config"]
     run_config = {**app_config, **{key: tomllib.loads(f"v = {value}")["v"] for key, value in pairs.items()}}
     assert set(pairs) <= set(app_config)  # every key the engine passes is one the App declares
     # target_modules stays the classifier's in the run_config; the causal workbench maps it (and
