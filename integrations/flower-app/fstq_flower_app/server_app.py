@@ -65,13 +65,17 @@ def main(grid: Grid, context: Context) -> None:
     )
 
     accuracy: dict[int, float] = {}
+    metrics: dict[int, dict] = {}  # a generative task's ROUGE-L and exact match, per round
     finished_at: dict[int, float] = {}
     started = time.perf_counter()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         accuracy[server_round] = bench.evaluate({name: a.numpy() for name, a in arrays.items()})
+        metrics[server_round] = bench.round_metrics()
         finished_at[server_round] = time.perf_counter() - started
-        return MetricRecord({"accuracy": accuracy[server_round]})
+        # Flower's log shows them too ("rouge-l", "exact-match" for a QA task).
+        extra = {key.replace("_", "-"): float(value) for key, value in metrics[server_round].items()}
+        return MetricRecord({"accuracy": accuracy[server_round], **extra})
 
     initial = ArrayRecord({name: Array(value) for name, value in bench.adapter().items()})
     strategy.start(
@@ -84,7 +88,8 @@ def main(grid: Grid, context: Context) -> None:
     # The ServerApp runs in a process whose working directory Flower chooses, so a relative
     # out-dir is taken relative to the home directory rather than to an unknown place.
     out_dir = pathlib.Path.home() / pathlib.Path(str(config["out-dir"])).expanduser()
-    write_results(out_dir, config, settings, strategy, accuracy, finished_at)
+    write_results(out_dir, config, settings, strategy, accuracy, finished_at, parameters=bench.layout.total,
+                  metrics=metrics, description=bench.describe())
     log(INFO, "fstq-flower-app: wrote %s", out_dir / "results.json")
 
 
@@ -101,19 +106,40 @@ def _proxy_figures(strategy, server_round: int) -> dict:
     }
 
 
-def write_results(out_dir, config, settings, strategy, accuracy, finished_at) -> None:
+def _target(settings) -> tuple[float, str]:
+    """The target accuracy of the record's "to target" figures, and the rule that chose it.
+
+    The in-process loop takes 95% of fp32's final accuracy where a task has no default; this
+    engine runs fstq alone, so without ``target`` (``--target``) such a task gets 0.0, which round
+    0 already reaches: its "to target" figures then say nothing.
+    """
+    from fstqcodec.sim.loop import TASK_TARGETS
+
+    if settings.target_accuracy is not None:
+        return settings.target_accuracy, "given"
+    if settings.task in TASK_TARGETS:
+        return TASK_TARGETS[settings.task], f"task default for {settings.task!r}"
+    return 0.0, f"none: no default for {settings.task!r} and no fp32 run on this engine (pass --target)"
+
+
+def write_results(out_dir, config, settings, strategy, accuracy, finished_at, *, parameters: int,
+                  metrics=None, description=None) -> None:
     """Write ``results.json`` (and the CSV and summary table) as ``fstq simulate`` does.
 
     One method, ``fstq``, in the layout of :mod:`fstqcodec.sim.report`, so the same tools read
     both engines' records. Two definitions differ and are recorded in ``config``: ``uplink_bytes``
     is Flower's ``ArrayRecord.count_bytes()`` of the replies (the message plus its 4-byte array
     name), and ``sim_time_s`` is the wall-clock measured on the Flower engine, not a link model.
+    ``parameters`` is the adapter's size; ``metrics`` (per round) and ``description`` are the
+    workbench's ``round_metrics()`` and ``describe()``: for a generative QA task, each round's
+    ``rouge_l`` and ``exact_match`` and the config's ``quality_metric`` (ROUGE-L, which
+    ``accuracy`` holds), as the in-process record has them.
     """
-    from fstqcodec.sim.loop import TASK_TARGETS
     from fstqcodec.sim.report import summarize, validate_results, write_outputs
 
+    metrics = metrics or {}
     rounds = [{"round": 0, "accuracy": accuracy[0], "uplink_bytes": 0, "cumulative_uplink_bytes": 0,
-               "downlink_bytes": 0, "sim_time_s": 0.0}]
+               "downlink_bytes": 0, "sim_time_s": 0.0, **metrics.get(0, {})}]
     cumulative = 0
     replies = 0
     for server_round in sorted(r for r in accuracy if r > 0):
@@ -129,9 +155,10 @@ def write_results(out_dir, config, settings, strategy, accuracy, finished_at) ->
             "sim_time_s": finished_at[server_round],
             "replies_accepted": traffic.replies_accepted,
             "dropped_replies": [drop.reason for drop in traffic.dropped],
+            **metrics.get(server_round, {}),
             **_proxy_figures(strategy, server_round),
         })
-    parameters = sum(value.size for value in workbench(settings).adapter().values())
+    target, rule = _target(settings)
     mean_message = cumulative / replies if replies else 0.0
     record = {
         "engine": "flower",
@@ -140,11 +167,13 @@ def write_results(out_dir, config, settings, strategy, accuracy, finished_at) ->
             **dataclasses.asdict(settings),
             "clients": settings.clients,
             "rounds": int(config["num-server-rounds"]),
+            **(description or {}),  # after the settings: a QA task's own target_modules win
             "trainable_parameters": parameters,
             "uplink_bytes_rule": "Flower's ArrayRecord.count_bytes() of every train reply",
             "sim_time_rule": "measured wall-clock on the Flower engine, not a bandwidth model",
         },
-        "target_accuracy": TASK_TARGETS.get(settings.task, 0.0),
+        "target_accuracy": target,
+        "target_rule": rule,
         "methods": {"fstq": {
             "rounds": rounds,
             "mean_message_bytes": mean_message,
