@@ -63,6 +63,15 @@ EXPERIMENTS = {
                                             "--target", "0.82", "--methods", "fstq-unbiased", "--seeds", "0,1,2", *_CLOCK],
     # The distributed-mean-estimation peers in the loop (issue 16), beside seeds-bbc-default.
     "seeds-bbc-peers": ["--methods", "eden,signsgd-ef", "--seeds", "0,1,2", *_CLOCK],
+    # Downlink proxies (FedQSN, issue 13): server mask 0.3, client mask 0.1, 4 bits per entry sent, fp32
+    # uplink, beside seeds-bbc-default's fp32. Hidden entries keep the client's last trained model
+    # ("previous") or the last values the server sent it ("received"); then the server mask alone.
+    "seeds-bbc-proxies": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1", "--proxy-fill", "previous",
+                          "--seeds", "0,1,2", *_CLOCK],
+    "seeds-bbc-proxies-received": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1",
+                                   "--proxy-fill", "received", "--seeds", "0,1,2", *_CLOCK],
+    "seeds-bbc-proxies-server-only": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0",
+                                      "--proxy-fill", "received", "--seeds", "2", *_CLOCK],
     # One-seed exploration behind the above (bbc-*-variants-seed0 in the records).
     "bbc-alpha0.1-ef21": ["--alpha", "0.1", "--methods", "fstq,fstq-ef21", *_CLOCK],
     "bbc-alpha0.1-momentum": ["--alpha", "0.1", "--methods", "fp32,fstq", "--server-momentum", "0.5", *_CLOCK],
