@@ -11,7 +11,8 @@ Only numpy is needed::
 
     server = ProxyServer(shapes, server_keep=0.7, client_keep=0.9, seed=0)
     message = server.downlink(global_params, client=3, round_number=1)
-    proxy, visible = decode_proxy(message, previous=my_last_model, fill="previous")
+    proxy, visible = decode_proxy(message, previous=my_last_proxy, fill="received")
+    my_last_proxy = proxy  # each entry as last sent to this client (the initial model's where never)
     ... train, then send  (local - proxy) * visible  uplink ...
     average.add(update, server.visible(client=3, round_number=1), weight=n_examples)
 """

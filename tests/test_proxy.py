@@ -81,7 +81,8 @@ def test_fill_received_chains_each_entry_to_the_last_value_sent():
         never = hidden_now & ~seen_first[name]
         assert np.array_equal(second[name][never], initial[name][never])  # server-masked entries among them
         assert np.any(hidden_now & seen_first[name])
-        assert np.array_equal(second[name][hidden_now & seen_first[name]], _params(1)[name][hidden_now & seen_first[name]])
+        sent_before = hidden_now & seen_first[name]
+        assert np.array_equal(second[name][sent_before], _params(1)[name][sent_before])
         assert np.array_equal(second[name][seen_second[name]], _params(2)[name][seen_second[name]])
     with pytest.raises(ValueError, match="previous values of every tensor"):
         decode_proxy(server.downlink(_params(), 1, 1), fill="received")

@@ -102,9 +102,9 @@ class FstqMod:
     ``context.state[PROXY_PREVIOUS_STATE]``), or with ``proxy-fill = "received"``, the model the
     mod last decoded from a proxy, so that each entry is as the server last sent it (kept in
     ``context.state[PROXY_RECEIVED_STATE]`` as soon as a proxy is read, in any message type);
-    before the first, ``initial_model(context)``, or zeros without it. The update goes back zero where the proxy hid entries, encoded with the
-    proxy's own masks, so the reply carries exactly the entries the client was sent; error
-    feedback keeps what the hidden entries owe for a round where they are visible.
+    before the first, ``initial_model(context)``, or zeros without it. The update goes back zero
+    where the proxy hid entries, encoded with the proxy's own masks, so the reply carries exactly
+    the entries the client was sent; error feedback keeps what the hidden entries owe for a round where they are visible.
 
     Parameters
     ----------

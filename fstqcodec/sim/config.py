@@ -104,8 +104,9 @@ class SimConfig:
              "for the run (0 with --client-mask 0: the plain fp32 downlink)")
     client_mask: float = _option(0.0, "downlink proxies: further share hidden from each client, drawn anew each round")
     downlink_bpp: float = _option(4.0, "downlink proxies: bits per adapter entry sent")
-    proxy_fill: str = _option("zero", "downlink proxies: a client's hidden entries hold 'zero', its own 'previous' (last "
-                                      "trained) values, or the last values it 'received' (initial where never sent)")
+    proxy_fill: str = _option("zero", "downlink proxies: a client's hidden entries hold 'zero', its own "
+                                      "'previous' (last trained) values, or the last values it 'received' "
+                                      "(initial where never sent)")
     test_fraction: float = _option(0.2, "share of the data held out for testing")
     eval_size: int | None = _option(
         None, "held-out examples evaluated each round, a seeded subset (none: the whole held-out set)",

@@ -4,9 +4,9 @@ Each sampled client receives a proxy of the global adapter (:mod:`fstqcodec.prox
 mask hides a fixed share of every tensor for the whole run, a client mask hides more each round,
 and the rest is quantized at ``downlink_bpp`` bits per entry sent. The client trains from the
 decoded proxy (hidden entries zero, its own previous values, or the last values it received), sends
-its update on the entries it saw, and the server averages each update only there. Per round the record gains the downlink
-bytes, the cosine similarity of the proxies to the true global adapter, and the share of the
-global adapter any client has ever seen.
+its update on the entries it saw, and the server averages each update only there. Per round the
+record gains the downlink bytes, the cosine similarity of the proxies to the true global adapter,
+and the share of the global adapter any client has ever seen.
 """
 
 from __future__ import annotations
