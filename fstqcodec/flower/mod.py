@@ -104,7 +104,8 @@ class FstqMod:
     ``context.state[PROXY_RECEIVED_STATE]`` as soon as a proxy is read, in any message type);
     before the first, ``initial_model(context)``, or zeros without it. The update goes back zero
     where the proxy hid entries, encoded with the proxy's own masks, so the reply carries exactly
-    the entries the client was sent; error feedback keeps what the hidden entries owe for a round where they are visible.
+    the entries the client was sent; error feedback keeps what the hidden entries owe for a round
+    where they are visible.
 
     Parameters
     ----------
