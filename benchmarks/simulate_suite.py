@@ -69,11 +69,13 @@ EXPERIMENTS = {
     "seeds-bbc-proxies": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1", "--proxy-fill", "previous",
                           "--seeds", "0,1,2", *_CLOCK],
     # The records hold seeds 0 and 2 of "received" (seed 1 was stopped for time on the shared machine),
-    # run as two parts and joined with simulate_merge.py --seed-parts; and the server mask alone on
-    # seed 2 for 12 rounds (where that seed's masked runs already lag the unmasked one by 0.29-0.41).
+    # run in parts and joined with simulate_merge.py --seed-parts; then the server mask alone and the
+    # client mask alone on seed 2 for 12 rounds (where that seed's masked runs lag the unmasked one by 0.29-0.41).
     "seeds-bbc-proxies-received": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1",
                                    "--proxy-fill", "received", "--seeds", "0,2", *_CLOCK],
     "seeds-bbc-proxies-server-only": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0",
+                                      "--proxy-fill", "received", "--seeds", "2", "--rounds", "12", *_CLOCK],
+    "seeds-bbc-proxies-client-only": ["--methods", "fp32", "--server-mask", "0", "--client-mask", "0.1",
                                       "--proxy-fill", "received", "--seeds", "2", "--rounds", "12", *_CLOCK],
     # One-seed exploration behind the above (bbc-*-variants-seed0 in the records).
     "bbc-alpha0.1-ef21": ["--alpha", "0.1", "--methods", "fstq,fstq-ef21", *_CLOCK],
