@@ -66,13 +66,13 @@ EXPERIMENTS = {
     # Downlink proxies (FedQSN, issue 13): server mask 0.3, client mask 0.1, 4 bits per entry sent, fp32
     # uplink, beside seeds-bbc-default's fp32. Hidden entries keep the client's last trained model
     # ("previous") or the last values the server sent it ("received"); then the server mask alone.
-    "seeds-bbc-proxies": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1", "--proxy-fill", "previous",
-                          "--seeds", "0,1,2", *_CLOCK],
-    # The records hold seeds 0 and 2 of "received" (seed 1 was stopped for time on the shared machine),
-    # run in parts and joined with simulate_merge.py --seed-parts; then the server mask alone and the
-    # client mask alone on seed 2 for 12 rounds (where that seed's masked runs lag the unmasked one by 0.29-0.41).
+    "seeds-bbc-proxies": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1",
+                          "--proxy-fill", "previous", "--seeds", "0,1,2", *_CLOCK],
+    # The "received" record was run as --seeds 0, 1 and 2 in parallel on the shared machine and joined
+    # with simulate_merge.py --seed-parts; then the server mask alone and the client mask alone on
+    # seed 2 for 12 rounds (where that seed's masked runs lag the unmasked one by 0.29-0.41).
     "seeds-bbc-proxies-received": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1",
-                                   "--proxy-fill", "received", "--seeds", "0,2", *_CLOCK],
+                                   "--proxy-fill", "received", "--seeds", "0,1,2", *_CLOCK],
     "seeds-bbc-proxies-server-only": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0",
                                       "--proxy-fill", "received", "--seeds", "2", "--rounds", "12", *_CLOCK],
     "seeds-bbc-proxies-client-only": ["--methods", "fp32", "--server-mask", "0", "--client-mask", "0.1",
