@@ -75,6 +75,20 @@ EXPERIMENTS = {
                                                    "--seeds", "0,1,2", *_CLOCK],
     # The distributed-mean-estimation peers in the loop (issue 16), beside seeds-bbc-default.
     "seeds-bbc-peers": ["--methods", "eden,signsgd-ef", "--seeds", "0,1,2", *_CLOCK],
+    # Downlink proxies (FedQSN, issue 13): server mask 0.3, client mask 0.1, 4 bits per entry sent, fp32
+    # uplink, beside seeds-bbc-default's fp32. Hidden entries keep the client's last trained model
+    # ("previous") or the last values the server sent it ("received"); then the server mask alone.
+    "seeds-bbc-proxies": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1",
+                          "--proxy-fill", "previous", "--seeds", "0,1,2", *_CLOCK],
+    # The "received" record was run as --seeds 0, 1 and 2 in parallel on the shared machine and joined
+    # with simulate_merge.py --seed-parts; then the server mask alone and the client mask alone on
+    # seed 2 for 12 rounds (where that seed's masked runs lag the unmasked one by 0.29-0.41).
+    "seeds-bbc-proxies-received": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1",
+                                   "--proxy-fill", "received", "--seeds", "0,1,2", *_CLOCK],
+    "seeds-bbc-proxies-server-only": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0",
+                                      "--proxy-fill", "received", "--seeds", "2", "--rounds", "12", *_CLOCK],
+    "seeds-bbc-proxies-client-only": ["--methods", "fp32", "--server-mask", "0", "--client-mask", "0.1",
+                                      "--proxy-fill", "received", "--seeds", "2", "--rounds", "12", *_CLOCK],
     # One-seed exploration behind the above (bbc-*-variants-seed0 in the records).
     "bbc-alpha0.1-ef21": ["--alpha", "0.1", "--methods", "fstq,fstq-ef21", *_CLOCK],
     "bbc-alpha0.1-momentum": ["--alpha", "0.1", "--methods", "fp32,fstq", "--server-momentum", "0.5", *_CLOCK],

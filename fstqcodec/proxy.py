@@ -11,7 +11,8 @@ Only numpy is needed::
 
     server = ProxyServer(shapes, server_keep=0.7, client_keep=0.9, seed=0)
     message = server.downlink(global_params, client=3, round_number=1)
-    proxy, visible = decode_proxy(message, previous=my_last_model, fill="previous")
+    proxy, visible = decode_proxy(message, previous=my_last_proxy, fill="received")
+    my_last_proxy = proxy  # each entry as last sent to this client (the initial model's where never)
     ... train, then send  (local - proxy) * visible  uplink ...
     average.add(update, server.visible(client=3, round_number=1), weight=n_examples)
 """
@@ -30,8 +31,10 @@ from .wire.masks import GRANULARITIES, Mask, visibility
 
 __all__ = ["ProxyServer", "MaskedAverage", "decode_proxy", "read_proxy", "fill_hidden", "FILLS", "cosine_similarity"]
 
-#: What a client puts in the entries its proxy hides: zeros, or its own previous values.
-FILLS = ("zero", "previous")
+#: What a client puts in the entries its proxy hides: zeros; its own previous values (the model it
+#: last trained); or the last values it received (the model it decoded from its last proxy: each entry
+#: as the server last sent it, the initial value where never sent).
+FILLS = ("zero", "previous", "received")
 
 
 def _derive_seed(*parts: int) -> int:
@@ -134,9 +137,13 @@ def decode_proxy(message, *, previous: Mapping | None = None, fill: str = "zero"
     message : bytes-like
         A proxy message (possibly hostile: the decoder checks everything).
     previous : Mapping[str, array], optional
-        The client's own previous values, used where the proxy hides entries with ``fill="previous"``.
-    fill : {"zero", "previous"}
-        What hidden entries hold: zero, or the client's previous values.
+        The values hidden entries take with ``fill="previous"`` or ``fill="received"``: the model
+        the client last trained ("previous"), or the model it decoded from its last proxy
+        ("received"; the initial model before its first). With "received", the returned model is
+        what to pass next time, so each entry keeps the last value the server sent this client:
+        its best estimate of the global model, free of its own local (non-IID) training.
+    fill : {"zero", "previous", "received"}
+        What hidden entries hold: zero, or the values of ``previous``.
 
     Returns
     -------
@@ -149,12 +156,12 @@ def decode_proxy(message, *, previous: Mapping | None = None, fill: str = "zero"
     DecodeError
         If the message is invalid.
     ValueError
-        If ``fill`` is unknown, or ``fill="previous"`` without ``previous`` for every tensor.
+        If ``fill`` is unknown, or ``fill`` is "previous" or "received" without ``previous`` for every tensor.
     """
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
     arrays, visible, _ = read_proxy(message, schemas=schemas, limits=limits)
-    if fill == "previous":
+    if fill != "zero":
         arrays = fill_hidden(arrays, visible, previous)
     return arrays, visible
 
@@ -190,7 +197,7 @@ def fill_hidden(arrays: Mapping, visible: Mapping, previous: Mapping | None) -> 
         If ``previous`` lacks a tensor of ``arrays`` or holds one of another shape.
     """
     if previous is None or any(name not in previous for name in arrays):
-        raise ValueError("fill='previous' needs the client's previous values of every tensor")
+        raise ValueError("filling hidden entries needs the client's previous values of every tensor")
     filled = {}
     for name, array in arrays.items():
         kept = np.asarray(previous[name])

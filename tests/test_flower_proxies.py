@@ -29,7 +29,7 @@ from fstqcodec.flower import (
     FstqMod,
     FstqStrategy,
 )
-from fstqcodec.flower.mod import PROXY_PREVIOUS_STATE
+from fstqcodec.flower.mod import PROXY_PREVIOUS_STATE, PROXY_RECEIVED_STATE
 from fstqcodec.flower.protocol import proxy_fill_record
 
 from test_flower import SHAPES, SharedRecordFedAvg, metadata, model, new_context, record, tensors_of, train_message
@@ -92,7 +92,7 @@ def altered_on(hidden: dict, tensors: dict) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fill", ["zero", "previous"])
+@pytest.mark.parametrize("fill", ["zero", "previous", "received"])
 def test_no_client_decodes_a_server_masked_entry_over_rounds_and_clients(fill):
     """Two federations run side by side: one on the true global model, one whose server-masked
     entries hold other values. Every byte sent (train and evaluate) and every array each client's
@@ -149,8 +149,9 @@ def test_no_client_decodes_a_server_masked_entry_over_rounds_and_clients(fill):
             assert the_array(sent.content["arrays"]).stype == STYPE_PROXY
             assert sent.content[CONFIG_RECORD]["proxy-fill"] == fill
             assert the_array(sent.content["arrays"]).data == the_array(other.content["arrays"]).data
-    if fill == "previous":
-        stored = tensors_of(contexts["true"][NODES[0]].state[PROXY_PREVIOUS_STATE])
+    if fill != "zero":
+        key = PROXY_PREVIOUS_STATE if fill == "previous" else PROXY_RECEIVED_STATE
+        stored = tensors_of(contexts["true"][NODES[0]].state[key])
         assert stored.keys() == SHAPES.keys()
 
 
@@ -170,6 +171,39 @@ def test_a_previous_filled_proxy_gives_the_client_its_own_values_where_hidden():
             np.testing.assert_array_equal(app.seen[name][~visible[name]], previous[name][~visible[name]])
             np.testing.assert_array_equal(app.seen[name][visible[name]], sent[name][visible[name]])
         strategy._references.clear()  # the server side of the round is not under test here
+
+
+def test_a_received_filled_proxy_gives_the_client_the_last_values_it_was_sent():
+    """Hidden entries hold the value the server last sent this client (the initial one where
+    never sent), not what the app trained; an evaluate message's proxy counts as sent too."""
+    strategy = proxy_strategy(fill="received", server_mask=0.3, client_mask=0.5)
+    initial = model(9)
+    mod, context = FstqMod(initial_model=lambda ctxt: initial), new_context(11)
+    received = initial
+    for server_round, global_model in ((1, model(0)), (2, model(1))):
+        (msg, *_) = strategy.configure_train(server_round, record(global_model), ConfigRecord(), grid=None)
+        sent, visible = fstqcodec.proxy.decode_proxy(the_array(msg.content["arrays"]).data)
+        app = SteppingApp(11, server_round)
+        assert not mod(msg, context, app).has_error()
+        for name in SHAPES:
+            np.testing.assert_array_equal(app.seen[name][~visible[name]], received[name][~visible[name]])
+            np.testing.assert_array_equal(app.seen[name][visible[name]], sent[name][visible[name]])
+        received = app.seen  # what the app trained is not kept: only what the server sent
+        kept = tensors_of(context.state[PROXY_RECEIVED_STATE])
+        assert all(np.array_equal(kept[name], received[name]) for name in SHAPES)
+        strategy._references.clear()  # the server side of the round is not under test here
+    hidden_twice = {name: ~visible[name] for name in SHAPES}
+    assert any(np.any(h & (received[name] != initial[name])) for name, h in hidden_twice.items())
+    (evaluate, *_) = strategy.configure_evaluate(2, record(model(2)), ConfigRecord(), grid=None)
+    sent, visible = fstqcodec.proxy.decode_proxy(the_array(evaluate.content["arrays"]).data)
+    evaluated = {}
+    mod(evaluate, context, lambda msg, ctxt: evaluated.update(tensors_of(msg.content["arrays"])) or Message(
+        RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg))
+    kept = tensors_of(context.state[PROXY_RECEIVED_STATE])
+    for name in SHAPES:
+        np.testing.assert_array_equal(kept[name], evaluated[name])
+        np.testing.assert_array_equal(kept[name][visible[name]], sent[name][visible[name]])
+        np.testing.assert_array_equal(kept[name][~visible[name]], received[name][~visible[name]])
 
 
 # ------------------------------------------------------------------------------------------

@@ -71,6 +71,23 @@ def test_fill_previous_keeps_the_clients_values_where_hidden():
         decode_proxy(server.downlink(_params(), 1, 1), fill="mean")
 
 
+def test_fill_received_chains_each_entry_to_the_last_value_sent():
+    server = ProxyServer(SHAPES, server_keep=0.7, client_keep=0.5, seed=2, budget=None)  # exact values
+    initial = _params(seed=9)
+    first, seen_first = decode_proxy(server.downlink(_params(1), 1, 1), previous=initial, fill="received")
+    second, seen_second = decode_proxy(server.downlink(_params(2), 1, 2), previous=first, fill="received")
+    for name in SHAPES:
+        hidden_now = ~seen_second[name]
+        never = hidden_now & ~seen_first[name]
+        assert np.array_equal(second[name][never], initial[name][never])  # server-masked entries among them
+        assert np.any(hidden_now & seen_first[name])
+        sent_before = hidden_now & seen_first[name]
+        assert np.array_equal(second[name][sent_before], _params(1)[name][sent_before])
+        assert np.array_equal(second[name][seen_second[name]], _params(2)[name][seen_second[name]])
+    with pytest.raises(ValueError, match="previous values of every tensor"):
+        decode_proxy(server.downlink(_params(), 1, 1), fill="received")
+
+
 def test_masked_average_counts_each_client_where_it_saw():
     shapes = {"w": (2, 3)}
     average = MaskedAverage(shapes)

@@ -53,6 +53,30 @@ def test_fill_previous_uses_the_clients_last_model():
     assert np.array_equal(proxy["lora_A"][~visible["lora_A"]], mine["lora_A"][~visible["lora_A"]])
 
 
+def test_fill_received_keeps_the_last_values_sent_not_the_trained_model():
+    initial = _state(0)
+    downlink = ProxyDownlink(SHAPES, initial, server_mask=0.3, client_mask=0.3, bits_per_param=4, fill="received", seed=3)
+    server_hidden = {n: ~v for n, v in downlink.server.server_visible().items()}
+    first, seen_first = downlink.receive(_state(1), 0, 1)
+    downlink.keep_local(0, _state(2))  # the client's training must not leak into its hidden entries
+    second, seen_second = downlink.receive(_state(3), 0, 2)
+    for name in SHAPES:
+        # Never sent: still the shared initial value (server-masked entries always are).
+        never = ~seen_first[name] & ~seen_second[name]
+        assert np.array_equal(second[name][never], initial[name][never])
+        assert np.all(never[server_hidden[name]])
+        # Sent in round 1 only: the value decoded then, not the trained model nor round 2's global.
+        only_first = seen_first[name] & ~seen_second[name]
+        assert np.any(only_first)
+        assert np.array_equal(second[name][only_first], first[name][only_first])
+        assert np.allclose(first[name][only_first], _state(1)[name][only_first], atol=0.5)
+        # Sent now: the new global model's value (4-bit quantized).
+        assert np.allclose(second[name][seen_second[name]], _state(3)[name][seen_second[name]], atol=0.5)
+    # Each client keeps its own estimate: client 1's first proxy fills from the initial model.
+    other, seen_other = downlink.receive(_state(3), 1, 2)
+    assert np.array_equal(other["lora_A"][~seen_other["lora_A"]], initial["lora_A"][~seen_other["lora_A"]])
+
+
 def _parse(argv):
     from fstqcodec.sim import cli as sim_cli
 
@@ -68,6 +92,9 @@ def test_bad_mask_options_exit_with_status_2(capsys):
     assert sim_cli.run(_parse(["--server-mask", "1.0"])) == 2
     assert "server_mask" in capsys.readouterr().err
     assert sim_cli.run(_parse(["--client-mask", "-0.1"])) == 2
+    capsys.readouterr()
+    assert sim_cli.run(_parse(["--server-mask", "0.3", "--proxy-fill", "mean"])) == 2
+    assert "proxy_fill must be one of zero, previous, received, got 'mean'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -37,11 +37,16 @@ from .protocol import (
     update_dtype,
 )
 
-__all__ = ["FstqMod", "PROXY_PREVIOUS_STATE"]
+__all__ = ["FstqMod", "PROXY_PREVIOUS_STATE", "PROXY_RECEIVED_STATE"]
 
 #: Key under which the mod keeps, in ``Context.state``, the model the app last trained from a
 #: proxy (the "previous values" a ``proxy-fill = "previous"`` proxy's hidden entries take).
 PROXY_PREVIOUS_STATE = "fstq.proxy-previous"
+#: Key under which the mod keeps the model it last decoded from a proxy, hidden entries filled
+#: (what a ``proxy-fill = "received"`` proxy's hidden entries take: each entry as last sent).
+PROXY_RECEIVED_STATE = "fstq.proxy-received"
+#: Where each filling proxy-fill keeps the values its hidden entries take.
+_FILL_STATE = {"previous": PROXY_PREVIOUS_STATE, "received": PROXY_RECEIVED_STATE}
 
 logger = logging.getLogger("flwr").getChild("fstqcodec")
 
@@ -52,10 +57,12 @@ ClientAppCallable = Callable[[Message, Context], Message]
 
 @dataclasses.dataclass(frozen=True)
 class _ReceivedProxy:
-    """What a proxy of the global model carried: per tensor, the visible entries and the masks."""
+    """What a proxy of the global model carried: per tensor, the visible entries and the masks;
+    with ``proxy-fill = "received"``, the model it decoded to (kept as the client's last received)."""
 
     visible: dict
     masks: dict
+    received: dict | None = None
 
 
 class FstqMod:
@@ -92,10 +99,13 @@ class FstqMod:
     :data:`STYPE_PROXY` is an fstq message with seeded masks that carries only the entries this
     client may see this round. The app gets it as plain arrays whose hidden entries are zero or,
     with the server's ``proxy-fill = "previous"``, the model the app last trained (kept in
-    ``context.state[PROXY_PREVIOUS_STATE]``; before the first round, ``initial_model(context)``,
-    or zeros without it). The update goes back zero where the proxy hid entries, encoded with the
-    proxy's own masks, so the reply carries exactly the entries the client was sent; error
-    feedback keeps what the hidden entries owe for a round where they are visible.
+    ``context.state[PROXY_PREVIOUS_STATE]``), or with ``proxy-fill = "received"``, the model the
+    mod last decoded from a proxy, so that each entry is as the server last sent it (kept in
+    ``context.state[PROXY_RECEIVED_STATE]`` as soon as a proxy is read, in any message type);
+    before the first, ``initial_model(context)``, or zeros without it. The update goes back zero
+    where the proxy hid entries, encoded with the proxy's own masks, so the reply carries exactly
+    the entries the client was sent; error feedback keeps what the hidden entries owe for a round
+    where they are visible.
 
     Parameters
     ----------
@@ -109,7 +119,7 @@ class FstqMod:
         Key of the error-feedback residual in ``Context.state``.
     initial_model : callable or None
         ``initial_model(context) -> {name: array}``: the client's model before it first trained,
-        the previous values of a ``"previous"``-filled proxy in its first round (the app's own
+        the previous values of a ``"previous"``- or ``"received"``-filled proxy in its first round (the app's own
         initialisation, shared by every client). ``None``: zeros then.
 
     Examples
@@ -170,6 +180,8 @@ class FstqMod:
             content, proxy = self._unpack_incoming(msg.content, ctxt, request, record)
         except (fstqcodec.DecodeError, ProtocolError) as err:
             return _error_reply(msg, f"FstqMod could not read the server's message: {err}")
+        if proxy is not None and proxy.received is not None:  # the values were sent, whatever follows
+            ctxt.state[PROXY_RECEIVED_STATE] = numpy_record(proxy.received)
         if request is None:
             return _call_with_content(call_next, msg, ctxt, content)
         try:
@@ -213,18 +225,19 @@ class FstqMod:
     def _open_proxy(self, data: bytes, ctxt: Context, fill: str) -> tuple[dict, _ReceivedProxy]:
         """The model a proxy gives the app (hidden entries filled) and what the proxy carried."""
         tensors, visible, masks = read_proxy(data, limits=self.limits)
-        if fill == "previous":
-            previous = self._previous_values(ctxt)
+        if fill != "zero":
+            previous = self._previous_values(ctxt, _FILL_STATE[fill])
             if previous is not None:
                 reason = check_same_tensors(previous, tensors, "the client's previous values")
                 if reason is not None:
                     raise ProtocolError(f"the proxy does not fit this client's model: {reason}")
                 tensors = fill_hidden(tensors, visible, previous)
-        return tensors, _ReceivedProxy(visible, masks)
+        return tensors, _ReceivedProxy(visible, masks, received=tensors if fill == "received" else None)
 
-    def _previous_values(self, ctxt: Context) -> dict | None:
-        """The model the app last trained from a proxy; before that, the initial model or None."""
-        stored = ctxt.state.array_records.get(PROXY_PREVIOUS_STATE)
+    def _previous_values(self, ctxt: Context, key: str) -> dict | None:
+        """What the fill kept under ``key`` (the model the app last trained, or the client last
+        received, from a proxy); before that, the initial model or None."""
+        stored = ctxt.state.array_records.get(key)
         if stored is not None:
             return plain_tensors(stored)
         if self.initial_model is not None:

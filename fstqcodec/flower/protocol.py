@@ -51,7 +51,8 @@ STYPE_UPDATE = "fstqcodec.update"
 #: ``Array.stype`` of a proxy of the global model (downlink): an fstq message with seeded masks
 #: (spec/FORMAT.md 5.9) that carries only the entries this client may see in this round.
 STYPE_PROXY = "fstqcodec.proxy"
-#: What a client puts in the entries a proxy hides: zeros, or its own previous values.
+#: What a client puts in the entries a proxy hides: zeros, the model it last trained ("previous"),
+#: or the model it last decoded from a proxy ("received": each entry as the server last sent it).
 PROXY_FILLS = FILLS
 #: Default key under which the mod keeps its error-feedback residual in ``Context.state``.
 RESIDUAL_STATE = "fstq.residual"
@@ -91,7 +92,7 @@ class TrainRequest:
     last_accepted_round : int
         The latest round whose reply from this client the server accepted (0: none), below
         ``server_round``.
-    proxy_fill : {"zero", "previous"}
+    proxy_fill : {"zero", "previous", "received"}
         What the client puts in the entries a proxy of the global model hides (only read when
         the message holds a proxy).
     """

@@ -37,8 +37,10 @@ class DownlinkProxies:
     client_mask : float
         Share of the rest that each client does not receive in a round (drawn per client and
         round), in [0, 1).
-    fill : {"zero", "previous"}
-        What a client puts in the entries its proxy hides: zeros, or the model it last trained.
+    fill : {"zero", "previous", "received"}
+        What a client puts in the entries its proxy hides: zeros, the model it last trained, or
+        the model it last decoded from a proxy (each entry as last sent to it: its estimate of
+        the global model, free of its own training).
     budget : fstqcodec.Budget or None
         Size of each proxy (``bits_per_param`` counts the entries sent); ``None``: exact values.
     granularity : {"element", "row", "column"}

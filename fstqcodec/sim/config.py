@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fstqcodec.config import DEFAULT_BLOCK_SIZE, FEDERATED_FISHER_POWER, EncodeConfig
 from fstqcodec.policy.budget import Budget
+from fstqcodec.proxy import FILLS
 from fstqcodec.sim.methods import DEFAULT_METHODS, METHOD_NAMES
 
 __all__ = ["SimConfig", "TASK_TARGETS", "QUICK_SETTINGS", "TOKEN_SELECTIONS", "TOKEN_PRIORS"]
@@ -103,7 +104,9 @@ class SimConfig:
              "for the run (0 with --client-mask 0: the plain fp32 downlink)")
     client_mask: float = _option(0.0, "downlink proxies: further share hidden from each client, drawn anew each round")
     downlink_bpp: float = _option(4.0, "downlink proxies: bits per adapter entry sent")
-    proxy_fill: str = _option("zero", "downlink proxies: a client's hidden entries hold 'zero' or its own 'previous' values")
+    proxy_fill: str = _option("zero", "downlink proxies: a client's hidden entries hold 'zero', its own "
+                                      "'previous' (last trained) values, or the last values it 'received' "
+                                      "(initial where never sent)")
     test_fraction: float = _option(0.2, "share of the data held out for testing")
     eval_size: int | None = _option(
         None, "held-out examples evaluated each round, a seeded subset (none: the whole held-out set)",
@@ -228,7 +231,7 @@ class SimConfig:
             (0 <= self.server_mask < 1, "server_mask must be in [0, 1)"),
             (0 <= self.client_mask < 1, "client_mask must be in [0, 1)"),
             (self.downlink_bpp > 0, "downlink_bpp must be > 0"),
-            (self.proxy_fill in ("zero", "previous"), "proxy_fill must be 'zero' or 'previous'"),
+            (self.proxy_fill in FILLS, f"proxy_fill must be one of {', '.join(FILLS)}, got {self.proxy_fill!r}"),
             (bool(self.methods), "no methods given"),
             (self.token_keep is None or 0 < self.token_keep <= 1,
              f"token_keep must be in (0, 1], got {self.token_keep}"),

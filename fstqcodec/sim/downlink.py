@@ -3,10 +3,10 @@
 Each sampled client receives a proxy of the global adapter (:mod:`fstqcodec.proxy`): the server
 mask hides a fixed share of every tensor for the whole run, a client mask hides more each round,
 and the rest is quantized at ``downlink_bpp`` bits per entry sent. The client trains from the
-decoded proxy (hidden entries zero, or its own previous values), sends its update on the entries
-it saw, and the server averages each update only there. Per round the record gains the downlink
-bytes, the cosine similarity of the proxies to the true global adapter, and the share of the
-global adapter any client has ever seen.
+decoded proxy (hidden entries zero, its own previous values, or the last values it received), sends
+its update on the entries it saw, and the server averages each update only there. Per round the
+record gains the downlink bytes, the cosine similarity of the proxies to the true global adapter,
+and the share of the global adapter any client has ever seen.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ class ProxyDownlink:
         Shares hidden by the server (fixed) and per client and round, in [0, 1).
     bits_per_param : float
         Downlink budget per entry sent.
-    fill : {"zero", "previous"}
-        What a client puts in hidden entries.
+    fill : {"zero", "previous", "received"}
+        What a client puts in hidden entries: zero, the model it last trained, or the last value the
+        server sent it for each entry (the initial value where it was never sent).
     seed : int
         Run seed.
     """
@@ -44,7 +45,7 @@ class ProxyDownlink:
                                   seed=seed, budget=Budget(bits_per_param=bits_per_param), block_size=block_size)
         self.shapes, self.fill = shapes, fill
         self.initial = {name: np.asarray(value, dtype=np.float32) for name, value in initial.items()}
-        self.previous: dict[int, dict] = {}
+        self.previous: dict[int, dict] = {}  # client -> what its hidden entries take next time
         self.ever_seen = {name: np.zeros(shape, dtype=bool) for name, shape in shapes.items()}
         self.total = sum(int(np.prod(shape)) for shape in shapes.values())
         self._start_round()
@@ -59,6 +60,8 @@ class ProxyDownlink:
         self.last_bytes = len(message)
         previous = self.previous.get(client, self.initial)
         proxy, visible = decode_proxy(message, previous=previous, fill=self.fill)
+        if self.fill == "received":  # the decoded model is the client's newest estimate of the global one
+            self.previous[client] = proxy
         zero_filled = {name: np.where(visible[name], proxy[name], 0.0) for name in proxy}
         self.cosines.append(cosine_similarity(zero_filled, global_state))
         for name, seen in visible.items():
@@ -66,7 +69,7 @@ class ProxyDownlink:
         return proxy, visible
 
     def keep_local(self, client: int, local_state: dict) -> None:
-        """Remember the client's model after training (its 'previous values' next time)."""
+        """Remember the client's model after training (its 'previous values' next time, for that fill)."""
         if self.fill == "previous":
             self.previous[client] = {name: np.array(value, dtype=np.float32) for name, value in local_state.items()}
 

@@ -16,7 +16,7 @@ from fstq_flower_app.links import answer_link_query
 from fstq_flower_app.task import config_from_run_config, workbench
 
 def _initial_adapter(context: Context) -> dict:
-    """The shared initial adapter: a "previous"-filled proxy's hidden entries before the first round."""
+    """The shared initial adapter: a "previous"- or "received"-filled proxy's hidden entries before the first round."""
     settings = config_from_run_config(context.run_config, clients=int(context.node_config["num-partitions"]))
     return workbench(settings).initial_state
 
