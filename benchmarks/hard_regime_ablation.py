@@ -22,6 +22,8 @@ import math
 import pathlib
 import statistics
 
+from fstqcodec.sim.report import LAST_ROUNDS, first_reaching, last_rounds_accuracy
+
 RECORDS = pathlib.Path(__file__).resolve().parent / "simulate_results"
 PARTIAL = "seeds-bbc-alpha0.1-partial"
 MOMENTUM = "seeds-bbc-alpha0.1-partial-momentum"
@@ -52,7 +54,6 @@ SETTINGS = {
         ("error feedback, 0.3 bit/param", "FedAvgM 0.5", f"{FULL_MOMENTUM}/runs-fstq", "fstq"),
     ],
 }
-LAST_ROUNDS = 5
 
 
 def _seed_records(directory: pathlib.Path, method: str) -> list[list[dict]]:
@@ -66,7 +67,8 @@ def _seed_records(directory: pathlib.Path, method: str) -> list[list[dict]]:
 
 
 def _uplink_to(rounds: list[dict], target: float) -> float | None:
-    return next((r["cumulative_uplink_bytes"] for r in rounds if r["accuracy"] >= target), None)
+    hit = first_reaching(rounds, target)
+    return hit["cumulative_uplink_bytes"] if hit else None
 
 
 def _human_bytes(count: float) -> str:
@@ -82,7 +84,7 @@ def _row(label: str, server: str, runs: list[list[dict]], fp32: list[list[dict]]
     if not runs:
         return f"| {label} | {server} | not run | | | | |"
     finals = [rounds[-1]["accuracy"] for rounds in runs]
-    last = [statistics.fmean(r["accuracy"] for r in rounds[1:][-LAST_ROUNDS:]) for rounds in runs]
+    last = [last_rounds_accuracy(rounds) for rounds in runs]
     uplinks = [_uplink_to(rounds, target) for rounds in runs]
     reached = [u for u in uplinks if u is not None]
     to_target = _human_bytes(statistics.fmean(reached)) if reached else "not reached"

@@ -59,7 +59,8 @@ __all__ = ["ROUND_FIELDS", "summarize", "write_outputs", "format_table", "valida
 ROUND_FIELDS = ("round", "accuracy", "uplink_bytes", "cumulative_uplink_bytes", "downlink_bytes", "sim_time_s")
 
 
-def _first_reaching(rounds: list[Mapping[str, Any]], target: float) -> Mapping[str, Any] | None:
+def first_reaching(rounds: list[Mapping[str, Any]], target: float) -> Mapping[str, Any] | None:
+    """The first round record whose accuracy reaches ``target``, or None."""
     for entry in rounds:
         # A small tolerance so 0.85 counts as reaching 0.85 despite float rounding of n/N.
         if entry["accuracy"] >= target - 1e-9:
@@ -111,7 +112,7 @@ def _prior_summary(rounds: list[Mapping[str, Any]], hit: Mapping[str, Any] | Non
 LAST_ROUNDS = 5
 
 
-def _last_rounds_accuracy(rounds: list) -> float:
+def last_rounds_accuracy(rounds: list) -> float:
     """Mean accuracy of the last :data:`LAST_ROUNDS` rounds after round 0 (fewer when the run is shorter)."""
     trained = rounds[1:] or rounds
     window = trained[-LAST_ROUNDS:]
@@ -124,10 +125,10 @@ def summarize(results: dict) -> dict:
     methods = results["methods"]
     for data in methods.values():
         rounds = data["rounds"]
-        hit = _first_reaching(rounds, target)
+        hit = first_reaching(rounds, target)
         data["summary"] = {
             "final_accuracy": rounds[-1]["accuracy"],
-            "last_rounds_accuracy": _last_rounds_accuracy(rounds),
+            "last_rounds_accuracy": last_rounds_accuracy(rounds),
             "best_accuracy": max(r["accuracy"] for r in rounds),
             "reached_target": hit is not None,
             "rounds_to_target": hit["round"] if hit else None,
@@ -394,7 +395,8 @@ def merge_results(runs: list[Mapping[str, Any]]) -> dict:
     merged_methods: dict[str, Any] = {}
     for run in runs:
         config = _comparable_settings(run["config"])
-        differing = sorted(k for k in set(base) | set(config) if base.get(k, config.get(k)) != config.get(k, base.get(k)))
+        # A key on one side only (an encoder setting a fixed-rate run does not read) is not a difference.
+        differing = sorted(k for k in base.keys() & config.keys() if base[k] != config[k])
         if differing:
             raise ValueError(f"runs differ in settings {differing}; only runs of the same setup merge")
         base = {**config, **base}  # a later run may be the first to read the encoder settings
