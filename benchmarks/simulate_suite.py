@@ -85,9 +85,9 @@ EXPERIMENTS = {
     # seed 2 for 12 rounds (where that seed's masked runs lag the unmasked one by 0.29-0.41).
     "seeds-bbc-proxies-received": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1",
                                    "--proxy-fill", "received", "--seeds", "0,1,2", *_CLOCK],
-    "seeds-bbc-proxies-server-only": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0",
+    "bbc-proxies-server-only-seed2": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0",
                                       "--proxy-fill", "received", "--seeds", "2", "--rounds", "12", *_CLOCK],
-    "seeds-bbc-proxies-client-only": ["--methods", "fp32", "--server-mask", "0", "--client-mask", "0.1",
+    "bbc-proxies-client-only-seed2": ["--methods", "fp32", "--server-mask", "0", "--client-mask", "0.1",
                                       "--proxy-fill", "received", "--seeds", "2", "--rounds", "12", *_CLOCK],
     # One-seed exploration behind the above (bbc-*-variants-seed0 in the records).
     "bbc-alpha0.1-ef21": ["--alpha", "0.1", "--methods", "fstq,fstq-ef21", *_CLOCK],
