@@ -19,6 +19,7 @@ Only numpy is needed::
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from collections.abc import Mapping
 
@@ -56,6 +57,11 @@ class ProxyServer:
         Share of the server-visible entries each client gets in a round, in (0, 1].
     granularity : {"element", "row", "column"}
         Mask unit (rows and columns only for 2-D tensors; 1-D tensors fall back to elements).
+    server_exempt : sequence of str
+        Glob patterns (``fnmatch``, case-sensitive) of tensor names the server mask does not cover:
+        the client masks still hide part of them each round. For parts of the model that are not
+        the server's to protect and that every entry of must train, such as a classification head
+        initialised for the federation (a server-masked entry never trains: no client sees it).
     seed : int
         Run seed: the server masks derive from it, the client masks from it, the round and the client.
     budget : Budget or int or None
@@ -67,11 +73,14 @@ class ProxyServer:
     Raises
     ------
     ValueError
-        If a keep share or the granularity is out of range.
+        If a keep share or the granularity is out of range, or a ``server_exempt`` pattern
+        matches no tensor (a misspelt pattern would silently exempt nothing).
+    TypeError
+        If ``server_exempt`` is not a sequence of strings.
     """
 
     def __init__(self, shapes: Mapping, *, server_keep: float = 0.7, client_keep: float = 0.9, granularity: str = "element",
-                 seed: int = 0, budget=Budget(bits_per_param=4), block_size: int = 64):
+                 seed: int = 0, budget=Budget(bits_per_param=4), block_size: int = 64, server_exempt=()):
         for what, keep in (("server_keep", server_keep), ("client_keep", client_keep)):
             if not 0.0 < float(keep) <= 1.0:
                 raise ValueError(f"{what} must be in (0, 1], got {keep!r}")
@@ -80,13 +89,23 @@ class ProxyServer:
         self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
         self.server_keep, self.client_keep = float(server_keep), float(client_keep)
         self.granularity, self.seed, self.budget, self.block_size = granularity, int(seed), budget, block_size
+        if isinstance(server_exempt, str) or not all(isinstance(p, str) for p in server_exempt):
+            raise TypeError(f"server_exempt must be a sequence of glob patterns (str), got {server_exempt!r}")
+        self.server_exempt = tuple(server_exempt)
+        unmatched = [p for p in self.server_exempt if not any(fnmatch.fnmatchcase(n, p) for n in self.shapes)]
+        if unmatched:
+            raise ValueError(f"server_exempt pattern(s) {unmatched} match no tensor name (names: {list(self.shapes)[:4]}...)")
         self._server_visible = {name: visibility(shape, self._server_masks(name)) for name, shape in self.shapes.items()}
 
     def _unit(self, shape: tuple) -> str:
         return self.granularity if len(shape) == 2 else "element"
 
+    def exempt(self, name: str) -> bool:
+        """Whether the server mask leaves tensor ``name`` out (it matches a ``server_exempt`` pattern)."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.server_exempt)
+
     def _server_masks(self, name: str) -> list:
-        if self.server_keep == 1.0:
+        if self.server_keep == 1.0 or self.exempt(name):
             return []
         index = list(self.shapes).index(name)
         return [Mask(_derive_seed(self.seed, 1, index), self.server_keep, self._unit(self.shapes[name]))]

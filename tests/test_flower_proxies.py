@@ -365,6 +365,8 @@ def test_the_strategy_refuses_proxies_it_cannot_keep_private_or_aggregate():
             DownlinkProxies(**bad)
     with pytest.raises(TypeError, match="budget"):
         DownlinkProxies(budget=1000)
+    with pytest.raises(TypeError, match="server_exempt"):
+        DownlinkProxies(server_exempt="head*")
 
     strategy = proxy_strategy()
     strategy.configure_train(1, record(model(0)), ConfigRecord(), grid=None)
@@ -382,3 +384,17 @@ def test_the_strategy_refuses_proxies_it_cannot_keep_private_or_aggregate():
     leaky = FstqStrategy(CopyingFedAvg(NODES), downlink=DownlinkProxies())
     with pytest.raises(ValueError, match="sent unmasked"):
         leaky.configure_train(1, record(model(0)), ConfigRecord(), grid=None)
+
+
+def test_server_exempt_tensors_reach_the_clients_under_the_client_mask_only():
+    exempt_name = next(iter(SHAPES))
+    proxies = DownlinkProxies(server_mask=0.3, client_mask=0.1, server_exempt=(exempt_name,))
+    strategy = FstqStrategy(SharedRecordFedAvg(NODES), fstqcodec.EncodeConfig(budget=fstqcodec.Budget(ratio=8)),
+                            downlink=proxies)
+    messages = list(strategy.configure_train(1, record(model(0)), ConfigRecord(), grid=None))
+    server_visible = strategy._proxies.server.server_visible()
+    assert np.all(server_visible[exempt_name])
+    assert all(0.2 < (~seen).mean() < 0.4 for name, seen in server_visible.items() if name != exempt_name)
+    for sent in messages:
+        _, visible = fstqcodec.proxy.decode_proxy(the_array(sent.content["arrays"]).data)
+        assert 0.8 < visible[exempt_name].mean() < 0.98  # the client mask alone

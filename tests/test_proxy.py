@@ -108,3 +108,25 @@ def test_bad_settings_refused():
         ProxyServer(SHAPES, granularity="block")
     with pytest.raises(ValueError):
         ProxyServer(SHAPES).downlink({**_params(), "bias": np.zeros(3, np.float32)}, 0, 1)
+
+
+def test_server_exempt_tensors_carry_only_the_client_mask():
+    masked = ProxyServer(SHAPES, server_keep=0.7, client_keep=0.9, seed=5)
+    exempt = ProxyServer(SHAPES, server_keep=0.7, client_keep=0.9, seed=5, server_exempt=("bi*",))
+    assert exempt.exempt("bias") and not exempt.exempt("lora_A")
+    assert np.all(exempt.server_visible()["bias"]) and not np.all(masked.server_visible()["bias"])
+    # The other tensors keep the very same server mask (their seeds do not depend on the exemption).
+    for name in ("lora_A", "lora_B"):
+        assert np.array_equal(exempt.server_visible()[name], masked.server_visible()[name])
+    proxy, visible = decode_proxy(exempt.downlink(_params(), 2, 1))
+    assert 0.8 < visible["bias"].mean() < 0.97  # the client mask still hides about 10%
+    truth = _params()["bias"][visible["bias"]]
+    assert np.sum((proxy["bias"][visible["bias"]] - truth) ** 2) < 0.05 * np.sum(truth**2)
+    assert [m.keep for m in exempt.masks(2, 1)["bias"]] == [0.9]
+
+
+def test_server_exempt_refuses_patterns_that_match_nothing():
+    with pytest.raises(ValueError, match="match no tensor"):
+        ProxyServer(SHAPES, server_exempt=("classifier*",))
+    with pytest.raises(TypeError, match="glob patterns"):
+        ProxyServer(SHAPES, server_exempt="bias")

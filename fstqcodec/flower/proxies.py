@@ -45,6 +45,9 @@ class DownlinkProxies:
         Size of each proxy (``bits_per_param`` counts the entries sent); ``None``: exact values.
     granularity : {"element", "row", "column"}
         Mask unit (rows and columns for 2-D tensors; other tensors are masked by element).
+    server_exempt : tuple of str
+        Glob patterns of tensor names the server mask leaves out (the client mask still applies):
+        for example a classification head trained from scratch, every entry of which must train.
     seed : int or None
         Run seed of the masks; ``None``: the strategy's encoder seed.
 
@@ -62,6 +65,7 @@ class DownlinkProxies:
     budget: fstqcodec.Budget | None = fstqcodec.Budget(bits_per_param=4)
     granularity: str = "element"
     seed: int | None = None
+    server_exempt: tuple = ()
 
     def __post_init__(self):
         for what in ("server_mask", "client_mask"):
@@ -74,6 +78,9 @@ class DownlinkProxies:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not (self.budget is None or isinstance(self.budget, fstqcodec.Budget)):
             raise TypeError(f"budget must be a fstqcodec.Budget or None, got {type(self.budget).__name__}")
+        if isinstance(self.server_exempt, str) or not all(isinstance(p, str) for p in self.server_exempt):
+            raise TypeError(f"server_exempt must be a tuple of glob patterns (str), got {self.server_exempt!r}")
+        object.__setattr__(self, "server_exempt", tuple(self.server_exempt))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
 
@@ -117,7 +124,8 @@ class ProxyDownlinks:
             self.server = ProxyServer(shapes, server_keep=1.0 - self.options.server_mask,
                                       client_keep=1.0 - self.options.client_mask,
                                       granularity=self.options.granularity, seed=self.seed,
-                                      budget=self.options.budget, block_size=self.block_size)
+                                      budget=self.options.budget, block_size=self.block_size,
+                                      server_exempt=self.options.server_exempt)
             self._ever_seen = {name: np.zeros(shape, dtype=bool) for name, shape in shapes.items()}
         elif shapes != self.server.shapes:
             raise ValueError(

@@ -102,6 +102,9 @@ class SimConfig:
     server_mask: float = _option(
         0.0, "downlink proxies (FedQSN, fstqcodec.proxy): share of the adapter the server never sends, fixed "
              "for the run (0 with --client-mask 0: the plain fp32 downlink)")
+    server_mask_exempt: str = _option(
+        "", "downlink proxies: comma-separated glob patterns of tensor names the server mask leaves out "
+            "(the client mask still applies), e.g. '*classifier*' for a head trained from scratch")
     client_mask: float = _option(0.0, "downlink proxies: further share hidden from each client, drawn anew each round")
     downlink_bpp: float = _option(4.0, "downlink proxies: bits per adapter entry sent")
     proxy_fill: str = _option("zero", "downlink proxies: a client's hidden entries hold 'zero', its own "
@@ -149,6 +152,11 @@ class SimConfig:
             object.__setattr__(self, "lora_alpha", 2 * self.lora_rank)
         object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def server_exempt_patterns(self) -> tuple[str, ...]:
+        """``server_mask_exempt`` as a tuple of glob patterns (empty entries dropped)."""
+        return tuple(p.strip() for p in self.server_mask_exempt.split(",") if p.strip())
 
     @property
     def uses_proxies(self) -> bool:

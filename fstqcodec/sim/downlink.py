@@ -37,12 +37,15 @@ class ProxyDownlink:
         server sent it for each entry (the initial value where it was never sent).
     seed : int
         Run seed.
+    server_exempt : sequence of str
+        Glob patterns of tensor names the server mask leaves out (:class:`fstqcodec.proxy.ProxyServer`).
     """
 
     def __init__(self, shapes: dict, initial: dict, *, server_mask: float, client_mask: float,
-                 bits_per_param: float, fill: str, seed: int, block_size: int = 64):
+                 bits_per_param: float, fill: str, seed: int, block_size: int = 64, server_exempt=()):
         self.server = ProxyServer(shapes, server_keep=1.0 - server_mask, client_keep=1.0 - client_mask,
-                                  seed=seed, budget=Budget(bits_per_param=bits_per_param), block_size=block_size)
+                                  seed=seed, budget=Budget(bits_per_param=bits_per_param), block_size=block_size,
+                                  server_exempt=server_exempt)
         self.shapes, self.fill = shapes, fill
         self.initial = {name: np.asarray(value, dtype=np.float32) for name, value in initial.items()}
         self.previous: dict[int, dict] = {}  # client -> what its hidden entries take next time

@@ -64,6 +64,7 @@ RUN_CONFIG_KEYS = {
     "lora_alpha": "lora-alpha",
     "threads": "threads",
     "server_mask": "server-mask",
+    "server_mask_exempt": "server-mask-exempt",
     "client_mask": "client-mask",
     "downlink_bpp": "downlink-bpp",
     "proxy_fill": "proxy-fill",

@@ -287,7 +287,8 @@ def _proxy_downlink(bench):
     config = bench.config
     return ProxyDownlink(bench.layout.shapes, bench.initial_state, server_mask=config.server_mask,
                          client_mask=config.client_mask, bits_per_param=config.downlink_bpp,
-                         fill=config.proxy_fill, seed=seed_for(config.seed, 7), block_size=config.block_size)
+                         fill=config.proxy_fill, seed=seed_for(config.seed, 7), block_size=config.block_size,
+                         server_exempt=config.server_exempt_patterns)
 
 
 class _Federation:
@@ -346,7 +347,8 @@ class _Federation:
                                  if config.server_momentum else f"FedAvg, server lr {config.server_lr}"),
             "local_optimizer": "AdamW (fresh each round), weight_decay=0",
             "downlink": ("fp32 global adapter (lossless), same for every method" if not self.config.uses_proxies else
-                         f"fstq proxies (fstqcodec.proxy): server mask {self.config.server_mask}, client mask "
+                         f"fstq proxies (fstqcodec.proxy): server mask {self.config.server_mask}"
+                         f"{' except ' + self.config.server_mask_exempt if self.config.server_mask_exempt else ''}, client mask "
                          f"{self.config.client_mask}, {self.config.downlink_bpp} bits per entry sent, hidden entries "
                          f"{self.config.proxy_fill}; masked FedAvg"),
             "bandwidth_model": {

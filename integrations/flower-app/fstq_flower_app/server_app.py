@@ -43,7 +43,7 @@ def main(grid: Grid, context: Context) -> None:
         # The in-process loop's mask seed (fstqcodec.sim.loop); Flower's node ids stand for its clients.
         downlink = DownlinkProxies(server_mask=settings.server_mask, client_mask=settings.client_mask,
                                    fill=settings.proxy_fill, budget=fstqcodec.Budget(bits_per_param=settings.downlink_bpp),
-                                   seed=seed_for(settings.seed, 7))
+                                   seed=seed_for(settings.seed, 7), server_exempt=settings.server_exempt_patterns)
     # deadline-s > 0: each node's own budget, its uplink x the deadline; else budget-bpp for all.
     per_node = ask_for_links(grid, config, clients) if float(config["deadline-s"]) > 0 else None
     encoder = fstqcodec.EncodeConfig(
