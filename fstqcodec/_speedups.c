@@ -486,12 +486,39 @@ static inline double moment_weight(const void *values, int itemsize, Py_ssize_t 
     return (root ? sqrt(f) : f) * p2 + 0.0;
 }
 
+/* The Fisher checks of policy/fisher.py (weights_max below), taken as the sums read the weights:
+ * the largest bits with -0.0 as +0.0 (good values order as their bits do), and whether a value
+ * is bad (negative, NaN or infinite: its bits reach the exponent-all-ones pattern). */
+typedef struct {
+    uint64_t top;
+    uint64_t bad;
+} weight_check;
+
+static inline void check_weight(const void *values, int itemsize, Py_ssize_t i, weight_check *c) {
+    if (itemsize == 4) {
+        uint32_t b;
+        memcpy(&b, (const char *)values + 4 * i, 4);
+        b = b == 0x80000000u ? 0u : b;
+        c->top = b > c->top ? b : c->top;
+        c->bad |= b >= 0x7F800000u;
+    } else {
+        uint64_t b;
+        memcpy(&b, (const char *)values + 8 * i, 8);
+        b = b == 0x8000000000000000ull ? 0u : b;
+        c->top = b > c->top ? b : c->top;
+        c->bad |= b >= 0x7FF0000000000000ull;
+    }
+}
+
 /* One row in the general layout (any block size, a row that the tensor's end cuts). */
 static void moments_row_general(const float *x, Py_ssize_t block_size, const void *fisher, int itemsize, Py_ssize_t first,
-                                Py_ssize_t count, int root, double p2, double sums[5][8], float *top) {
+                                Py_ssize_t count, int root, double p2, double sums[5][8], float *top, weight_check *check) {
     for (Py_ssize_t k = 0; k < block_size; k++) {
         double v = x[k], a = fabs(v), w = 0.0;
-        if (fisher && first + k < count) w = moment_weight(fisher, itemsize, first + k, root, p2);
+        if (fisher && first + k < count) {
+            w = moment_weight(fisher, itemsize, first + k, root, p2);
+            check_weight(fisher, itemsize, first + k, check);
+        }
         float af = fabsf(x[k]);
         *top = af > *top ? af : *top;
         int j = (int)(k & 7);
@@ -517,8 +544,9 @@ static inline void lanes4_store(double *out, lanes4 v) { memcpy(out, &v, sizeof 
 /* Full rows of a multiple of 8 elements with float32 weights or none: lanes 0-3 and 4-7 as two
  * vectors; the weights of up to 64 elements at a time in a plain loop that vectorises. */
 HOT static void moments_rows_fast(const float *x, Py_ssize_t block_size, Py_ssize_t rows, const float *fisher, int root,
-                                  double p2, const moment_outputs *out) {
+                                  double p2, const moment_outputs *out, weight_check *check) {
     double v[64], a[64], w[64], l[8];
+    uint32_t top = 0, bad = 0;
     for (Py_ssize_t r = 0; r < rows; r++) {
         const float *row = x + r * block_size;
         const float *f = fisher ? fisher + r * block_size : NULL;
@@ -533,6 +561,12 @@ HOT static void moments_rows_fast(const float *x, Py_ssize_t block_size, Py_ssiz
             if (f) {
                 if (root) for (int k = 0; k < m; k++) w[k] = sqrt((double)f[k0 + k]) * p2 + 0.0;
                 else for (int k = 0; k < m; k++) w[k] = (double)f[k0 + k] * p2 + 0.0;
+                const uint32_t *bits = (const uint32_t *)(f + k0);
+                for (int k = 0; k < m; k++) {
+                    uint32_t b = bits[k] == 0x80000000u ? 0u : bits[k];
+                    top = b > top ? b : top;
+                    bad |= b >= 0x7F800000u;
+                }
             }
             for (int k = 0; k < m; k += 8) {
                 for (int h = 0; h < 2; h++) {
@@ -557,21 +591,23 @@ HOT static void moments_rows_fast(const float *x, Py_ssize_t block_size, Py_ssiz
             lanes4_store(l, wab[0]); lanes4_store(l + 4, wab[1]); out->weighted_magnitudes[r] = lanes_total(l);
         }
     }
+    check->top = top > check->top ? top : check->top;
+    check->bad |= bad;
 }
 #endif
 
 static void moments_rows(const float *x, Py_ssize_t block_size, Py_ssize_t rows, const void *fisher, int itemsize, Py_ssize_t count,
-                         int root, double p2, const moment_outputs *out) {
+                         int root, double p2, const moment_outputs *out, weight_check *check) {
     Py_ssize_t fast = 0;
 #ifndef MOMENTS_SCALAR_ONLY
     if (block_size % 8 == 0 && (!fisher || itemsize == 4)) fast = fisher ? count / block_size : rows;
     if (fast > rows) fast = rows;
-    moments_rows_fast(x, block_size, fast, (const float *)fisher, root, p2, out);
+    moments_rows_fast(x, block_size, fast, (const float *)fisher, root, p2, out, check);
 #endif
     for (Py_ssize_t r = fast; r < rows; r++) {
         double sums[5][8] = {{0}};
         float top = 0.0f;
-        moments_row_general(x + r * block_size, block_size, fisher, itemsize, r * block_size, count, root, p2, sums, &top);
+        moments_row_general(x + r * block_size, block_size, fisher, itemsize, r * block_size, count, root, p2, sums, &top, check);
         out->absmax[r] = top;
         out->squares[r] = lanes_total(sums[0]);
         out->magnitudes[r] = lanes_total(sums[1]);
@@ -586,13 +622,16 @@ static void moments_rows(const float *x, Py_ssize_t block_size, Py_ssize_t rows,
 /* block_moments(matrix_f32 rows, block_size, fisher|None, itemsize, count, root, p2, absmax_f64,
  *               squares_f64, magnitudes_f64, weights_f64|None, weighted_squares_f64|None,
  *               weighted_magnitudes_f64|None): the sums above for every row of the matrix given;
- * fisher holds `count` values (float32 or float64) for the matrix's first elements. */
+ * fisher holds `count` values (float32 or float64) for the matrix's first elements. Returns None
+ * without fisher, else (largest fisher value with -0.0 as +0.0, whether every value is finite and
+ * >= 0), the checks of weights_max taken in the same pass. */
 static PyObject *block_moments(PyObject *self, PyObject *args) {
     Py_buffer matrix, fisher = {0}, views[6];
     PyObject *fisher_object, *objects[6];
     Py_ssize_t block_size, count;
     int itemsize, root, held = 0, ok = 0;
     double p2;
+    weight_check check = {0, 0};
     if (!PyArg_ParseTuple(args, "y*nOinidOOOOOO", &matrix, &block_size, &fisher_object, &itemsize, &count, &root, &p2,
                           &objects[0], &objects[1], &objects[2], &objects[3], &objects[4], &objects[5]))
         return NULL;
@@ -618,7 +657,7 @@ static PyObject *block_moments(PyObject *self, PyObject *args) {
         *targets[i] = (double *)views[held++].buf;
     }
     Py_BEGIN_ALLOW_THREADS
-    moments_rows((const float *)matrix.buf, block_size, rows, weighted ? fisher.buf : NULL, itemsize, count, root, p2, &out);
+    moments_rows((const float *)matrix.buf, block_size, rows, weighted ? fisher.buf : NULL, itemsize, count, root, p2, &out, &check);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -626,7 +665,17 @@ done:
     if (fisher.buf) PyBuffer_Release(&fisher);
     PyBuffer_Release(&matrix);
     if (!ok) return NULL;
-    Py_RETURN_NONE;
+    if (!weighted) Py_RETURN_NONE;
+    double largest = -INFINITY;
+    if (count && itemsize == 4) {
+        uint32_t top = (uint32_t)check.top;
+        float value;
+        memcpy(&value, &top, 4);
+        largest = value;
+    } else if (count) {
+        memcpy(&largest, &check.top, 8);
+    }
+    return Py_BuildValue("(dO)", largest, check.bad ? Py_False : Py_True);
 }
 
 /* Float bits with -0.0 mapped to +0.0: then a weight is bad (negative, NaN or infinite) exactly

@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import BudgetError
+from ..errors import BudgetError, EncodeError
 from ..policy.allocation import BlockStats, evaluator, shape_sample
+from ..policy.fisher import DeferredWeights
 from ..wire.header import DTYPES
 from . import moments
 from .assembly import assemble
@@ -29,10 +30,18 @@ _AIM = 0.985
 #: bit/param the last 3% of the budget is worth 3% of the error.
 _LOW_WATER_MEASURED = 0.985
 _MAX_SIZE_ITERATIONS = 8
+#: When the first plan's estimate misses the window's middle by at most this fraction, the loop
+#: builds the corrected plan at once instead of sizing it first. One proportional correction of
+#: a miss this small lands within a few tenths of a percent of the aim (the message size is close
+#: to linear in the target over a few percent), so its estimate would almost always say "build":
+#: sizing it cost about a plan's assembly for nothing. Where the real size misses the window all
+#: the same, the loop goes on from that size, as from an estimate.
+_DIRECT_BUILD_MISS = 0.05
 
 
-def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockStats:
+def block_stats(source: Input, weights, *, sign: bool = False) -> BlockStats:
     """Per-block statistics for the allocation (float64 sums in a fixed order, :mod:`.moments`).
+    ``weights``: from :func:`fstqcodec.policy.fisher.normalize_fisher` (deferred or not).
     ``sign``: whether the two-level sign quantizer is a candidate (it needs centroid codebooks,
     so nearest rounding)."""
     n = source.counts
@@ -64,18 +73,22 @@ def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockSta
     return stats
 
 
-def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str, seed: int, unbiased: bool = False,
+def encode_to_budget(source: Input, weights, limit: int, *, rounding: str, seed: int, unbiased: bool = False,
                      **options) -> bytes:
     """The best message the allocation finds within ``limit`` bytes (``unbiased``: the best
-    message of :func:`.unbiased.unbiased_plan`, whose decoded value is unbiased).
+    message of :func:`.unbiased.unbiased_plan`, whose decoded value is unbiased). ``weights``:
+    from :func:`fstqcodec.policy.fisher.normalize_fisher`, deferred or not.
 
     Raises
     ------
     BudgetError
         If even the smallest message (every block dropped) exceeds ``limit``.
+    EncodeError
+        Values lossy coding cannot hold, or a deferred Fisher array's bad values.
     """
     smallest = assemble(source, Plan.dropped(len(source.counts)), **options)
     if len(smallest) > limit:
+        _checked(weights)  # a bad Fisher is reported first, as when it was checked up front
         raise BudgetError(
             f"budget of {limit} bytes is below the smallest message for these tensors ({len(smallest)} bytes: "
             "header, names and block table); raise the budget or send fewer tensors",
@@ -85,8 +98,13 @@ def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str,
     if limit >= source.raw_bytes // 2:
         lossless = assemble(source, lossless_plan(source), **options)
         if len(lossless) <= limit:
+            _checked(weights)
             return lossless
-    source.check_quantizable()
+    try:
+        source.check_quantizable()
+    except EncodeError:
+        _checked(weights)
+        raise
     if unbiased:
         stats = block_stats(source, weights)
         return _fill_budget(source, lambda target: unbiased_plan(source, stats, target, seed=seed), limit, smallest,
@@ -101,6 +119,12 @@ def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str,
         retry = _fill_budget(source, _rd_plans(source, stats, rounding, seed), limit, smallest, low_water, **options)
         best = retry if len(retry) > len(best) else best
     return best
+
+
+def _checked(weights):
+    """``weights`` with the checks a :class:`DeferredWeights` left to the block sums done now,
+    for the paths that never sum them (raises the EncodeError those checks raise)."""
+    return weights.check() if isinstance(weights, DeferredWeights) else weights
 
 
 def _rd_plans(source: Input, stats: BlockStats, rounding: str, seed: int) -> Callable[[float], Plan]:
@@ -118,6 +142,9 @@ def _fill_budget(source: Input, plan_for: Callable[[float], Plan], limit: int, s
     the code streams, whose lengths come from the plan's code statistics: within about 0.05% of
     the real size), and only a plan whose estimate lands in ``[low_water, 1] * limit`` is built
     in full; the real size then decides, as the estimate does for the plans that are not built.
+    The first correction is the exception: when the first estimate missed the window's middle by
+    at most ``_DIRECT_BUILD_MISS``, the corrected plan is built at once, not sized first (see
+    there).
     """
     aim = max(_AIM, (1.0 + low_water) / 2)  # the middle of the window, which the estimate can hit
     fixed_bits = 8.0 * len(smallest)
@@ -127,16 +154,24 @@ def _fill_budget(source: Input, plan_for: Callable[[float], Plan], limit: int, s
     # would be held while the next plan is built).
     fallback, fallback_size = None, best_size
     fits, overshoots = 0.0, math.inf  # bracket on the model target
-    for _ in range(_MAX_SIZE_ITERATIONS):
+    direct = False  # build this plan without sizing it first
+    for iteration in range(_MAX_SIZE_ITERATIONS):
         plan = plan_for(target)
-        size = len(assemble(source, plan, estimate=True, **options))
-        if low_water * limit <= size <= limit:
+        built = direct
+        if direct:
             message = assemble(source, plan, **options)
             size = len(message)
+        else:
+            size = len(assemble(source, plan, estimate=True, **options))
+            if low_water * limit <= size <= limit:
+                message = assemble(source, plan, **options)
+                size, built = len(message), True
+        if built:
             if best_size < size <= limit:
                 best, best_size = message, size
             if low_water * limit <= size <= limit:
                 break
+            message = None
         elif fallback_size < size <= limit:
             fallback, fallback_size = target, size
         del plan  # its codes: not held while the next plan is built
@@ -148,6 +183,7 @@ def _fill_budget(source: Input, plan_for: Callable[[float], Plan], limit: int, s
         proposal = target * (8.0 * limit * aim - fixed_bits) / max(8.0 * size - fixed_bits, 1.0)
         if not fits < proposal < overshoots:
             proposal = 0.5 * (fits + overshoots) if math.isfinite(overshoots) else 2 * max(target, 1.0)
+        direct = iteration == 0 and not built and abs(size / (aim * limit) - 1.0) <= _DIRECT_BUILD_MISS
         target = proposal
     if fallback is not None and fallback_size > best_size:
         message = assemble(source, plan_for(fallback), **options)
