@@ -48,21 +48,60 @@ static int load_table(const Py_buffer *freq_buffer, int prob_bits, uint32_t *fre
     return 0;
 }
 
+static int check_rows(const int64_t *rows, Py_ssize_t count, Py_ssize_t total);
+
+/* One symbol into its lane's state (rans_encode's loop body); 0 for a symbol of zero frequency. */
+static inline int rans_put(unsigned s, Py_ssize_t alphabet, const uint32_t *freq, const uint32_t *cum, const double *inverse,
+                           int prob_bits, uint32_t *state, Py_ssize_t lane, uint16_t *words, Py_ssize_t *count) {
+    uint64_t x = state[lane];
+    uint32_t f;
+    if (s >= alphabet || (f = freq[s]) == 0) return 0;
+    if (x >= ((uint64_t)f << (32 - prob_bits))) {
+        words[(*count)++] = (uint16_t)(x & 0xFFFF);
+        x >>= 16;
+    }
+    /* x < f << (32 - prob_bits) <= 2**32 here, so x / f < 2**31. The quotient by a
+     * multiplication (a division costs several times more): x * (1/f) is within 2**-21
+     * of x / f, and x / f is an integer or at least 1/f >= 2**-16 below the next one, so
+     * adding 2**-20 and truncating gives exactly floor(x / f). */
+    uint32_t x32 = (uint32_t)x;
+    uint32_t q = (uint32_t)((double)x32 * inverse[s] + 0x1p-20);
+    x = ((uint64_t)q << prob_bits) + (x32 - q * f) + cum[s];
+    state[lane] = (uint32_t)x;
+    return 1;
+}
+
+/* rans_encode(symbols, freqs_u32le, prob_bits, lanes[, rows_i64, block_size, offset]) -> bytes.
+ * With rows: `symbols` is a matrix of block_size-byte rows and the symbols are those of rows
+ * rows[0], rows[1], ... in order, each byte plus `offset` modulo 256 (the encoder's code rows,
+ * coded without gathering them first). */
 static PyObject *rans_encode(PyObject *self, PyObject *args) {
-    Py_buffer symbols, freqs;
-    int prob_bits;
-    Py_ssize_t lanes;
+    Py_buffer symbols, freqs, rows_buffer = {0};
+    int prob_bits, offset = 0;
+    Py_ssize_t lanes, block_size = 0;
     uint32_t freq[256], cum[256];
     Py_ssize_t alphabet;
-    PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*y*in", &symbols, &freqs, &prob_bits, &lanes)) return NULL;
+    PyObject *result = NULL, *rows_object = Py_None;
+    if (!PyArg_ParseTuple(args, "y*y*in|Oni", &symbols, &freqs, &prob_bits, &lanes, &rows_object, &block_size, &offset)) return NULL;
     if (prob_bits < 1 || prob_bits > 16 || lanes < 1 || load_table(&freqs, prob_bits, freq, cum, &alphabet) < 0) {
         fail("format", "invalid rANS parameters or frequency table");
         goto done_buffers;
     }
+    const int64_t *rows = NULL;
+    Py_ssize_t row_count = 0;
+    if (rows_object != Py_None) {
+        if (PyObject_GetBuffer(rows_object, &rows_buffer, PyBUF_SIMPLE) < 0) goto done_buffers;
+        row_count = rows_buffer.len / 8;
+        rows = (const int64_t *)rows_buffer.buf;
+        if (block_size < 1 || rows_buffer.len % 8 || symbols.len % block_size
+            || check_rows(rows, row_count, symbols.len / block_size) < 0) {
+            PyErr_SetString(PyExc_ValueError, "rans_encode: inconsistent rows");
+            goto done_buffers;
+        }
+    }
     {
         const unsigned char *sym = (const unsigned char *)symbols.buf;
-        Py_ssize_t n = symbols.len;
+        Py_ssize_t n = rows ? row_count * block_size : symbols.len;
         uint32_t *state = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)lanes);
         uint16_t *words = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n > 0 ? n : 1));
         Py_ssize_t count = 0, lane;
@@ -72,7 +111,7 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
             PyErr_NoMemory();
             goto done_buffers;
         }
-        int zero_frequency = 0;
+        int ok = 1;
         double inverse[256];
         for (Py_ssize_t k = 0; k < alphabet; k++) inverse[k] = freq[k] ? 1.0 / (double)freq[k] : 0.0;
         for (lane = 0; lane < lanes; lane++) state[lane] = RANS_L;
@@ -80,30 +119,24 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
         /* The coding loop touches only C memory and the held buffer: other threads (a server
          * encoding or decoding several messages at once) may run meanwhile. */
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = n - 1; i >= 0; i--) {
-            unsigned s = sym[i];
-            uint64_t x = state[lane];
-            uint32_t f;
-            if (s >= alphabet || (f = freq[s]) == 0) {
-                zero_frequency = 1;
-                break;
+        if (rows) {
+            for (Py_ssize_t j = row_count - 1; j >= 0 && ok; j--) {
+                const unsigned char *row = sym + rows[j] * block_size;
+                for (Py_ssize_t k = block_size - 1; k >= 0; k--) {
+                    if (!(ok = rans_put((unsigned)((row[k] + offset) & 0xFF), alphabet, freq, cum, inverse, prob_bits, state, lane,
+                                        words, &count)))
+                        break;
+                    lane = lane == 0 ? lanes - 1 : lane - 1;
+                }
             }
-            if (x >= ((uint64_t)f << (32 - prob_bits))) {
-                words[count++] = (uint16_t)(x & 0xFFFF);
-                x >>= 16;
+        } else {
+            for (Py_ssize_t i = n - 1; i >= 0; i--) {
+                if (!(ok = rans_put(sym[i], alphabet, freq, cum, inverse, prob_bits, state, lane, words, &count))) break;
+                lane = lane == 0 ? lanes - 1 : lane - 1;
             }
-            /* x < f << (32 - prob_bits) <= 2**32 here, so x / f < 2**31. The quotient by a
-             * multiplication (a division costs several times more): x * (1/f) is within 2**-21
-             * of x / f, and x / f is an integer or at least 1/f >= 2**-16 below the next one, so
-             * adding 2**-20 and truncating gives exactly floor(x / f). */
-            uint32_t x32 = (uint32_t)x;
-            uint32_t q = (uint32_t)((double)x32 * inverse[s] + 0x1p-20);
-            x = ((uint64_t)q << prob_bits) + (x32 - q * f) + cum[s];
-            state[lane] = (uint32_t)x;
-            lane = lane == 0 ? lanes - 1 : lane - 1;
         }
         Py_END_ALLOW_THREADS
-        if (zero_frequency) {
+        if (!ok) {
             free(state);
             free(words);
             fail("format", "symbol with zero frequency");
@@ -131,6 +164,7 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
         free(words);
     }
 done_buffers:
+    if (rows_buffer.buf) PyBuffer_Release(&rows_buffer);
     PyBuffer_Release(&symbols);
     PyBuffer_Release(&freqs);
     return result;
@@ -1280,7 +1314,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes) -> bytes"},
+    {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes[, rows, block_size, offset]) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"msgpack_scan", msgpack_scan, METH_VARARGS, "msgpack_scan(header_bytes, container_budget) -> None (FORMAT.md 5.1)"},
     {"block_moments", block_moments, METH_VARARGS, "block_moments(matrix, block_size, fisher, itemsize, count, root, p2, *outputs) (encoder/moments.py)"},

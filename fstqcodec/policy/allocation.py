@@ -591,8 +591,10 @@ def evaluator(stats: BlockStats) -> _Evaluator:
 
 
 def _allocation(stats: BlockStats, choice: _Choice) -> Allocation:
-    quantized = choice.mode == QUANTIZE
+    # Steps of the quantized blocks only (often under half of them): the same values elementwise.
+    rows = np.flatnonzero(choice.mode == QUANTIZE)
+    step, deadzone = np.zeros(len(choice.mode)), np.zeros(len(choice.mode))
     with np.errstate(divide="ignore"):
-        step = np.where(quantized, np.sqrt(stats.mean_square) / np.exp2(choice.log2_r), 0.0)
-    return Allocation(mode=choice.mode, step=step, deadzone=np.where(quantized, choice.tau, 0.0),
-                      model_bits=choice.total, lam=choice.lam)
+        step[rows] = np.sqrt(stats.mean_square[rows]) / np.exp2(choice.log2_r[rows])
+    deadzone[rows] = choice.tau[rows]
+    return Allocation(mode=choice.mode, step=step, deadzone=deadzone, model_bits=choice.total, lam=choice.lam)
