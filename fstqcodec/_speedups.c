@@ -1026,10 +1026,20 @@ HOT static void quantize_loop(const float *x, Py_ssize_t block_size, const int64
         float scale = scales[i], offset = offsets[i];
         if (uniform) {
             for (Py_ssize_t k = 0; k < block_size; k++) out[k] = (signed char)(int)nearbyintf(row[k] / scale);
-        } else {
+        } else if (!(offset >= 0.0f)) {
             for (Py_ssize_t k = 0; k < block_size; k++) {
                 float v = row[k] / scale;
                 out[k] = (signed char)(int)copysignf(floorf(fabsf(v) + offset), v);
+            }
+        } else {
+            /* copysignf(floorf(|v| + offset), v) converted to an integer, written so that it
+             * vectorises: |v| + offset >= 0 (the encoder's offsets are 1/2 less a dead zone below 1/2), where
+             * the integer conversion's truncation is floor, and the sign can be applied to the
+             * integer (v = -0.0 has magnitude 0 either way). */
+            for (Py_ssize_t k = 0; k < block_size; k++) {
+                float v = row[k] / scale;
+                int magnitude = (int)(fabsf(v) + offset);
+                out[k] = (signed char)(v < 0.0f ? -magnitude : magnitude);
             }
         }
     }
@@ -1070,6 +1080,15 @@ done:
     return result;
 }
 
+HOT static void sign_loop(const float *x, Py_ssize_t block_size, const int64_t *row, Py_ssize_t count, signed char *out,
+                          const int64_t *at) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const float *values = x + row[i] * block_size;
+        signed char *c = out + at[i] * block_size;
+        for (Py_ssize_t k = 0; k < block_size; k++) c[k] = values[k] < 0.0f ? -1 : 0;
+    }
+}
+
 /* sign_codes(matrix_f32, block_size, rows_i64, codes_i8, where_i64): codes row where[i] of
  * matrix row rows[i] is -1 where x < 0, else 0 (plans._sign_codes). */
 static PyObject *sign_codes(PyObject *self, PyObject *args) {
@@ -1089,11 +1108,7 @@ static PyObject *sign_codes(PyObject *self, PyObject *args) {
         const int64_t *row = (const int64_t *)rows.buf, *at = (const int64_t *)where.buf;
         signed char *out = (signed char *)codes.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < count; i++) {
-            const float *values = x + row[i] * block_size;
-            signed char *c = out + at[i] * block_size;
-            for (Py_ssize_t k = 0; k < block_size; k++) c[k] = values[k] < 0.0f ? -1 : 0;
-        }
+        sign_loop(x, block_size, row, count, out, at);
         Py_END_ALLOW_THREADS
     }
     Py_INCREF(Py_None);
@@ -1111,6 +1126,26 @@ done:
  * plans._class_statistics over the sampled rows, in the order numpy's bincount adds: row by
  * row, the first counts[i] elements of each; index = class * 256 + 128 + code; sums add
  * (double)(x / scale) computed in float32. */
+/* The loop of class_statistics: a row's x / scale in float32 first (a loop that vectorises), then
+ * added to the sums bin by bin in element order. */
+HOT static void statistics_loop(const float *x, Py_ssize_t block_size, const int64_t *row, Py_ssize_t count, const float *scale,
+                                const signed char *code, const int64_t *cls, const int64_t *cnt, int64_t *h, double *sum) {
+    float quotient[256];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const float *values = x + row[i] * block_size;
+        const signed char *c = code + i * block_size;
+        int64_t base = cls[i] * 256 + 128;
+        float divisor = scale[i];
+        for (Py_ssize_t k = 0; k < cnt[i]; k++) h[base + c[k]]++;
+        if (!sum) continue;
+        for (Py_ssize_t k0 = 0; k0 < cnt[i]; k0 += 256) {
+            Py_ssize_t m = cnt[i] - k0 < 256 ? cnt[i] - k0 : 256;
+            for (Py_ssize_t k = 0; k < m; k++) quotient[k] = values[k0 + k] / divisor;
+            for (Py_ssize_t k = 0; k < m; k++) sum[base + c[k0 + k]] += (double)quotient[k];
+        }
+    }
+}
+
 static PyObject *class_statistics(PyObject *self, PyObject *args) {
     Py_buffer matrix, rows, scales, codes, classes, counts, hist, sums = {0};
     PyObject *sums_object, *result = NULL;
@@ -1140,14 +1175,7 @@ static PyObject *class_statistics(PyObject *self, PyObject *args) {
         int64_t *h = (int64_t *)hist.buf;
         double *sum = with_sums ? (double *)sums.buf : NULL;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < count; i++) {
-            const float *values = x + row[i] * block_size;
-            const signed char *c = code + i * block_size;
-            int64_t base = cls[i] * 256 + 128;
-            for (Py_ssize_t k = 0; k < cnt[i]; k++) h[base + c[k]]++;
-            if (sum)
-                for (Py_ssize_t k = 0; k < cnt[i]; k++) sum[base + c[k]] += (double)(values[k] / scale[i]);
-        }
+        statistics_loop(x, block_size, row, count, scale, code, cls, cnt, h, sum);
         Py_END_ALLOW_THREADS
     }
     Py_INCREF(Py_None);
