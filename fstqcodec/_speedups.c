@@ -56,10 +56,12 @@ static inline int rans_put(unsigned s, Py_ssize_t alphabet, const uint32_t *freq
     uint64_t x = state[lane];
     uint32_t f;
     if (s >= alphabet || (f = freq[s]) == 0) return 0;
-    if (x >= ((uint64_t)f << (32 - prob_bits))) {
-        words[(*count)++] = (uint16_t)(x & 0xFFFF);
-        x >>= 16;
-    }
+    /* Renormalise without a branch (whether a word goes out is data, and hard to predict): the
+     * word is always written, and kept by advancing the count only when it goes out. */
+    int emit = x >= ((uint64_t)f << (32 - prob_bits));
+    words[*count] = (uint16_t)(x & 0xFFFF);
+    *count += emit;
+    x >>= 16 * emit;
     /* x < f << (32 - prob_bits) <= 2**32 here, so x / f < 2**31. The quotient by a
      * multiplication (a division costs several times more): x * (1/f) is within 2**-21
      * of x / f, and x / f is an integer or at least 1/f >= 2**-16 below the next one, so

@@ -188,6 +188,8 @@ _DTYPE_MAX = {
 
 def dtype_max_rows(source: "Input", rows: np.ndarray) -> np.ndarray:
     per_tensor = np.array([_DTYPE_MAX[s.dtype] for s in source.specs], dtype=np.float64)
+    if len(per_tensor) and np.all(per_tensor == per_tensor[0]):
+        return np.full(len(rows), per_tensor[0])  # one dtype (the usual case): no gather
     return per_tensor[source.block_tensor[rows]] if len(per_tensor) else np.zeros(0)
 
 
