@@ -580,11 +580,14 @@ static inline void lanes4_store(double *out, lanes4 v) { memcpy(out, &v, sizeof 
 /* Full rows of a multiple of 8 elements with float32 weights or none: lanes 0-3 and 4-7 as two
  * vectors; the weights of up to 64 elements at a time in a plain loop that vectorises. */
 HOT static void moments_rows_fast(const float *x, Py_ssize_t block_size, Py_ssize_t rows, const float *fisher, int root,
-                                  double p2, const moment_outputs *out, weight_check *check) {
+                                  double p2, const moment_outputs *out, weight_check *check, float *copy) {
     double v[64], a[64], w[64], l[8];
     uint32_t top = 0, bad = 0;
     for (Py_ssize_t r = 0; r < rows; r++) {
         const float *row = x + r * block_size;
+        /* The row into the encoder's matrix (Input.matrix_rows_to_fill) as it is read, instead
+         * of a copy of every tensor before this pass. */
+        if (copy) memcpy(copy + r * block_size, row, sizeof(float) * (size_t)block_size);
         const float *f = fisher ? fisher + r * block_size : NULL;
         lanes4 zero = {0, 0, 0, 0}, sq[2] = {zero, zero}, ab[2] = {zero, zero}, ws[2] = {zero, zero}, wsq[2] = {zero, zero},
                wab[2] = {zero, zero};
@@ -633,14 +636,15 @@ HOT static void moments_rows_fast(const float *x, Py_ssize_t block_size, Py_ssiz
 #endif
 
 static void moments_rows(const float *x, Py_ssize_t block_size, Py_ssize_t rows, const void *fisher, int itemsize, Py_ssize_t count,
-                         int root, double p2, const moment_outputs *out, weight_check *check) {
+                         int root, double p2, const moment_outputs *out, weight_check *check, float *copy) {
     Py_ssize_t fast = 0;
 #ifndef MOMENTS_SCALAR_ONLY
     if (block_size % 8 == 0 && (!fisher || itemsize == 4)) fast = fisher ? count / block_size : rows;
     if (fast > rows) fast = rows;
-    moments_rows_fast(x, block_size, fast, (const float *)fisher, root, p2, out, check);
+    moments_rows_fast(x, block_size, fast, (const float *)fisher, root, p2, out, check, copy);
 #endif
     for (Py_ssize_t r = fast; r < rows; r++) {
+        if (copy) memcpy(copy + r * block_size, x + r * block_size, sizeof(float) * (size_t)block_size);
         double sums[5][8] = {{0}};
         float top = 0.0f;
         moments_row_general(x + r * block_size, block_size, fisher, itemsize, r * block_size, count, root, p2, sums, &top, check);
@@ -657,19 +661,20 @@ static void moments_rows(const float *x, Py_ssize_t block_size, Py_ssize_t rows,
 
 /* block_moments(matrix_f32 rows, block_size, fisher|None, itemsize, count, root, p2, absmax_f64,
  *               squares_f64, magnitudes_f64, weights_f64|None, weighted_squares_f64|None,
- *               weighted_magnitudes_f64|None): the sums above for every row of the matrix given;
+ *               weighted_magnitudes_f64|None[, copy_to]): the sums above for every row of the matrix given
+ * (and the rows copied into copy_to, a writable buffer of their size, where given);
  * fisher holds `count` values (float32 or float64) for the matrix's first elements. Returns None
  * without fisher, else (largest fisher value with -0.0 as +0.0, whether every value is finite and
  * >= 0), the checks of weights_max taken in the same pass. */
 static PyObject *block_moments(PyObject *self, PyObject *args) {
-    Py_buffer matrix, fisher = {0}, views[6];
-    PyObject *fisher_object, *objects[6];
+    Py_buffer matrix, fisher = {0}, views[6], copy = {0};
+    PyObject *fisher_object, *objects[6], *copy_object = Py_None;
     Py_ssize_t block_size, count;
     int itemsize, root, held = 0, ok = 0;
     double p2;
     weight_check check = {0, 0};
-    if (!PyArg_ParseTuple(args, "y*nOinidOOOOOO", &matrix, &block_size, &fisher_object, &itemsize, &count, &root, &p2,
-                          &objects[0], &objects[1], &objects[2], &objects[3], &objects[4], &objects[5]))
+    if (!PyArg_ParseTuple(args, "y*nOinidOOOOOO|O", &matrix, &block_size, &fisher_object, &itemsize, &count, &root, &p2,
+                          &objects[0], &objects[1], &objects[2], &objects[3], &objects[4], &objects[5], &copy_object))
         return NULL;
     int weighted = fisher_object != Py_None;
     Py_ssize_t rows = block_size > 0 ? matrix.len / 4 / block_size : 0;
@@ -692,11 +697,20 @@ static PyObject *block_moments(PyObject *self, PyObject *args) {
         if (double_buffer(objects[i], &views[held], rows, 1, "an output") < 0) goto done;
         *targets[i] = (double *)views[held++].buf;
     }
+    if (copy_object != Py_None) {
+        if (PyObject_GetBuffer(copy_object, &copy, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (copy.len != matrix.len) {
+            PyErr_SetString(PyExc_ValueError, "block_moments: the copy's size differs from the rows'");
+            goto done;
+        }
+    }
     Py_BEGIN_ALLOW_THREADS
-    moments_rows((const float *)matrix.buf, block_size, rows, weighted ? fisher.buf : NULL, itemsize, count, root, p2, &out, &check);
+    moments_rows((const float *)matrix.buf, block_size, rows, weighted ? fisher.buf : NULL, itemsize, count, root, p2, &out, &check,
+                 (float *)copy.buf);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
+    if (copy.buf) PyBuffer_Release(&copy);
     for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
     if (fisher.buf) PyBuffer_Release(&fisher);
     PyBuffer_Release(&matrix);

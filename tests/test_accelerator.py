@@ -126,6 +126,31 @@ def test_deferred_fisher_checks_give_the_same_statistics(which, block_size, powe
             assert np.array_equal(getattr(got, field), getattr(expected, field)), field
 
 
+@pytest.mark.parametrize("which", ["lora", "ragged"])
+@pytest.mark.parametrize("with_fisher", [True, False])
+def test_block_sums_build_the_matrix(which, with_fisher, monkeypatch):
+    # The block-sum pass copies the tensors into the encoder's matrix as it reads them: the same
+    # matrix as concatenating them (padding zero), and the same statistics, C and numpy.
+    tensors, fisher = INPUTS[which]()
+    expected_source = encoder.Input(tensors, 64, "error")
+    expected = expected_source.matrix.copy()
+
+    def sums():
+        source = encoder.Input(tensors, 64, "error")
+        assert source.matrix_rows_to_fill() is not None  # not built yet: the pass builds it
+        shapes = {s.name: s.shape for s in source.specs}
+        weights = normalize_fisher(fisher if with_fisher else None, source.names, shapes, 1.0, defer=True)
+        stats = encoder.budget.block_stats(source, weights, sign=True)
+        assert source.matrix_rows_to_fill() is None
+        return source.matrix, stats
+
+    (native, native_stats), (reference, reference_stats) = _both(sums, monkeypatch)
+    assert np.array_equal(native.view(np.uint32), expected.view(np.uint32))
+    assert np.array_equal(reference.view(np.uint32), expected.view(np.uint32))
+    for field in ("weight", "mean_square", "weighted_energy", "absmax", "sign_distortion"):
+        assert np.array_equal(getattr(native_stats, field), getattr(reference_stats, field)), field
+
+
 @pytest.mark.parametrize("budget", [fstqcodec.Budget(bits_per_param=2), fstqcodec.Budget(max_bytes=10),
                                     fstqcodec.Budget(bits_per_param=32)], ids=["budget", "too-small", "lossless"])
 @pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])

@@ -7,6 +7,10 @@ overflow or underflow for any float32 value, so no rescaling). The weights are
 (exact scaling, and the ``+ 0.0`` makes -0.0 weights +0.0); the block sums are then divided by
 ``top * 2**-e``, which gives the weights ``F**p / top`` that the allocation expects.
 
+Where the encoder's matrix is not built yet (:meth:`Input.matrix_rows_to_fill`), the pass reads
+each tensor in place and copies its rows into the matrix as it goes, instead of a copy of every
+tensor before it.
+
 A float32 Fisher array at power 1 or 0.5 that :func:`fstqcodec.policy.fisher.normalize_fisher`
 left unchecked (``defer=True``, a :class:`~fstqcodec.policy.fisher.DeferredWeights`) is checked
 and its largest value taken in this same pass, instead of a pass of its own: its weights are then
@@ -63,11 +67,15 @@ def block_sums(source: Input, weights) -> BlockSums:
     """
     blocks = len(source.counts)
     sums = BlockSums(*(np.empty(blocks) for _ in range(6)))
+    # Where the tensors are not in one matrix yet, this pass reads them in place and copies them.
+    fill = source.matrix_rows_to_fill()
+    rows_of = (lambda t, lo, hi: (source.matrix[lo:hi], None)) if fill is None else (
+        lambda t, lo, hi: (fill[0](t, lo, hi), fill[1][lo:hi]))
     unchecked = weights.unchecked if isinstance(weights, DeferredWeights) else {}
     first = [t for t, spec in enumerate(source.specs) if spec.name in unchecked]
     if unchecked:
         pieces = _pieces(source, first)
-        found = _threads.map_items(lambda piece: _unchecked_piece(source, unchecked, sums, *piece), pieces)
+        found = _threads.map_items(lambda piece: _unchecked_piece(source, rows_of, unchecked, sums, *piece), pieces)
         maxima = {name: -math.inf for name in unchecked}  # a tensor of no elements has no pieces
         bad = set()
         for (t, _, _), (top, clean) in zip(pieces, found):
@@ -80,7 +88,9 @@ def block_sums(source: Input, weights) -> BlockSums:
     elif isinstance(weights, DeferredWeights):
         weights = weights.finish({})
     rest = [t for t, spec in enumerate(source.specs) if spec.name not in unchecked]
-    _threads.map_items(lambda piece: _piece(source, weights, sums, *piece), _pieces(source, rest))
+    _threads.map_items(lambda piece: _piece(source, rows_of, weights, sums, *piece), _pieces(source, rest))
+    if fill is not None:
+        source.matrix_filled(fill[1])
     return sums
 
 
@@ -93,12 +103,13 @@ def _pieces(source: Input, tensors: list) -> list:
     return pieces
 
 
-def _unchecked_piece(source: Input, unchecked: dict, sums: BlockSums, t: int, lo: int, hi: int) -> tuple:
+def _unchecked_piece(source: Input, rows_of, unchecked: dict, sums: BlockSums, t: int, lo: int, hi: int) -> tuple:
     """The sums of blocks ``lo:hi`` of tensor ``t``, whose Fisher is unchecked, with the weights
     unscaled; returns (largest Fisher value, whether all are finite and >= 0)."""
     values, root = unchecked[source.specs[t].name]
     first = (lo - int(source.first_block[t])) * source.block_size
-    parts, largest, clean = _moments(source.matrix[lo:hi], values[first : first + (hi - lo) * source.block_size], root, 1.0)
+    rows, copy = rows_of(t, lo, hi)
+    parts, largest, clean = _moments(rows, values[first : first + (hi - lo) * source.block_size], root, 1.0, copy)
     sums.absmax[lo:hi], sums.squares[lo:hi], sums.magnitudes[lo:hi] = parts[:3]
     sums.weights[lo:hi], sums.weighted_squares[lo:hi], sums.weighted_magnitudes[lo:hi] = parts[3:]
     return largest, clean
@@ -117,37 +128,41 @@ def _divide_by_top(source: Input, weights: dict, sums: BlockSums, tensors: list)
             array[span] /= top
 
 
-def _piece(source: Input, weights: dict, sums: BlockSums, t: int, lo: int, hi: int) -> None:
+def _piece(source: Input, rows_of, weights: dict, sums: BlockSums, t: int, lo: int, hi: int) -> None:
     """The sums of blocks ``lo:hi`` (blocks of tensor ``t``) into ``sums``."""
     weight = weights[source.specs[t].name]
     first = (lo - int(source.first_block[t])) * source.block_size
-    rows = source.matrix[lo:hi]
+    rows, copy = rows_of(t, lo, hi)
     if isinstance(weight, ElementWeights):
         values = weight.values.reshape(-1)[first : first + (hi - lo) * source.block_size]
         top = weight.top if weight.top > 0 else 1.0
         p2 = 2.0 ** -math.frexp(top)[1]
-        parts = _moments(rows, values, weight.root, p2)[0]
+        parts = _moments(rows, values, weight.root, p2, copy)[0]
         norm = top * p2  # exact: the weights were scaled by p2 instead of divided by top
         sums.weights[lo:hi], sums.weighted_squares[lo:hi], sums.weighted_magnitudes[lo:hi] = (p / norm for p in parts[3:])
     else:
-        parts = _moments(rows, None, False, 1.0)[0]
+        parts = _moments(rows, None, False, 1.0, copy)[0]
         w, n = float(weight), source.counts[lo:hi]
         sums.weights[lo:hi], sums.weighted_squares[lo:hi], sums.weighted_magnitudes[lo:hi] = w * n, w * parts[1], w * parts[2]
     sums.absmax[lo:hi], sums.squares[lo:hi], sums.magnitudes[lo:hi] = parts[:3]
 
 
-def _moments(rows: np.ndarray, fisher, root: bool, p2: float) -> tuple:
+def _moments(rows: np.ndarray, fisher, root: bool, p2: float, copy: np.ndarray | None = None) -> tuple:
     """([absmax, sum x**2, sum |x|] per row, and [sum w, sum w x**2, sum w |x|] with ``fisher``
     (the first elements' weights before scaling; past them, the padding, w = 0); the largest
-    Fisher value (-0.0 as +0.0), and whether every one is finite and >= 0 (None, None without)."""
+    Fisher value (-0.0 as +0.0), and whether every one is finite and >= 0 (None, None without).
+    ``copy``: where given, the rows are copied into it too."""
     native = getattr(_rans._speedups, "block_moments", None)
     count = 0 if fisher is None else len(fisher)
     if native is not None:
         outputs = [np.empty(len(rows)) for _ in range(6 if fisher is not None else 3)]
         itemsize = 4 if fisher is None else fisher.itemsize
-        checks = native(rows, rows.shape[1], fisher, itemsize, count, root, p2, *outputs, *([None] * (6 - len(outputs))))
+        checks = native(rows, rows.shape[1], fisher, itemsize, count, root, p2, *outputs, *([None] * (6 - len(outputs))), copy)
         return (outputs, *(checks or (None, None)))
     from .plans import absmax_rows
+
+    if copy is not None:
+        copy[...] = rows
 
     x = rows.astype(np.float64)
     magnitudes = np.abs(x)
