@@ -1105,6 +1105,45 @@ HOT static void sign_loop(const float *x, Py_ssize_t block_size, const int64_t *
     }
 }
 
+/* pack_rows(codes_i8 matrix, block_size, rows_i64, offset, width) -> bytes: bitpack.pack of the
+ * symbols codes[rows[0]], codes[rows[1]], ... (each byte plus offset modulo 256, each < 2**width),
+ * width 1, 2, 4 or 8: LSB first, the last byte's padding bits zero. */
+static PyObject *pack_rows(PyObject *self, PyObject *args) {
+    Py_buffer codes, rows;
+    Py_ssize_t block_size;
+    int offset, width;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*ii", &codes, &block_size, &rows, &offset, &width)) return NULL;
+    Py_ssize_t count = rows.len / 8;
+    if (block_size < 1 || codes.len % block_size || rows.len % 8 || (width != 1 && width != 2 && width != 4 && width != 8)
+        || check_rows((const int64_t *)rows.buf, count, codes.len / block_size) < 0) {
+        PyErr_SetString(PyExc_ValueError, "pack_rows: inconsistent arguments");
+        goto done;
+    }
+    {
+        Py_ssize_t symbols = count * block_size, size = (symbols * width + 7) / 8;
+        result = PyBytes_FromStringAndSize(NULL, size);
+        if (!result) goto done;
+        unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+        const unsigned char *matrix = (const unsigned char *)codes.buf;
+        const int64_t *row = (const int64_t *)rows.buf;
+        unsigned mask = width == 8 ? 0xFFu : (1u << width) - 1u;
+        Py_BEGIN_ALLOW_THREADS
+        memset(out, 0, (size_t)size);
+        Py_ssize_t bit = 0;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            const unsigned char *c = matrix + row[i] * block_size;
+            for (Py_ssize_t k = 0; k < block_size; k++, bit += width)
+                out[bit >> 3] |= (unsigned char)((((unsigned)c[k] + (unsigned)offset) & mask) << (bit & 7));
+        }
+        Py_END_ALLOW_THREADS
+    }
+done:
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&rows);
+    return result;
+}
+
 /* sign_codes(matrix_f32, block_size, rows_i64, codes_i8, where_i64): codes row where[i] of
  * matrix row rows[i] is -1 where x < 0, else 0 (plans._sign_codes). */
 static PyObject *sign_codes(PyObject *self, PyObject *args) {
@@ -1358,6 +1397,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"pack_rows", pack_rows, METH_VARARGS, "pack_rows(codes, block_size, rows, offset, width) -> bytes (bit-packed symbols of the rows)"},
     {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes[, rows, block_size, offset]) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"msgpack_scan", msgpack_scan, METH_VARARGS, "msgpack_scan(header_bytes, container_budget) -> None (FORMAT.md 5.1)"},

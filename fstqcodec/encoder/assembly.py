@@ -185,9 +185,11 @@ def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan, estimat
 def _code_stream(source: Input, plan: Plan, context: Context, choice: dict, members, rows) -> bytes:
     """The code stream of one context: its blocks' codes as symbols, rANS-coded or packed."""
     offset = 0 if plan.codebook is not None else 1 << (context.width - 1)
-    if context.kind == "rans" and (source.aligned or np.all(source.counts[rows] == source.block_size)):
+    if source.aligned or np.all(source.counts[rows] == source.block_size):
         # Whole rows: the coder reads them where they are (no gathered copy of the codes).
-        return rans.encode_rows(plan.codes, members, offset, choice["freqs"], choice["prob_bits"], choice["lanes"])
+        if context.kind == "rans":
+            return rans.encode_rows(plan.codes, members, offset, choice["freqs"], choice["prob_bits"], choice["lanes"])
+        return bitpack.pack_rows(plan.codes, members, offset, context.width)
     flat = source.flatten_rows(plan.codes[members], rows)
     if plan.codebook is not None:
         symbols = flat.view(np.uint8)
