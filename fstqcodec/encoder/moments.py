@@ -109,10 +109,15 @@ def _unchecked_piece(source: Input, rows_of, unchecked: dict, sums: BlockSums, t
     values, root = unchecked[source.specs[t].name]
     first = (lo - int(source.first_block[t])) * source.block_size
     rows, copy = rows_of(t, lo, hi)
-    parts, largest, clean = _moments(rows, values[first : first + (hi - lo) * source.block_size], root, 1.0, copy)
-    sums.absmax[lo:hi], sums.squares[lo:hi], sums.magnitudes[lo:hi] = parts[:3]
-    sums.weights[lo:hi], sums.weighted_squares[lo:hi], sums.weighted_magnitudes[lo:hi] = parts[3:]
+    _, largest, clean = _moments(rows, values[first : first + (hi - lo) * source.block_size], root, 1.0, copy,
+                                 _slices(sums, lo, hi, 6))
     return largest, clean
+
+
+def _slices(sums: BlockSums, lo: int, hi: int, count: int) -> list:
+    """Rows ``lo:hi`` of the first ``count`` arrays of ``sums``, which the pass writes in place."""
+    arrays = (sums.absmax, sums.squares, sums.magnitudes, sums.weights, sums.weighted_squares, sums.weighted_magnitudes)
+    return [a[lo:hi] for a in arrays[:count]]
 
 
 def _divide_by_top(source: Input, weights: dict, sums: BlockSums, tensors: list) -> None:
@@ -137,25 +142,27 @@ def _piece(source: Input, rows_of, weights: dict, sums: BlockSums, t: int, lo: i
         values = weight.values.reshape(-1)[first : first + (hi - lo) * source.block_size]
         top = weight.top if weight.top > 0 else 1.0
         p2 = 2.0 ** -math.frexp(top)[1]
-        parts = _moments(rows, values, weight.root, p2, copy)[0]
+        parts = _moments(rows, values, weight.root, p2, copy, _slices(sums, lo, hi, 6))[0]
         norm = top * p2  # exact: the weights were scaled by p2 instead of divided by top
-        sums.weights[lo:hi], sums.weighted_squares[lo:hi], sums.weighted_magnitudes[lo:hi] = (p / norm for p in parts[3:])
+        for part in parts[3:]:
+            part /= norm
     else:
-        parts = _moments(rows, None, False, 1.0, copy)[0]
+        parts = _moments(rows, None, False, 1.0, copy, _slices(sums, lo, hi, 3))[0]
         w, n = float(weight), source.counts[lo:hi]
         sums.weights[lo:hi], sums.weighted_squares[lo:hi], sums.weighted_magnitudes[lo:hi] = w * n, w * parts[1], w * parts[2]
-    sums.absmax[lo:hi], sums.squares[lo:hi], sums.magnitudes[lo:hi] = parts[:3]
 
 
-def _moments(rows: np.ndarray, fisher, root: bool, p2: float, copy: np.ndarray | None = None) -> tuple:
+def _moments(rows: np.ndarray, fisher, root: bool, p2: float, copy: np.ndarray | None = None, outputs=None) -> tuple:
     """([absmax, sum x**2, sum |x|] per row, and [sum w, sum w x**2, sum w |x|] with ``fisher``
     (the first elements' weights before scaling; past them, the padding, w = 0); the largest
     Fisher value (-0.0 as +0.0), and whether every one is finite and >= 0 (None, None without).
-    ``copy``: where given, the rows are copied into it too."""
+    ``copy``: where given, the rows are copied into it too. ``outputs``: where given, the arrays
+    (3, or 6 with ``fisher``) the sums are written into, and returned."""
     native = getattr(_rans._speedups, "block_moments", None)
     count = 0 if fisher is None else len(fisher)
-    if native is not None:
+    if outputs is None:
         outputs = [np.empty(len(rows)) for _ in range(6 if fisher is not None else 3)]
+    if native is not None:
         itemsize = 4 if fisher is None else fisher.itemsize
         checks = native(rows, rows.shape[1], fisher, itemsize, count, root, p2, *outputs, *([None] * (6 - len(outputs))), copy)
         return (outputs, *(checks or (None, None)))
@@ -169,14 +176,18 @@ def _moments(rows: np.ndarray, fisher, root: bool, p2: float, copy: np.ndarray |
     squares = x * x
     out = [absmax_rows(rows).astype(np.float64), _lane_total(squares), _lane_total(magnitudes)]
     if fisher is None:
-        return out, None, None
+        for target, value in zip(outputs, out):
+            target[...] = value
+        return outputs, None, None
     w = np.zeros(x.size)
     f = fisher.astype(np.float64)
     w[:count] = (np.sqrt(f) if root else f) * p2 + 0.0
     w = w.reshape(x.shape)
     out += [_lane_total(w), _lane_total(w * squares), _lane_total(w * magnitudes)]
+    for target, value in zip(outputs, out):
+        target[...] = value
     clean = bool(np.all(np.isfinite(f)) and not np.any(f < 0))
-    return out, (float(np.max(f)) + 0.0 if count else -math.inf), clean
+    return outputs, (float(np.max(f)) + 0.0 if count else -math.inf), clean
 
 
 def _lane_total(terms: np.ndarray) -> np.ndarray:
