@@ -1128,13 +1128,48 @@ static PyObject *pack_rows(PyObject *self, PyObject *args) {
         const unsigned char *matrix = (const unsigned char *)codes.buf;
         const int64_t *row = (const int64_t *)rows.buf;
         unsigned mask = width == 8 ? 0xFFu : (1u << width) - 1u;
+        int per_byte = 8 / width;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        int little_endian = 1; /* the 8-symbol trick below reads symbol m as byte m of an integer */
+#else
+        int little_endian = 0;
+#endif
         Py_BEGIN_ALLOW_THREADS
-        memset(out, 0, (size_t)size);
-        Py_ssize_t bit = 0;
-        for (Py_ssize_t i = 0; i < count; i++) {
-            const unsigned char *c = matrix + row[i] * block_size;
-            for (Py_ssize_t k = 0; k < block_size; k++, bit += width)
-                out[bit >> 3] |= (unsigned char)((((unsigned)c[k] + (unsigned)offset) & mask) << (bit & 7));
+        if (width == 1 && block_size % 8 == 0 && little_endian) {
+            /* One bit per symbol (sign contexts): bit 0 of each of 8 symbols is bit 0 of the code
+             * XOR bit 0 of the offset (an addition's lowest bit takes no carry); the multiply
+             * moves bit 0 of byte m to bit 56 + m with no carries (every partial product has a
+             * distinct bit position), so the top byte is the 8 bits LSB first. */
+            uint64_t flip = (offset & 1) ? 0x0101010101010101ull : 0u;
+            unsigned char *at = out;
+            for (Py_ssize_t i = 0; i < count; i++) {
+                const unsigned char *c = matrix + row[i] * block_size;
+                for (Py_ssize_t k = 0; k < block_size; k += 8) {
+                    uint64_t eight;
+                    memcpy(&eight, c + k, 8);
+                    eight = ((eight ^ flip) & 0x0101010101010101ull) * 0x0102040810204080ull;
+                    *at++ = (unsigned char)(eight >> 56);
+                }
+            }
+        } else if (block_size % per_byte == 0) {
+            /* Whole bytes per row: each byte put together in a register. */
+            unsigned char *at = out;
+            for (Py_ssize_t i = 0; i < count; i++) {
+                const unsigned char *c = matrix + row[i] * block_size;
+                for (Py_ssize_t k = 0; k < block_size; k += per_byte) {
+                    unsigned byte = 0;
+                    for (int m = 0; m < per_byte; m++) byte |= (((unsigned)c[k + m] + (unsigned)offset) & mask) << (m * width);
+                    *at++ = (unsigned char)byte;
+                }
+            }
+        } else {
+            memset(out, 0, (size_t)size);
+            Py_ssize_t bit = 0;
+            for (Py_ssize_t i = 0; i < count; i++) {
+                const unsigned char *c = matrix + row[i] * block_size;
+                for (Py_ssize_t k = 0; k < block_size; k++, bit += width)
+                    out[bit >> 3] |= (unsigned char)((((unsigned)c[k] + (unsigned)offset) & mask) << (bit & 7));
+            }
         }
         Py_END_ALLOW_THREADS
     }
