@@ -814,6 +814,45 @@ static PyObject *weights_max(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(count ? largest : -INFINITY);
 }
 
+/* sign_errors(energy, weighted_abs, weight_sum, scale, near_limit_u8, out) (encoder/budget.py,
+ * block_stats, the reference): per block max(E - 2 s A + s s W, 0) as numpy computes it (the same
+ * operations in the same order; numpy's maximum keeps a NaN and the first of equal values), or
+ * inf where near_limit. One pass instead of eight numpy passes. */
+HOT static void sign_errors_loop(const double *energy, const double *weighted_abs, const double *weight_sum, const double *scale,
+                                 const unsigned char *near_limit, double *out, Py_ssize_t count) {
+    for (Py_ssize_t j = 0; j < count; j++) {
+        double s = scale[j];
+        double error = (energy[j] - (2.0 * s) * weighted_abs[j]) + (s * s) * weight_sum[j];
+        error = (error >= 0.0 || error != error) ? error : 0.0;
+        out[j] = near_limit[j] ? INFINITY : error;
+    }
+}
+
+static PyObject *sign_errors(PyObject *self, PyObject *args) {
+    PyObject *objects[5], *out_object;
+    Py_buffer views[5], out, limit;
+    int held = 0, ok = 0;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "OOOOy*O", &objects[0], &objects[1], &objects[2], &objects[3], &limit, &out_object)) return NULL;
+    count = limit.len;
+    for (int i = 0; i < 4; i++) {
+        if (double_buffer(objects[i], &views[held], count, 0, "an input") < 0) goto done;
+        held++;
+    }
+    if (double_buffer(out_object, &views[held], count, 1, "the output") < 0) goto done;
+    out = views[held++];
+    Py_BEGIN_ALLOW_THREADS
+    sign_errors_loop((const double *)views[0].buf, (const double *)views[1].buf, (const double *)views[2].buf,
+                     (const double *)views[3].buf, (const unsigned char *)limit.buf, (double *)out.buf, count);
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    PyBuffer_Release(&limit);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* The allocation's per-block choice at one multiplier (policy/allocation.py, _Evaluator._evaluate,
  * the reference: the same operations in the same order), except for the blocks whose best step
  * the widest grid caps: their indices go to `capped`, and the caller evaluates them. */
@@ -1432,6 +1471,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"sign_errors", sign_errors, METH_VARARGS, "sign_errors(energy, weighted_abs, weight_sum, scale, near_limit, out): sign blocks' errors"},
     {"pack_rows", pack_rows, METH_VARARGS, "pack_rows(codes, block_size, rows, offset, width) -> bytes (bit-packed symbols of the rows)"},
     {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes[, rows, block_size, offset]) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},

@@ -171,6 +171,23 @@ def test_deferred_fisher_checks_name_the_tensor(budget, bad, monkeypatch):
     assert native == reference == ("b", "fisher for 'b' holds negative or non-finite weights")
 
 
+def test_sign_errors_match_numpy():
+    # block_stats' sign-block errors in one C pass: numpy's operations, including its maximum's
+    # NaN and -0.0 cases, infinities, and the blocks near the dtype's limit.
+    rng = np.random.default_rng(5)
+    count = 4000
+    energy, weighted_abs, weight_sum, scale = (rng.standard_normal(count) * 1e3 for _ in range(4))
+    energy[:6] = [np.inf, np.nan, -0.0, 0.0, np.inf, 1e308]
+    weight_sum[:6] = [np.inf, 1.0, 0.0, -0.0, 1.0, 1e308]
+    scale[:6] = [1.0, 1.0, 0.0, 0.0, np.inf, 1e300]
+    near_limit = rng.random(count) < 0.1
+    with np.errstate(all="ignore"):
+        expected = np.where(near_limit, np.inf, np.maximum(energy - 2 * scale * weighted_abs + scale * scale * weight_sum, 0.0))
+    got = np.empty(count)
+    rans._speedups.sign_errors(energy, weighted_abs, weight_sum, scale, near_limit.view(np.uint8), got)
+    assert np.array_equal(got.view(np.uint64), expected.view(np.uint64))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fisher_checks_agree(dtype, monkeypatch):
     shapes = {"w": (5,)}

@@ -11,6 +11,7 @@ import numpy as np
 from ..errors import BudgetError, EncodeError
 from ..policy.allocation import BlockStats, evaluator, shape_sample
 from ..policy.fisher import DeferredWeights
+from ..stages import rans as _rans
 from ..wire.header import DTYPES
 from . import moments
 from .assembly import assemble
@@ -65,10 +66,16 @@ def block_stats(source: Input, weights, *, sign: bool = False) -> BlockStats:
         # A sign block decodes to its context's centroids times its scale, which can exceed the
         # block's largest |x|: keep blocks near their dtype's largest value off the sign quantizer.
         near_limit = absmax > dtype_max_rows(source, np.arange(len(n))) / 4
+        native = getattr(_rans._speedups, "sign_errors", None)
         errors = []
         for s in (stats.mean_abs, stats.tensor_mean_abs):
-            error = np.maximum(energy - 2 * s * weighted_abs + s * s * weight_sum, 0.0)
-            errors.append(np.where(near_limit, np.inf, error))
+            if native is not None:  # the same operations in one C pass
+                error = np.empty(len(n))
+                native(energy, weighted_abs, weight_sum, np.ascontiguousarray(s), near_limit.view(np.uint8), error)
+            else:
+                error = np.maximum(energy - 2 * s * weighted_abs + s * s * weight_sum, 0.0)
+                error = np.where(near_limit, np.inf, error)
+            errors.append(error)
         stats.sign_distortion, stats.shared_sign_distortion = errors
     return stats
 
