@@ -31,13 +31,6 @@ _AIM = 0.985
 #: bit/param the last 3% of the budget is worth 3% of the error.
 _LOW_WATER_MEASURED = 0.985
 _MAX_SIZE_ITERATIONS = 8
-#: When the first plan's estimate misses the window's middle by at most this fraction, the loop
-#: builds the corrected plan at once instead of sizing it first. One proportional correction of
-#: a miss this small lands within a few tenths of a percent of the aim (the message size is close
-#: to linear in the target over a few percent), so its estimate would almost always say "build":
-#: sizing it cost about a plan's assembly for nothing. Where the real size misses the window all
-#: the same, the loop goes on from that size, as from an estimate.
-_DIRECT_BUILD_MISS = 0.05
 
 
 def block_stats(source: Input, weights, *, sign: bool = False) -> BlockStats:
@@ -149,9 +142,6 @@ def _fill_budget(source: Input, plan_for: Callable[[float], Plan], limit: int, s
     the code streams, whose lengths come from the plan's code statistics: within about 0.05% of
     the real size), and only a plan whose estimate lands in ``[low_water, 1] * limit`` is built
     in full; the real size then decides, as the estimate does for the plans that are not built.
-    The first correction is the exception: when the first estimate missed the window's middle by
-    at most ``_DIRECT_BUILD_MISS``, the corrected plan is built at once, not sized first (see
-    there).
     """
     aim = max(_AIM, (1.0 + low_water) / 2)  # the middle of the window, which the estimate can hit
     fixed_bits = 8.0 * len(smallest)
@@ -161,24 +151,16 @@ def _fill_budget(source: Input, plan_for: Callable[[float], Plan], limit: int, s
     # would be held while the next plan is built).
     fallback, fallback_size = None, best_size
     fits, overshoots = 0.0, math.inf  # bracket on the model target
-    direct = False  # build this plan without sizing it first
-    for iteration in range(_MAX_SIZE_ITERATIONS):
+    for _ in range(_MAX_SIZE_ITERATIONS):
         plan = plan_for(target)
-        built = direct
-        if direct:
+        size = len(assemble(source, plan, estimate=True, **options))
+        if low_water * limit <= size <= limit:
             message = assemble(source, plan, **options)
             size = len(message)
-        else:
-            size = len(assemble(source, plan, estimate=True, **options))
-            if low_water * limit <= size <= limit:
-                message = assemble(source, plan, **options)
-                size, built = len(message), True
-        if built:
             if best_size < size <= limit:
                 best, best_size = message, size
             if low_water * limit <= size <= limit:
                 break
-            message = None
         elif fallback_size < size <= limit:
             fallback, fallback_size = target, size
         del plan  # its codes: not held while the next plan is built
@@ -190,7 +172,6 @@ def _fill_budget(source: Input, plan_for: Callable[[float], Plan], limit: int, s
         proposal = target * (8.0 * limit * aim - fixed_bits) / max(8.0 * size - fixed_bits, 1.0)
         if not fits < proposal < overshoots:
             proposal = 0.5 * (fits + overshoots) if math.isfinite(overshoots) else 2 * max(target, 1.0)
-        direct = iteration == 0 and not built and abs(size / (aim * limit) - 1.0) <= _DIRECT_BUILD_MISS
         target = proposal
     if fallback is not None and fallback_size > best_size:
         message = assemble(source, plan_for(fallback), **options)
