@@ -256,7 +256,7 @@ def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: s
     def fill_codes(chosen: np.ndarray) -> None:
         """Codes of the quantized rows that the mask ``chosen`` (over them) selects."""
         for part, where in zip(parts, positions):
-            keep = chosen[where]
+            keep = np.flatnonzero(chosen[where])  # once, not once per array indexed
             if part is grid:
                 subset = {k: part[k][keep] for k in ("rows", "scales", "offset", "largest", "capped")}
                 _quantize_rows(source, subset, rounding, rng, codes, where[keep])
