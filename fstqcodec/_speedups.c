@@ -1,12 +1,13 @@
 /*
  * Optional C accelerator: the interleaved rANS coder (spec section 6.5), the header and zstd frame
  * walks of the decoder, the encoder's per-element passes (Fisher checks, per-block sums of
- * values and weights, the allocation's evaluations, quantization, sign codes, code statistics) and the
- * decoder's dequantization.
+ * values and weights with the Fisher's checks and the copy into the encoder's matrix in the same
+ * pass, the allocation's evaluations and sign-block errors, quantization, sign codes, code
+ * statistics, bit packing of code rows) and the decoder's dequantization.
  *
  * Each has a numpy reference (fstqcodec/stages/rans.py, encoder/, policy/, decoder.py) that is
  * used when this module is not built; the two produce identical bytes (tests/test_rans.py,
- * tests/test_accelerator.py, tests/test_vectors.py check). The rANS stream layout: `lanes` initial decoder states (uint32 LE), then 16-bit words (LE) in the order
+ * tests/test_accelerator.py, tests/test_bitpack.py, tests/test_vectors.py check). The rANS stream layout: `lanes` initial decoder states (uint32 LE), then 16-bit words (LE) in the order
  * the decoder consumes them. Symbol i is coded in lane i % lanes. State range [2**16, 2**32).
  *
  * Errors are raised as ValueError(code, message, extra_bytes) with code "format" or "trailing"; the Python
