@@ -483,10 +483,15 @@ done:
 #pragma STDC FP_CONTRACT OFF
 #endif
 
-/* Hot loops are compiled twice where the compiler can (AVX2 and the baseline) and the loader
- * picks one: the arithmetic is the same IEEE operations either way, so are the results. */
+/* Hot loops are compiled several times where the compiler can (AVX-512 as x86-64-v4, from GCC 11,
+ * AVX2 and the baseline) and the loader picks one: the arithmetic is the same IEEE operations
+ * either way, so are the results. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if __GNUC__ >= 11
+#define HOT __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
 #define HOT __attribute__((target_clones("avx2", "default")))
+#endif
 #else
 #define HOT
 #endif
