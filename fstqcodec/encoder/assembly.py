@@ -130,9 +130,12 @@ def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan, estimat
     group_of_class, groups = plan.memo["groups"]
     # Each context's rows (ascending) from one stable sort of the rows by context, not a scan of
     # every row per context. (Contexts number at most 256: a radix sort of 16-bit keys.)
-    context_of_row = group_of_class[plan.row_class].astype(np.int16)
-    by_context = np.argsort(context_of_row, kind="stable")
-    ends = np.cumsum(np.bincount(context_of_row, minlength=len(groups)))
+    if len(groups) == 1:  # fixed-rate plans and small messages: every row, no sort
+        by_context, ends = np.arange(len(plan.row_class)), [len(plan.row_class)]
+    else:
+        context_of_row = group_of_class[plan.row_class].astype(np.int16)
+        by_context = np.argsort(context_of_row, kind="stable")
+        ends = np.cumsum(np.bincount(context_of_row, minlength=len(groups)))
     if plan.codebook is not None:
         built.codebooks.append(plan.codebook)
     jobs = []
