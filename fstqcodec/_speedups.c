@@ -1,12 +1,13 @@
 /*
  * Optional C accelerator: the interleaved rANS coder (spec section 6.5), the header and zstd frame
  * walks of the decoder, the encoder's per-element passes (Fisher checks, per-block sums of
- * values and weights, the allocation's evaluations, quantization, sign codes, code statistics) and the
- * decoder's dequantization.
+ * values and weights with the Fisher's checks and the copy into the encoder's matrix in the same
+ * pass, the allocation's evaluations and sign-block errors, quantization, sign codes, code
+ * statistics, bit packing of code rows) and the decoder's dequantization.
  *
  * Each has a numpy reference (fstqcodec/stages/rans.py, encoder/, policy/, decoder.py) that is
  * used when this module is not built; the two produce identical bytes (tests/test_rans.py,
- * tests/test_accelerator.py, tests/test_vectors.py check). The rANS stream layout: `lanes` initial decoder states (uint32 LE), then 16-bit words (LE) in the order
+ * tests/test_accelerator.py, tests/test_bitpack.py, tests/test_vectors.py check). The rANS stream layout: `lanes` initial decoder states (uint32 LE), then 16-bit words (LE) in the order
  * the decoder consumes them. Symbol i is coded in lane i % lanes. State range [2**16, 2**32).
  *
  * Errors are raised as ValueError(code, message, extra_bytes) with code "format" or "trailing"; the Python
@@ -48,21 +49,62 @@ static int load_table(const Py_buffer *freq_buffer, int prob_bits, uint32_t *fre
     return 0;
 }
 
+static int check_rows(const int64_t *rows, Py_ssize_t count, Py_ssize_t total);
+
+/* One symbol into its lane's state (rans_encode's loop body); 0 for a symbol of zero frequency. */
+static inline int rans_put(unsigned s, Py_ssize_t alphabet, const uint32_t *freq, const uint32_t *cum, const double *inverse,
+                           int prob_bits, uint32_t *state, Py_ssize_t lane, uint16_t *words, Py_ssize_t *count) {
+    uint64_t x = state[lane];
+    uint32_t f;
+    if (s >= alphabet || (f = freq[s]) == 0) return 0;
+    /* Renormalise without a branch (whether a word goes out is data, and hard to predict): the
+     * word is always written, and kept by advancing the count only when it goes out. */
+    int emit = x >= ((uint64_t)f << (32 - prob_bits));
+    words[*count] = (uint16_t)(x & 0xFFFF);
+    *count += emit;
+    x >>= 16 * emit;
+    /* x < f << (32 - prob_bits) <= 2**32 here, so x / f < 2**31. The quotient by a
+     * multiplication (a division costs several times more): x * (1/f) is within 2**-21
+     * of x / f, and x / f is an integer or at least 1/f >= 2**-16 below the next one, so
+     * adding 2**-20 and truncating gives exactly floor(x / f). */
+    uint32_t x32 = (uint32_t)x;
+    uint32_t q = (uint32_t)((double)x32 * inverse[s] + 0x1p-20);
+    x = ((uint64_t)q << prob_bits) + (x32 - q * f) + cum[s];
+    state[lane] = (uint32_t)x;
+    return 1;
+}
+
+/* rans_encode(symbols, freqs_u32le, prob_bits, lanes[, rows_i64, block_size, offset]) -> bytes.
+ * With rows: `symbols` is a matrix of block_size-byte rows and the symbols are those of rows
+ * rows[0], rows[1], ... in order, each byte plus `offset` modulo 256 (the encoder's code rows,
+ * coded without gathering them first). */
 static PyObject *rans_encode(PyObject *self, PyObject *args) {
-    Py_buffer symbols, freqs;
-    int prob_bits;
-    Py_ssize_t lanes;
+    Py_buffer symbols, freqs, rows_buffer = {0};
+    int prob_bits, offset = 0;
+    Py_ssize_t lanes, block_size = 0;
     uint32_t freq[256], cum[256];
     Py_ssize_t alphabet;
-    PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*y*in", &symbols, &freqs, &prob_bits, &lanes)) return NULL;
+    PyObject *result = NULL, *rows_object = Py_None;
+    if (!PyArg_ParseTuple(args, "y*y*in|Oni", &symbols, &freqs, &prob_bits, &lanes, &rows_object, &block_size, &offset)) return NULL;
     if (prob_bits < 1 || prob_bits > 16 || lanes < 1 || load_table(&freqs, prob_bits, freq, cum, &alphabet) < 0) {
         fail("format", "invalid rANS parameters or frequency table");
         goto done_buffers;
     }
+    const int64_t *rows = NULL;
+    Py_ssize_t row_count = 0;
+    if (rows_object != Py_None) {
+        if (PyObject_GetBuffer(rows_object, &rows_buffer, PyBUF_SIMPLE) < 0) goto done_buffers;
+        row_count = rows_buffer.len / 8;
+        rows = (const int64_t *)rows_buffer.buf;
+        if (block_size < 1 || rows_buffer.len % 8 || symbols.len % block_size
+            || check_rows(rows, row_count, symbols.len / block_size) < 0) {
+            PyErr_SetString(PyExc_ValueError, "rans_encode: inconsistent rows");
+            goto done_buffers;
+        }
+    }
     {
         const unsigned char *sym = (const unsigned char *)symbols.buf;
-        Py_ssize_t n = symbols.len;
+        Py_ssize_t n = rows ? row_count * block_size : symbols.len;
         uint32_t *state = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)lanes);
         uint16_t *words = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n > 0 ? n : 1));
         Py_ssize_t count = 0, lane;
@@ -72,7 +114,7 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
             PyErr_NoMemory();
             goto done_buffers;
         }
-        int zero_frequency = 0;
+        int ok = 1;
         double inverse[256];
         for (Py_ssize_t k = 0; k < alphabet; k++) inverse[k] = freq[k] ? 1.0 / (double)freq[k] : 0.0;
         for (lane = 0; lane < lanes; lane++) state[lane] = RANS_L;
@@ -80,30 +122,24 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
         /* The coding loop touches only C memory and the held buffer: other threads (a server
          * encoding or decoding several messages at once) may run meanwhile. */
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = n - 1; i >= 0; i--) {
-            unsigned s = sym[i];
-            uint64_t x = state[lane];
-            uint32_t f;
-            if (s >= alphabet || (f = freq[s]) == 0) {
-                zero_frequency = 1;
-                break;
+        if (rows) {
+            for (Py_ssize_t j = row_count - 1; j >= 0 && ok; j--) {
+                const unsigned char *row = sym + rows[j] * block_size;
+                for (Py_ssize_t k = block_size - 1; k >= 0; k--) {
+                    if (!(ok = rans_put((unsigned)((row[k] + offset) & 0xFF), alphabet, freq, cum, inverse, prob_bits, state, lane,
+                                        words, &count)))
+                        break;
+                    lane = lane == 0 ? lanes - 1 : lane - 1;
+                }
             }
-            if (x >= ((uint64_t)f << (32 - prob_bits))) {
-                words[count++] = (uint16_t)(x & 0xFFFF);
-                x >>= 16;
+        } else {
+            for (Py_ssize_t i = n - 1; i >= 0; i--) {
+                if (!(ok = rans_put(sym[i], alphabet, freq, cum, inverse, prob_bits, state, lane, words, &count))) break;
+                lane = lane == 0 ? lanes - 1 : lane - 1;
             }
-            /* x < f << (32 - prob_bits) <= 2**32 here, so x / f < 2**31. The quotient by a
-             * multiplication (a division costs several times more): x * (1/f) is within 2**-21
-             * of x / f, and x / f is an integer or at least 1/f >= 2**-16 below the next one, so
-             * adding 2**-20 and truncating gives exactly floor(x / f). */
-            uint32_t x32 = (uint32_t)x;
-            uint32_t q = (uint32_t)((double)x32 * inverse[s] + 0x1p-20);
-            x = ((uint64_t)q << prob_bits) + (x32 - q * f) + cum[s];
-            state[lane] = (uint32_t)x;
-            lane = lane == 0 ? lanes - 1 : lane - 1;
         }
         Py_END_ALLOW_THREADS
-        if (zero_frequency) {
+        if (!ok) {
             free(state);
             free(words);
             fail("format", "symbol with zero frequency");
@@ -131,6 +167,7 @@ static PyObject *rans_encode(PyObject *self, PyObject *args) {
         free(words);
     }
 done_buffers:
+    if (rows_buffer.buf) PyBuffer_Release(&rows_buffer);
     PyBuffer_Release(&symbols);
     PyBuffer_Release(&freqs);
     return result;
@@ -446,10 +483,15 @@ done:
 #pragma STDC FP_CONTRACT OFF
 #endif
 
-/* Hot loops are compiled twice where the compiler can (AVX2 and the baseline) and the loader
- * picks one: the arithmetic is the same IEEE operations either way, so are the results. */
+/* Hot loops are compiled several times where the compiler can (AVX-512 as x86-64-v4, from GCC 11,
+ * AVX2 and the baseline) and the loader picks one: the arithmetic is the same IEEE operations
+ * either way, so are the results. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if __GNUC__ >= 11
+#define HOT __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
 #define HOT __attribute__((target_clones("avx2", "default")))
+#endif
 #else
 #define HOT
 #endif
@@ -486,12 +528,39 @@ static inline double moment_weight(const void *values, int itemsize, Py_ssize_t 
     return (root ? sqrt(f) : f) * p2 + 0.0;
 }
 
+/* The Fisher checks of policy/fisher.py (weights_max below), taken as the sums read the weights:
+ * the largest bits with -0.0 as +0.0 (good values order as their bits do), and whether a value
+ * is bad (negative, NaN or infinite: its bits reach the exponent-all-ones pattern). */
+typedef struct {
+    uint64_t top;
+    uint64_t bad;
+} weight_check;
+
+static inline void check_weight(const void *values, int itemsize, Py_ssize_t i, weight_check *c) {
+    if (itemsize == 4) {
+        uint32_t b;
+        memcpy(&b, (const char *)values + 4 * i, 4);
+        b = b == 0x80000000u ? 0u : b;
+        c->top = b > c->top ? b : c->top;
+        c->bad |= b >= 0x7F800000u;
+    } else {
+        uint64_t b;
+        memcpy(&b, (const char *)values + 8 * i, 8);
+        b = b == 0x8000000000000000ull ? 0u : b;
+        c->top = b > c->top ? b : c->top;
+        c->bad |= b >= 0x7FF0000000000000ull;
+    }
+}
+
 /* One row in the general layout (any block size, a row that the tensor's end cuts). */
 static void moments_row_general(const float *x, Py_ssize_t block_size, const void *fisher, int itemsize, Py_ssize_t first,
-                                Py_ssize_t count, int root, double p2, double sums[5][8], float *top) {
+                                Py_ssize_t count, int root, double p2, double sums[5][8], float *top, weight_check *check) {
     for (Py_ssize_t k = 0; k < block_size; k++) {
         double v = x[k], a = fabs(v), w = 0.0;
-        if (fisher && first + k < count) w = moment_weight(fisher, itemsize, first + k, root, p2);
+        if (fisher && first + k < count) {
+            w = moment_weight(fisher, itemsize, first + k, root, p2);
+            check_weight(fisher, itemsize, first + k, check);
+        }
         float af = fabsf(x[k]);
         *top = af > *top ? af : *top;
         int j = (int)(k & 7);
@@ -517,10 +586,14 @@ static inline void lanes4_store(double *out, lanes4 v) { memcpy(out, &v, sizeof 
 /* Full rows of a multiple of 8 elements with float32 weights or none: lanes 0-3 and 4-7 as two
  * vectors; the weights of up to 64 elements at a time in a plain loop that vectorises. */
 HOT static void moments_rows_fast(const float *x, Py_ssize_t block_size, Py_ssize_t rows, const float *fisher, int root,
-                                  double p2, const moment_outputs *out) {
+                                  double p2, const moment_outputs *out, weight_check *check, float *copy) {
     double v[64], a[64], w[64], l[8];
+    uint32_t top = 0, bad = 0;
     for (Py_ssize_t r = 0; r < rows; r++) {
         const float *row = x + r * block_size;
+        /* The row into the encoder's matrix (Input.matrix_rows_to_fill) as it is read, instead
+         * of a copy of every tensor before this pass. */
+        if (copy) memcpy(copy + r * block_size, row, sizeof(float) * (size_t)block_size);
         const float *f = fisher ? fisher + r * block_size : NULL;
         lanes4 zero = {0, 0, 0, 0}, sq[2] = {zero, zero}, ab[2] = {zero, zero}, ws[2] = {zero, zero}, wsq[2] = {zero, zero},
                wab[2] = {zero, zero};
@@ -533,6 +606,12 @@ HOT static void moments_rows_fast(const float *x, Py_ssize_t block_size, Py_ssiz
             if (f) {
                 if (root) for (int k = 0; k < m; k++) w[k] = sqrt((double)f[k0 + k]) * p2 + 0.0;
                 else for (int k = 0; k < m; k++) w[k] = (double)f[k0 + k] * p2 + 0.0;
+                const uint32_t *bits = (const uint32_t *)(f + k0);
+                for (int k = 0; k < m; k++) {
+                    uint32_t b = bits[k] == 0x80000000u ? 0u : bits[k];
+                    top = b > top ? b : top;
+                    bad |= b >= 0x7F800000u;
+                }
             }
             for (int k = 0; k < m; k += 8) {
                 for (int h = 0; h < 2; h++) {
@@ -557,21 +636,24 @@ HOT static void moments_rows_fast(const float *x, Py_ssize_t block_size, Py_ssiz
             lanes4_store(l, wab[0]); lanes4_store(l + 4, wab[1]); out->weighted_magnitudes[r] = lanes_total(l);
         }
     }
+    check->top = top > check->top ? top : check->top;
+    check->bad |= bad;
 }
 #endif
 
 static void moments_rows(const float *x, Py_ssize_t block_size, Py_ssize_t rows, const void *fisher, int itemsize, Py_ssize_t count,
-                         int root, double p2, const moment_outputs *out) {
+                         int root, double p2, const moment_outputs *out, weight_check *check, float *copy) {
     Py_ssize_t fast = 0;
 #ifndef MOMENTS_SCALAR_ONLY
     if (block_size % 8 == 0 && (!fisher || itemsize == 4)) fast = fisher ? count / block_size : rows;
     if (fast > rows) fast = rows;
-    moments_rows_fast(x, block_size, fast, (const float *)fisher, root, p2, out);
+    moments_rows_fast(x, block_size, fast, (const float *)fisher, root, p2, out, check, copy);
 #endif
     for (Py_ssize_t r = fast; r < rows; r++) {
+        if (copy) memcpy(copy + r * block_size, x + r * block_size, sizeof(float) * (size_t)block_size);
         double sums[5][8] = {{0}};
         float top = 0.0f;
-        moments_row_general(x + r * block_size, block_size, fisher, itemsize, r * block_size, count, root, p2, sums, &top);
+        moments_row_general(x + r * block_size, block_size, fisher, itemsize, r * block_size, count, root, p2, sums, &top, check);
         out->absmax[r] = top;
         out->squares[r] = lanes_total(sums[0]);
         out->magnitudes[r] = lanes_total(sums[1]);
@@ -585,16 +667,20 @@ static void moments_rows(const float *x, Py_ssize_t block_size, Py_ssize_t rows,
 
 /* block_moments(matrix_f32 rows, block_size, fisher|None, itemsize, count, root, p2, absmax_f64,
  *               squares_f64, magnitudes_f64, weights_f64|None, weighted_squares_f64|None,
- *               weighted_magnitudes_f64|None): the sums above for every row of the matrix given;
- * fisher holds `count` values (float32 or float64) for the matrix's first elements. */
+ *               weighted_magnitudes_f64|None[, copy_to]): the sums above for every row of the matrix given
+ * (and the rows copied into copy_to, a writable buffer of their size, where given);
+ * fisher holds `count` values (float32 or float64) for the matrix's first elements. Returns None
+ * without fisher, else (largest fisher value with -0.0 as +0.0, whether every value is finite and
+ * >= 0), the checks of weights_max taken in the same pass. */
 static PyObject *block_moments(PyObject *self, PyObject *args) {
-    Py_buffer matrix, fisher = {0}, views[6];
-    PyObject *fisher_object, *objects[6];
+    Py_buffer matrix, fisher = {0}, views[6], copy = {0};
+    PyObject *fisher_object, *objects[6], *copy_object = Py_None;
     Py_ssize_t block_size, count;
     int itemsize, root, held = 0, ok = 0;
     double p2;
-    if (!PyArg_ParseTuple(args, "y*nOinidOOOOOO", &matrix, &block_size, &fisher_object, &itemsize, &count, &root, &p2,
-                          &objects[0], &objects[1], &objects[2], &objects[3], &objects[4], &objects[5]))
+    weight_check check = {0, 0};
+    if (!PyArg_ParseTuple(args, "y*nOinidOOOOOO|O", &matrix, &block_size, &fisher_object, &itemsize, &count, &root, &p2,
+                          &objects[0], &objects[1], &objects[2], &objects[3], &objects[4], &objects[5], &copy_object))
         return NULL;
     int weighted = fisher_object != Py_None;
     Py_ssize_t rows = block_size > 0 ? matrix.len / 4 / block_size : 0;
@@ -617,16 +703,35 @@ static PyObject *block_moments(PyObject *self, PyObject *args) {
         if (double_buffer(objects[i], &views[held], rows, 1, "an output") < 0) goto done;
         *targets[i] = (double *)views[held++].buf;
     }
+    if (copy_object != Py_None) {
+        if (PyObject_GetBuffer(copy_object, &copy, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (copy.len != matrix.len) {
+            PyErr_SetString(PyExc_ValueError, "block_moments: the copy's size differs from the rows'");
+            goto done;
+        }
+    }
     Py_BEGIN_ALLOW_THREADS
-    moments_rows((const float *)matrix.buf, block_size, rows, weighted ? fisher.buf : NULL, itemsize, count, root, p2, &out);
+    moments_rows((const float *)matrix.buf, block_size, rows, weighted ? fisher.buf : NULL, itemsize, count, root, p2, &out, &check,
+                 (float *)copy.buf);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
+    if (copy.buf) PyBuffer_Release(&copy);
     for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
     if (fisher.buf) PyBuffer_Release(&fisher);
     PyBuffer_Release(&matrix);
     if (!ok) return NULL;
-    Py_RETURN_NONE;
+    if (!weighted) Py_RETURN_NONE;
+    double largest = -INFINITY;
+    if (count && itemsize == 4) {
+        uint32_t top = (uint32_t)check.top;
+        float value;
+        memcpy(&value, &top, 4);
+        largest = value;
+    } else if (count) {
+        memcpy(&largest, &check.top, 8);
+    }
+    return Py_BuildValue("(dO)", largest, check.bad ? Py_False : Py_True);
 }
 
 /* Float bits with -0.0 mapped to +0.0: then a weight is bad (negative, NaN or infinite) exactly
@@ -713,6 +818,45 @@ static PyObject *weights_max(PyObject *self, PyObject *args) {
     PyBuffer_Release(&buffer);
     if (bad) Py_RETURN_NONE;
     return PyFloat_FromDouble(count ? largest : -INFINITY);
+}
+
+/* sign_errors(energy, weighted_abs, weight_sum, scale, near_limit_u8, out) (encoder/budget.py,
+ * block_stats, the reference): per block max(E - 2 s A + s s W, 0) as numpy computes it (the same
+ * operations in the same order; numpy's maximum keeps a NaN and the first of equal values), or
+ * inf where near_limit. One pass instead of eight numpy passes. */
+HOT static void sign_errors_loop(const double *energy, const double *weighted_abs, const double *weight_sum, const double *scale,
+                                 const unsigned char *near_limit, double *out, Py_ssize_t count) {
+    for (Py_ssize_t j = 0; j < count; j++) {
+        double s = scale[j];
+        double error = (energy[j] - (2.0 * s) * weighted_abs[j]) + (s * s) * weight_sum[j];
+        error = (error >= 0.0 || error != error) ? error : 0.0;
+        out[j] = near_limit[j] ? INFINITY : error;
+    }
+}
+
+static PyObject *sign_errors(PyObject *self, PyObject *args) {
+    PyObject *objects[5], *out_object;
+    Py_buffer views[5], out, limit;
+    int held = 0, ok = 0;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "OOOOy*O", &objects[0], &objects[1], &objects[2], &objects[3], &limit, &out_object)) return NULL;
+    count = limit.len;
+    for (int i = 0; i < 4; i++) {
+        if (double_buffer(objects[i], &views[held], count, 0, "an input") < 0) goto done;
+        held++;
+    }
+    if (double_buffer(out_object, &views[held], count, 1, "the output") < 0) goto done;
+    out = views[held++];
+    Py_BEGIN_ALLOW_THREADS
+    sign_errors_loop((const double *)views[0].buf, (const double *)views[1].buf, (const double *)views[2].buf,
+                     (const double *)views[3].buf, (const unsigned char *)limit.buf, (double *)out.buf, count);
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    PyBuffer_Release(&limit);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* The allocation's per-block choice at one multiplier (policy/allocation.py, _Evaluator._evaluate,
@@ -943,10 +1087,20 @@ HOT static void quantize_loop(const float *x, Py_ssize_t block_size, const int64
         float scale = scales[i], offset = offsets[i];
         if (uniform) {
             for (Py_ssize_t k = 0; k < block_size; k++) out[k] = (signed char)(int)nearbyintf(row[k] / scale);
-        } else {
+        } else if (!(offset >= 0.0f)) {
             for (Py_ssize_t k = 0; k < block_size; k++) {
                 float v = row[k] / scale;
                 out[k] = (signed char)(int)copysignf(floorf(fabsf(v) + offset), v);
+            }
+        } else {
+            /* copysignf(floorf(|v| + offset), v) converted to an integer, written so that it
+             * vectorises: |v| + offset >= 0 (the encoder's offsets are 1/2 less a dead zone below 1/2), where
+             * the integer conversion's truncation is floor, and the sign can be applied to the
+             * integer (v = -0.0 has magnitude 0 either way). */
+            for (Py_ssize_t k = 0; k < block_size; k++) {
+                float v = row[k] / scale;
+                int magnitude = (int)(fabsf(v) + offset);
+                out[k] = (signed char)(v < 0.0f ? -magnitude : magnitude);
             }
         }
     }
@@ -987,6 +1141,89 @@ done:
     return result;
 }
 
+HOT static void sign_loop(const float *x, Py_ssize_t block_size, const int64_t *row, Py_ssize_t count, signed char *out,
+                          const int64_t *at) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const float *values = x + row[i] * block_size;
+        signed char *c = out + at[i] * block_size;
+        for (Py_ssize_t k = 0; k < block_size; k++) c[k] = values[k] < 0.0f ? -1 : 0;
+    }
+}
+
+/* pack_rows(codes_i8 matrix, block_size, rows_i64, offset, width) -> bytes: bitpack.pack of the
+ * symbols codes[rows[0]], codes[rows[1]], ... (each byte plus offset modulo 256, each < 2**width),
+ * width 1, 2, 4 or 8: LSB first, the last byte's padding bits zero. */
+static PyObject *pack_rows(PyObject *self, PyObject *args) {
+    Py_buffer codes, rows;
+    Py_ssize_t block_size;
+    int offset, width;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*ii", &codes, &block_size, &rows, &offset, &width)) return NULL;
+    Py_ssize_t count = rows.len / 8;
+    if (block_size < 1 || codes.len % block_size || rows.len % 8 || (width != 1 && width != 2 && width != 4 && width != 8)
+        || check_rows((const int64_t *)rows.buf, count, codes.len / block_size) < 0) {
+        PyErr_SetString(PyExc_ValueError, "pack_rows: inconsistent arguments");
+        goto done;
+    }
+    {
+        Py_ssize_t symbols = count * block_size, size = (symbols * width + 7) / 8;
+        result = PyBytes_FromStringAndSize(NULL, size);
+        if (!result) goto done;
+        unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+        const unsigned char *matrix = (const unsigned char *)codes.buf;
+        const int64_t *row = (const int64_t *)rows.buf;
+        unsigned mask = width == 8 ? 0xFFu : (1u << width) - 1u;
+        int per_byte = 8 / width;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        int little_endian = 1; /* the 8-symbol trick below reads symbol m as byte m of an integer */
+#else
+        int little_endian = 0;
+#endif
+        Py_BEGIN_ALLOW_THREADS
+        if (width == 1 && block_size % 8 == 0 && little_endian) {
+            /* One bit per symbol (sign contexts): bit 0 of each of 8 symbols is bit 0 of the code
+             * XOR bit 0 of the offset (an addition's lowest bit takes no carry); the multiply
+             * moves bit 0 of byte m to bit 56 + m with no carries (every partial product has a
+             * distinct bit position), so the top byte is the 8 bits LSB first. */
+            uint64_t flip = (offset & 1) ? 0x0101010101010101ull : 0u;
+            unsigned char *at = out;
+            for (Py_ssize_t i = 0; i < count; i++) {
+                const unsigned char *c = matrix + row[i] * block_size;
+                for (Py_ssize_t k = 0; k < block_size; k += 8) {
+                    uint64_t eight;
+                    memcpy(&eight, c + k, 8);
+                    eight = ((eight ^ flip) & 0x0101010101010101ull) * 0x0102040810204080ull;
+                    *at++ = (unsigned char)(eight >> 56);
+                }
+            }
+        } else if (block_size % per_byte == 0) {
+            /* Whole bytes per row: each byte put together in a register. */
+            unsigned char *at = out;
+            for (Py_ssize_t i = 0; i < count; i++) {
+                const unsigned char *c = matrix + row[i] * block_size;
+                for (Py_ssize_t k = 0; k < block_size; k += per_byte) {
+                    unsigned byte = 0;
+                    for (int m = 0; m < per_byte; m++) byte |= (((unsigned)c[k + m] + (unsigned)offset) & mask) << (m * width);
+                    *at++ = (unsigned char)byte;
+                }
+            }
+        } else {
+            memset(out, 0, (size_t)size);
+            Py_ssize_t bit = 0;
+            for (Py_ssize_t i = 0; i < count; i++) {
+                const unsigned char *c = matrix + row[i] * block_size;
+                for (Py_ssize_t k = 0; k < block_size; k++, bit += width)
+                    out[bit >> 3] |= (unsigned char)((((unsigned)c[k] + (unsigned)offset) & mask) << (bit & 7));
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+done:
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&rows);
+    return result;
+}
+
 /* sign_codes(matrix_f32, block_size, rows_i64, codes_i8, where_i64): codes row where[i] of
  * matrix row rows[i] is -1 where x < 0, else 0 (plans._sign_codes). */
 static PyObject *sign_codes(PyObject *self, PyObject *args) {
@@ -1006,11 +1243,7 @@ static PyObject *sign_codes(PyObject *self, PyObject *args) {
         const int64_t *row = (const int64_t *)rows.buf, *at = (const int64_t *)where.buf;
         signed char *out = (signed char *)codes.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < count; i++) {
-            const float *values = x + row[i] * block_size;
-            signed char *c = out + at[i] * block_size;
-            for (Py_ssize_t k = 0; k < block_size; k++) c[k] = values[k] < 0.0f ? -1 : 0;
-        }
+        sign_loop(x, block_size, row, count, out, at);
         Py_END_ALLOW_THREADS
     }
     Py_INCREF(Py_None);
@@ -1028,6 +1261,26 @@ done:
  * plans._class_statistics over the sampled rows, in the order numpy's bincount adds: row by
  * row, the first counts[i] elements of each; index = class * 256 + 128 + code; sums add
  * (double)(x / scale) computed in float32. */
+/* The loop of class_statistics: a row's x / scale in float32 first (a loop that vectorises), then
+ * added to the sums bin by bin in element order. */
+HOT static void statistics_loop(const float *x, Py_ssize_t block_size, const int64_t *row, Py_ssize_t count, const float *scale,
+                                const signed char *code, const int64_t *cls, const int64_t *cnt, int64_t *h, double *sum) {
+    float quotient[256];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const float *values = x + row[i] * block_size;
+        const signed char *c = code + i * block_size;
+        int64_t base = cls[i] * 256 + 128;
+        float divisor = scale[i];
+        for (Py_ssize_t k = 0; k < cnt[i]; k++) h[base + c[k]]++;
+        if (!sum) continue;
+        for (Py_ssize_t k0 = 0; k0 < cnt[i]; k0 += 256) {
+            Py_ssize_t m = cnt[i] - k0 < 256 ? cnt[i] - k0 : 256;
+            for (Py_ssize_t k = 0; k < m; k++) quotient[k] = values[k0 + k] / divisor;
+            for (Py_ssize_t k = 0; k < m; k++) sum[base + c[k0 + k]] += (double)quotient[k];
+        }
+    }
+}
+
 static PyObject *class_statistics(PyObject *self, PyObject *args) {
     Py_buffer matrix, rows, scales, codes, classes, counts, hist, sums = {0};
     PyObject *sums_object, *result = NULL;
@@ -1057,14 +1310,7 @@ static PyObject *class_statistics(PyObject *self, PyObject *args) {
         int64_t *h = (int64_t *)hist.buf;
         double *sum = with_sums ? (double *)sums.buf : NULL;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < count; i++) {
-            const float *values = x + row[i] * block_size;
-            const signed char *c = code + i * block_size;
-            int64_t base = cls[i] * 256 + 128;
-            for (Py_ssize_t k = 0; k < cnt[i]; k++) h[base + c[k]]++;
-            if (sum)
-                for (Py_ssize_t k = 0; k < cnt[i]; k++) sum[base + c[k]] += (double)(values[k] / scale[i]);
-        }
+        statistics_loop(x, block_size, row, count, scale, code, cls, cnt, h, sum);
         Py_END_ALLOW_THREADS
     }
     Py_INCREF(Py_None);
@@ -1231,7 +1477,9 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes) -> bytes"},
+    {"sign_errors", sign_errors, METH_VARARGS, "sign_errors(energy, weighted_abs, weight_sum, scale, near_limit, out): sign blocks' errors"},
+    {"pack_rows", pack_rows, METH_VARARGS, "pack_rows(codes, block_size, rows, offset, width) -> bytes (bit-packed symbols of the rows)"},
+    {"rans_encode", rans_encode, METH_VARARGS, "rans_encode(symbols, freqs_u32le, prob_bits, lanes[, rows, block_size, offset]) -> bytes"},
     {"rans_decode", rans_decode, METH_VARARGS, "rans_decode(data, count, freqs_u32le, prob_bits, lanes) -> bytes"},
     {"msgpack_scan", msgpack_scan, METH_VARARGS, "msgpack_scan(header_bytes, container_budget) -> None (FORMAT.md 5.1)"},
     {"block_moments", block_moments, METH_VARARGS, "block_moments(matrix, block_size, fisher, itemsize, count, root, p2, *outputs) (encoder/moments.py)"},

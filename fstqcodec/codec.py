@@ -149,7 +149,9 @@ def _encode(tensors, fisher, config: EncodeConfig, meta, schema, masks=None) -> 
     if masks:
         tensors, fisher, masked = apply_masks(tensors, fisher, masks, config.block_size)
     source = encoder.Input(tensors, config.block_size, config.nonfinite)
-    weights = normalize_fisher(fisher, source.names, {s.name: s.shape for s in source.specs}, config.fisher_power)
+    # A budgeted encode checks float32 Fisher arrays in its block-sum pass, which reads them anyway.
+    weights = normalize_fisher(fisher, source.names, {s.name: s.shape for s in source.specs}, config.fisher_power,
+                               defer=config.mode == "budget")
     declared = masked[0] if masked else source.specs
     if schema is not None:
         if not isinstance(schema, Schema):

@@ -86,6 +86,108 @@ def test_block_statistics_are_identical(block_size, power, monkeypatch):
         assert np.array_equal(getattr(native, field), getattr(reference, field)), field
 
 
+def _extreme_float32(seed: int) -> tuple[dict, dict]:
+    """float32 values and a float32 Fisher spanning float32's whole range (subnormals to 3e38,
+    -0.0, exact zeros), a ragged tail, a scalar weight and an empty tensor."""
+    rng = np.random.default_rng(seed)
+    fisher_a = (rng.random(5000) * np.exp2(rng.integers(-149, 128, 5000).astype(np.float64))).astype(np.float32)
+    fisher_a[:3] = [np.float32(3.4e38), np.float32(1e-45), np.float32(-0.0)]
+    tensors = {
+        "a": (rng.standard_normal(5000) * np.exp2(rng.integers(-60, 60, 5000))).astype(np.float32),
+        "b": rng.standard_normal((30, 7)).astype(np.float32),
+        "s": rng.standard_normal(300).astype(np.float32),
+        "empty": np.zeros(0, np.float32),
+    }
+    fisher = {"a": fisher_a, "b": rng.random((30, 7)).astype(np.float32) * np.float32(1e-30), "s": 1e37,
+              "empty": np.zeros(0, np.float32)}
+    return tensors, fisher
+
+
+@pytest.mark.parametrize("which", ["lora", "ragged", "extreme"])
+@pytest.mark.parametrize("block_size", [16, 64, 100])
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_deferred_fisher_checks_give_the_same_statistics(which, block_size, power, monkeypatch):
+    # The checks and largest value of float32 Fisher arrays taken in the block-sum pass, the sums
+    # divided by the largest weight afterwards: the same bits as checking and scaling first.
+    tensors, fisher = _extreme_float32(3) if which == "extreme" else INPUTS[which]()
+    source = encoder.Input(tensors, block_size, "error")
+    shapes = {s.name: s.shape for s in source.specs}
+    eager = normalize_fisher(fisher, source.names, shapes, power)
+
+    def stats(defer):
+        weights = normalize_fisher(fisher, source.names, shapes, power, defer=defer)
+        assert not defer or weights.unchecked  # the deferred path is the one taken
+        return encoder.budget.block_stats(source, weights, sign=True)
+
+    expected = encoder.budget.block_stats(source, eager, sign=True)
+    native, reference = _both(lambda: stats(True), monkeypatch)
+    for field in ("weight", "mean_square", "weighted_energy", "absmax", "mean_abs", "sign_distortion", "shared_sign_distortion"):
+        for got in (native, reference):
+            assert np.array_equal(getattr(got, field), getattr(expected, field)), field
+
+
+@pytest.mark.parametrize("which", ["lora", "ragged"])
+@pytest.mark.parametrize("with_fisher", [True, False])
+def test_block_sums_build_the_matrix(which, with_fisher, monkeypatch):
+    # The block-sum pass copies the tensors into the encoder's matrix as it reads them: the same
+    # matrix as concatenating them (padding zero), and the same statistics, C and numpy.
+    tensors, fisher = INPUTS[which]()
+    expected_source = encoder.Input(tensors, 64, "error")
+    expected = expected_source.matrix.copy()
+
+    def sums():
+        source = encoder.Input(tensors, 64, "error")
+        assert source.matrix_rows_to_fill() is not None  # not built yet: the pass builds it
+        shapes = {s.name: s.shape for s in source.specs}
+        weights = normalize_fisher(fisher if with_fisher else None, source.names, shapes, 1.0, defer=True)
+        stats = encoder.budget.block_stats(source, weights, sign=True)
+        assert source.matrix_rows_to_fill() is None
+        return source.matrix, stats
+
+    (native, native_stats), (reference, reference_stats) = _both(sums, monkeypatch)
+    assert np.array_equal(native.view(np.uint32), expected.view(np.uint32))
+    assert np.array_equal(reference.view(np.uint32), expected.view(np.uint32))
+    for field in ("weight", "mean_square", "weighted_energy", "absmax", "sign_distortion"):
+        assert np.array_equal(getattr(native_stats, field), getattr(reference_stats, field)), field
+
+
+@pytest.mark.parametrize("budget", [fstqcodec.Budget(bits_per_param=2), fstqcodec.Budget(max_bytes=10),
+                                    fstqcodec.Budget(bits_per_param=32)], ids=["budget", "too-small", "lossless"])
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])
+def test_deferred_fisher_checks_name_the_tensor(budget, bad, monkeypatch):
+    # Every budgeted path reports a bad float32 Fisher as the up-front check did: the block sums
+    # (C and numpy), and the paths that never sum the weights (the lossless shortcut, a budget
+    # below the smallest message).
+    tensors = {"a": np.ones((4, 8), np.float32), "b": np.ones(300, np.float32), "c": np.ones(3, np.float32)}
+    fisher = {"a": np.ones((4, 8), np.float32), "b": np.ones(300, np.float32), "c": np.ones(3, np.float32)}
+    fisher["b"][200] = bad
+
+    def refused():
+        with pytest.raises(fstqcodec.EncodeError) as info:
+            fstqcodec.encode(tensors, fisher=fisher, budget=budget)
+        return info.value.tensor, str(info.value)
+
+    native, reference = _both(refused, monkeypatch)
+    assert native == reference == ("b", "fisher for 'b' holds negative or non-finite weights")
+
+
+def test_sign_errors_match_numpy():
+    # block_stats' sign-block errors in one C pass: numpy's operations, including its maximum's
+    # NaN and -0.0 cases, infinities, and the blocks near the dtype's limit.
+    rng = np.random.default_rng(5)
+    count = 4000
+    energy, weighted_abs, weight_sum, scale = (rng.standard_normal(count) * 1e3 for _ in range(4))
+    energy[:6] = [np.inf, np.nan, -0.0, 0.0, np.inf, 1e308]
+    weight_sum[:6] = [np.inf, 1.0, 0.0, -0.0, 1.0, 1e308]
+    scale[:6] = [1.0, 1.0, 0.0, 0.0, np.inf, 1e300]
+    near_limit = rng.random(count) < 0.1
+    with np.errstate(all="ignore"):
+        expected = np.where(near_limit, np.inf, np.maximum(energy - 2 * scale * weighted_abs + scale * scale * weight_sum, 0.0))
+    got = np.empty(count)
+    rans._speedups.sign_errors(energy, weighted_abs, weight_sum, scale, near_limit.view(np.uint8), got)
+    assert np.array_equal(got.view(np.uint64), expected.view(np.uint64))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fisher_checks_agree(dtype, monkeypatch):
     shapes = {"w": (5,)}

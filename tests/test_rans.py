@@ -38,6 +38,24 @@ def test_accelerator_is_built_here():
     assert rans.ACCELERATED
 
 
+@pytest.mark.parametrize("lanes", [1, 3, 64])
+@pytest.mark.parametrize("block_size", [1, 7, 64])
+def test_encode_rows_codes_the_rows_in_place(lanes, block_size):
+    # The encoder's path: signed codes of some rows of a matrix, offset into symbols, coded where
+    # they lie; the same stream as coding the gathered symbols (C and numpy).
+    symbols, freqs, prob_bits, _ = _stream(6 * block_size * 50, 3, seed=block_size)
+    offset = 4
+    matrix = (symbols.astype(np.int16) - offset).astype(np.int8).reshape(-1, block_size)
+    rows = np.array([0, 2, 3, 7, 8, 9] + list(range(11, len(matrix), 3)), dtype=np.int64)
+    expected = rans.encode_numpy(symbols.reshape(-1, block_size)[rows].reshape(-1), freqs, prob_bits, lanes)
+    assert rans.encode_rows(matrix, rows, offset, freqs, prob_bits, lanes) == expected
+    saved, rans._speedups = rans._speedups, None
+    try:
+        assert rans.encode_rows(matrix, rows, offset, freqs, prob_bits, lanes) == expected
+    finally:
+        rans._speedups = saved
+
+
 def test_many_lanes_and_a_partial_last_step():
     symbols, freqs, prob_bits, _ = _stream(10_007, 3)
     for lanes in (1, 2, 3, 64, 10_007):

@@ -128,12 +128,19 @@ def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan, estimat
     if "groups" not in plan.memo:
         plan.memo["groups"] = group_classes(plan)
     group_of_class, groups = plan.memo["groups"]
-    context_of_row = group_of_class[plan.row_class]
+    # Each context's rows (ascending) from one stable sort of the rows by context, not a scan of
+    # every row per context. (Contexts number at most 256: a radix sort of 16-bit keys.)
+    if len(groups) == 1:  # fixed-rate plans and small messages: every row, no sort
+        by_context, ends = np.arange(len(plan.row_class)), [len(plan.row_class)]
+    else:
+        context_of_row = group_of_class[plan.row_class].astype(np.int16)
+        by_context = np.argsort(context_of_row, kind="stable")
+        ends = np.cumsum(np.bincount(context_of_row, minlength=len(groups)))
     if plan.codebook is not None:
         built.codebooks.append(plan.codebook)
     jobs = []
     for g, (width, counts, choice, classes) in enumerate(groups):
-        members = np.flatnonzero(context_of_row == g)
+        members = by_context[(ends[g - 1] if g else 0) : ends[g]]
         rows = plan.quantized_rows[members]
         codebook_index = 0 if plan.codebook is not None else None
         # A sign context (width 1) always decodes through its two centroids.
@@ -180,6 +187,12 @@ def _add_quantized_contexts(built: _Contexts, source: Input, plan: Plan, estimat
 
 def _code_stream(source: Input, plan: Plan, context: Context, choice: dict, members, rows) -> bytes:
     """The code stream of one context: its blocks' codes as symbols, rANS-coded or packed."""
+    offset = 0 if plan.codebook is not None else 1 << (context.width - 1)
+    if source.aligned or np.all(source.counts[rows] == source.block_size):
+        # Whole rows: the coder reads them where they are (no gathered copy of the codes).
+        if context.kind == "rans":
+            return rans.encode_rows(plan.codes, members, offset, choice["freqs"], choice["prob_bits"], choice["lanes"])
+        return bitpack.pack_rows(plan.codes, members, offset, context.width)
     flat = source.flatten_rows(plan.codes[members], rows)
     if plan.codebook is not None:
         symbols = flat.view(np.uint8)

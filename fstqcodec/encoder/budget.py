@@ -8,8 +8,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import BudgetError
+from ..errors import BudgetError, EncodeError
 from ..policy.allocation import BlockStats, evaluator, shape_sample
+from ..policy.fisher import DeferredWeights
+from ..stages import rans as _rans
 from ..wire.header import DTYPES
 from . import moments
 from .assembly import assemble
@@ -31,8 +33,9 @@ _LOW_WATER_MEASURED = 0.985
 _MAX_SIZE_ITERATIONS = 8
 
 
-def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockStats:
+def block_stats(source: Input, weights, *, sign: bool = False) -> BlockStats:
     """Per-block statistics for the allocation (float64 sums in a fixed order, :mod:`.moments`).
+    ``weights``: from :func:`fstqcodec.policy.fisher.normalize_fisher` (deferred or not).
     ``sign``: whether the two-level sign quantizer is a candidate (it needs centroid codebooks,
     so nearest rounding)."""
     n = source.counts
@@ -56,26 +59,36 @@ def block_stats(source: Input, weights: dict, *, sign: bool = False) -> BlockSta
         # A sign block decodes to its context's centroids times its scale, which can exceed the
         # block's largest |x|: keep blocks near their dtype's largest value off the sign quantizer.
         near_limit = absmax > dtype_max_rows(source, np.arange(len(n))) / 4
+        native = getattr(_rans._speedups, "sign_errors", None)
         errors = []
         for s in (stats.mean_abs, stats.tensor_mean_abs):
-            error = np.maximum(energy - 2 * s * weighted_abs + s * s * weight_sum, 0.0)
-            errors.append(np.where(near_limit, np.inf, error))
+            if native is not None:  # the same operations in one C pass
+                error = np.empty(len(n))
+                native(energy, weighted_abs, weight_sum, np.ascontiguousarray(s), near_limit.view(np.uint8), error)
+            else:
+                error = np.maximum(energy - 2 * s * weighted_abs + s * s * weight_sum, 0.0)
+                error = np.where(near_limit, np.inf, error)
+            errors.append(error)
         stats.sign_distortion, stats.shared_sign_distortion = errors
     return stats
 
 
-def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str, seed: int, unbiased: bool = False,
+def encode_to_budget(source: Input, weights, limit: int, *, rounding: str, seed: int, unbiased: bool = False,
                      **options) -> bytes:
     """The best message the allocation finds within ``limit`` bytes (``unbiased``: the best
-    message of :func:`.unbiased.unbiased_plan`, whose decoded value is unbiased).
+    message of :func:`.unbiased.unbiased_plan`, whose decoded value is unbiased). ``weights``:
+    from :func:`fstqcodec.policy.fisher.normalize_fisher`, deferred or not.
 
     Raises
     ------
     BudgetError
         If even the smallest message (every block dropped) exceeds ``limit``.
+    EncodeError
+        Values lossy coding cannot hold, or a deferred Fisher array's bad values.
     """
     smallest = assemble(source, Plan.dropped(len(source.counts)), **options)
     if len(smallest) > limit:
+        _checked(weights)  # a bad Fisher is reported first, as when it was checked up front
         raise BudgetError(
             f"budget of {limit} bytes is below the smallest message for these tensors ({len(smallest)} bytes: "
             "header, names and block table); raise the budget or send fewer tensors",
@@ -85,8 +98,13 @@ def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str,
     if limit >= source.raw_bytes // 2:
         lossless = assemble(source, lossless_plan(source), **options)
         if len(lossless) <= limit:
+            _checked(weights)
             return lossless
-    source.check_quantizable()
+    try:
+        source.check_quantizable()
+    except EncodeError:
+        _checked(weights)
+        raise
     if unbiased:
         stats = block_stats(source, weights)
         return _fill_budget(source, lambda target: unbiased_plan(source, stats, target, seed=seed), limit, smallest,
@@ -101,6 +119,12 @@ def encode_to_budget(source: Input, weights: dict, limit: int, *, rounding: str,
         retry = _fill_budget(source, _rd_plans(source, stats, rounding, seed), limit, smallest, low_water, **options)
         best = retry if len(retry) > len(best) else best
     return best
+
+
+def _checked(weights):
+    """``weights`` with the checks a :class:`DeferredWeights` left to the block sums done now,
+    for the paths that never sum them (raises the EncodeError those checks raise)."""
+    return weights.check() if isinstance(weights, DeferredWeights) else weights
 
 
 def _rd_plans(source: Input, stats: BlockStats, rounding: str, seed: int) -> Callable[[float], Plan]:

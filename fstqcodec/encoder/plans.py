@@ -188,6 +188,8 @@ _DTYPE_MAX = {
 
 def dtype_max_rows(source: "Input", rows: np.ndarray) -> np.ndarray:
     per_tensor = np.array([_DTYPE_MAX[s.dtype] for s in source.specs], dtype=np.float64)
+    if len(per_tensor) and np.all(per_tensor == per_tensor[0]):
+        return np.full(len(rows), per_tensor[0])  # one dtype (the usual case): no gather
     return per_tensor[source.block_tensor[rows]] if len(per_tensor) else np.zeros(0)
 
 
@@ -254,7 +256,7 @@ def rd_plan(source: Input, stats: BlockStats, target_bits: float, *, rounding: s
     def fill_codes(chosen: np.ndarray) -> None:
         """Codes of the quantized rows that the mask ``chosen`` (over them) selects."""
         for part, where in zip(parts, positions):
-            keep = chosen[where]
+            keep = np.flatnonzero(chosen[where])  # once, not once per array indexed
             if part is grid:
                 subset = {k: part[k][keep] for k in ("rows", "scales", "offset", "largest", "capped")}
                 _quantize_rows(source, subset, rounding, rng, codes, where[keep])

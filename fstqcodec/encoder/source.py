@@ -86,7 +86,8 @@ def _all_finite(array: np.ndarray) -> bool:
 
 
 class Input:
-    """The tensors to encode, flattened into one padded (blocks x block_size) float32 matrix.
+    """The tensors to encode, flattened into one padded (blocks x block_size) float32 matrix
+    (built when first read, or by the encoder's block-sum pass as it reads the tensors).
 
     ``block_size`` and ``nonfinite`` come validated from an :class:`fstqcodec.EncodeConfig`.
 
@@ -117,13 +118,44 @@ class Input:
         flats = [a.astype(np.float32, copy=False) for a in self.arrays]
         if not self.aligned:
             flats = [np.pad(f, (0, (-len(f)) % block_size)) for f in flats]
+        self._matrix = None
         if not flats:
-            flat = np.zeros(0, np.float32)
+            self._matrix = np.zeros((0, block_size), np.float32)
         elif len(flats) == 1:
-            flat = flats[0]
+            self._matrix = flats[0].reshape(-1, block_size)
         else:
-            flat = np.concatenate(flats)
-        self.matrix = flat.reshape(-1, block_size)
+            # Copied into one matrix when first needed: the budgeted path's block-sum pass copies
+            # the tensors as it reads them (:meth:`matrix_rows_to_fill`), instead of a pass of
+            # its own before it.
+            self._flats = flats
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The tensors as one (blocks x block_size) float32 matrix, padding zero."""
+        if self._matrix is None:
+            self._matrix = np.concatenate(self._flats).reshape(-1, self.block_size)
+            del self._flats
+        return self._matrix
+
+    def matrix_rows_to_fill(self):
+        """Where the matrix is not built yet: ``(tensor rows, matrix)``, a function giving the
+        rows ``lo:hi`` (blocks of tensor ``t``) of tensor ``t`` read in place, and the empty
+        matrix to copy them into. Whoever takes this must fill every row, then call
+        :meth:`matrix_filled`. None where the matrix exists (or is a view of one tensor)."""
+        if self._matrix is not None:
+            return None
+        flats, size = self._flats, self.block_size
+
+        def rows_of(t: int, lo: int, hi: int) -> np.ndarray:
+            first = (lo - int(self.first_block[t])) * size
+            return flats[t][first : first + (hi - lo) * size].reshape(-1, size)
+
+        return rows_of, np.empty((len(self.counts), size), np.float32)
+
+    def matrix_filled(self, matrix: np.ndarray) -> None:
+        """The matrix that :meth:`matrix_rows_to_fill`'s taker has filled."""
+        self._matrix = matrix
+        del self._flats
 
     def _index_blocks(self) -> None:
         """Per block its element count and tensor; per tensor its first block."""

@@ -20,6 +20,7 @@ corrects the target from the real message size (the model is only a model).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -302,6 +303,7 @@ class _Evaluator:
         self.packed_tables = np.ascontiguousarray(np.stack([self.tables[k] for k in names]), dtype=np.float64)
         self.packed_r_tables = np.ascontiguousarray(np.stack([self.tables["D0"], self.tables["H0"]]), dtype=np.float64)
         self._totals = {}
+        self._choices, self._holding = {}, False
 
     def _u_index(self, log2_u):
         grid = self.tables["log2_u"]
@@ -320,6 +322,8 @@ class _Evaluator:
 
     def __call__(self, lam: float) -> "_Choice":
         """The best choice per block at multiplier ``lam``."""
+        if lam in self._choices:
+            return self._choices[lam]
         count = len(self.n)
         choice = _Choice(np.zeros(count, dtype=np.int8), np.empty(count), np.empty(count), np.empty(count), np.empty(count), lam)
         self._run(lam, choice.bits, choice)
@@ -327,12 +331,34 @@ class _Evaluator:
 
     def total(self, lam: float) -> float:
         """The model bits of the best choice at ``lam`` (remembered: every search of the size
-        loop starts from the same bracket), computing no more than the bits per block."""
+        loop starts from the same bracket), computing no more than the bits per block, or the
+        whole choice while :meth:`holding` (kept for the search's end)."""
         if lam not in self._totals:
-            bits = np.empty(len(self.n))
-            self._run(lam, bits, None)
-            self._totals[lam] = float(bits.sum())
+            if self._holding:
+                choice = self(lam)
+                self._choices[lam] = choice
+                self._totals[lam] = choice.total
+            else:
+                bits = np.empty(len(self.n))
+                self._run(lam, bits, None)
+                self._totals[lam] = float(bits.sum())
         return self._totals[lam]
+
+    @contextlib.contextmanager
+    def holding(self):
+        """Within: :meth:`total` evaluates whole choices and keeps them until :meth:`keep_only`
+        lets them go (a search ends with two of the choices it evaluated: evaluating them again
+        costs two passes over every block). All are let go at the end."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            self._choices = {}
+
+    def keep_only(self, *lams: float) -> None:
+        """Let go of the kept choices but those at ``lams``."""
+        self._choices = {lam: choice for lam, choice in self._choices.items() if lam in lams}
 
     def bracket(self, target_bits: float, low: float, high: float) -> tuple[float, float]:
         """A narrower ``(low, high)`` on log2(lambda) with the model over ``target_bits`` at
@@ -363,6 +389,7 @@ class _Evaluator:
             name: np.ascontiguousarray(getattr(self.stats, name)[part])
             for name in ("sign_distortion", "shared_sign_distortion") if getattr(self.stats, name) is not None})
         sample._totals = {}
+        sample._choices, sample._holding = {}, False
         return sample
 
     def _run(self, lam: float, bits: np.ndarray, choice: "_Choice | None") -> None:
@@ -498,41 +525,43 @@ def allocate(stats: BlockStats, target_bits: float, *, iterations: int = 40, tol
     low = math.log2(float(positive.min())) - 50.0
     high = math.log2(float(positive.max())) + 20.0
     low, high = evaluate.bracket(target_bits, low, high)
-    # The search needs only the model totals: the two choices it ends with are evaluated in full
-    # once it is over (the same lambdas give the same choices), so no more are held meanwhile.
     lam_over, lam_under = 2.0**low, 2.0**high
     over_total = evaluate.total(lam_over)  # the richest choice: over the target unless everything fits
     under_total = evaluate.total(lam_under)
     f_low, f_high = over_total - target_bits, under_total - target_bits
     if f_low <= 0:  # even the smallest lambda fits: spend everything
         return _allocation(stats, evaluate(lam_over))
-    side = 0
-    for _ in range(iterations):
-        if under_total <= target_bits and under_total >= target_bits * (1 - tolerance):
-            break
-        middle = (low * f_high - high * f_low) / (f_high - f_low) if f_high != f_low else 0.5 * (low + high)
-        if not low < middle < high:
-            middle = 0.5 * (low + high)
-        lam = 2.0**middle
-        total = evaluate.total(lam)
-        value = total - target_bits
-        if value > 0:
-            low, f_low, lam_over, over_total = middle, value, lam, total
-            if side == -1:
-                f_high *= 0.5
-            side = -1
-        else:
-            high, f_high = middle, value
-            # The model's total is monotone in lambda only up to its grids: keep the fullest.
-            if under_total > target_bits or total > under_total:
-                lam_under, under_total = lam, total
-            if side == 1:
-                f_low *= 0.5
-            side = 1
-    under = evaluate(lam_under)
-    if under_total > target_bits or under_total >= target_bits * (1 - tolerance):
-        return _allocation(stats, under)  # nothing fits the target, or the search met it
-    return _allocation(stats, _fill(under, evaluate(lam_over), target_bits))
+    # The bracket needs only the model totals. The search ends with two of the choices it
+    # evaluates: those of the current bracket are kept (no more), not evaluated again.
+    with evaluate.holding():
+        side = 0
+        for _ in range(iterations):
+            if under_total <= target_bits and under_total >= target_bits * (1 - tolerance):
+                break
+            middle = (low * f_high - high * f_low) / (f_high - f_low) if f_high != f_low else 0.5 * (low + high)
+            if not low < middle < high:
+                middle = 0.5 * (low + high)
+            lam = 2.0**middle
+            total = evaluate.total(lam)
+            value = total - target_bits
+            if value > 0:
+                low, f_low, lam_over, over_total = middle, value, lam, total
+                if side == -1:
+                    f_high *= 0.5
+                side = -1
+            else:
+                high, f_high = middle, value
+                # The model's total is monotone in lambda only up to its grids: keep the fullest.
+                if under_total > target_bits or total > under_total:
+                    lam_under, under_total = lam, total
+                if side == 1:
+                    f_low *= 0.5
+                side = 1
+            evaluate.keep_only(lam_over, lam_under)
+        under = evaluate(lam_under)
+        if under_total > target_bits or under_total >= target_bits * (1 - tolerance):
+            return _allocation(stats, under)  # nothing fits the target, or the search met it
+        return _allocation(stats, _fill(under, evaluate(lam_over), target_bits))
 
 
 def _search(evaluate: _Evaluator, target_bits: float, low: float, high: float, iterations: int, tolerance: float) -> float:
@@ -591,8 +620,10 @@ def evaluator(stats: BlockStats) -> _Evaluator:
 
 
 def _allocation(stats: BlockStats, choice: _Choice) -> Allocation:
-    quantized = choice.mode == QUANTIZE
+    # Steps of the quantized blocks only (often under half of them): the same values elementwise.
+    rows = np.flatnonzero(choice.mode == QUANTIZE)
+    step, deadzone = np.zeros(len(choice.mode)), np.zeros(len(choice.mode))
     with np.errstate(divide="ignore"):
-        step = np.where(quantized, np.sqrt(stats.mean_square) / np.exp2(choice.log2_r), 0.0)
-    return Allocation(mode=choice.mode, step=step, deadzone=np.where(quantized, choice.tau, 0.0),
-                      model_bits=choice.total, lam=choice.lam)
+        step[rows] = np.sqrt(stats.mean_square[rows]) / np.exp2(choice.log2_r[rows])
+    deadzone[rows] = choice.tau[rows]
+    return Allocation(mode=choice.mode, step=step, deadzone=deadzone, model_bits=choice.total, lam=choice.lam)

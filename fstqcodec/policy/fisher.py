@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import EncodeError
 from ..stages import rans as _rans
 
-__all__ = ["normalize_fisher", "check_fisher_power", "ElementWeights"]
+__all__ = ["normalize_fisher", "check_fisher_power", "ElementWeights", "DeferredWeights"]
 
 
 def check_fisher_power(power) -> float:
@@ -36,7 +36,7 @@ class ElementWeights:
     top: float
 
 
-def normalize_fisher(fisher, names: list, shapes: dict, power: float = 1.0) -> dict:
+def normalize_fisher(fisher, names: list, shapes: dict, power: float = 1.0, *, defer: bool = False):
     """Validate ``fisher`` against the tensors and return ``name -> float | ElementWeights``.
 
     Parameters
@@ -47,17 +47,22 @@ def normalize_fisher(fisher, names: list, shapes: dict, power: float = 1.0) -> d
         tensor's shape (one weight per element).
     power : float
         The weights used are ``fisher ** power`` (see ``fisher_power`` of :func:`fstqcodec.encode`).
+    defer : bool
+        Leave the value checks and the largest value of float32 per-element arrays at powers 1
+        and 0.5 to the pass that sums the weights per block (:mod:`fstqcodec.encoder.moments`),
+        which reads them anyway: the result is then a :class:`DeferredWeights`.
 
     Returns
     -------
-    dict
+    dict or DeferredWeights
         Per tensor its weight divided by the largest weight of all tensors: a float, or an
         :class:`ElementWeights` for per-element weights.
 
     Raises
     ------
     EncodeError
-        If a tensor is missing, a shape differs, or a weight is negative or not finite.
+        If a tensor is missing, a shape differs, or a weight is negative or not finite (with
+        ``defer``: values of deferred arrays are checked by :meth:`DeferredWeights.finish`).
     TypeError
         If ``fisher`` is not a mapping.
     """
@@ -73,14 +78,52 @@ def normalize_fisher(fisher, names: list, shapes: dict, power: float = 1.0) -> d
     for name in names:
         if name not in fisher:
             raise EncodeError(f"fisher has no weights for tensor {name!r}", tensor=name)
-        out[name], largest[name] = _tensor_weights(name, fisher[name], tuple(shapes[name]), power)
-    return _normalized(out, largest)
+        out[name], largest[name] = _tensor_weights(name, fisher[name], tuple(shapes[name]), power, defer)
+    deferred = DeferredWeights(out, largest)
+    return deferred if defer else deferred.check()
 
 
-def _tensor_weights(name: str, value, shape: tuple, power: float) -> tuple:
-    """(the tensor's weights before normalisation, their largest value or None if there are none):
+class DeferredWeights:
+    """The weights of :func:`normalize_fisher` before the checks and maxima of some per-element
+    arrays (``unchecked``: name -> (float32 array, root)), which the encoder's block-sum pass
+    takes in the same read of the array as the sums (:mod:`fstqcodec.encoder.moments`).
+    :meth:`finish` turns them into :func:`normalize_fisher`'s dict from those maxima;
+    :meth:`check` takes the maxima itself, for encodes that never sum the weights."""
+
+    def __init__(self, weights: dict, largest: dict):
+        self._weights, self._largest = weights, largest
+        self.unchecked = {name: weights[name] for name, top in largest.items() if top is None}
+
+    def finish(self, maxima: dict) -> dict:
+        """``normalize_fisher``'s dict, given per unchecked tensor its largest value (None: a
+        negative or non-finite value was seen).
+
+        Raises
+        ------
+        EncodeError
+            Naming the first tensor (in order) whose weights are negative or not finite.
+        """
+        largest = {}
+        for name, top in self._largest.items():
+            if top is None:
+                top = maxima[name]
+                if top is None:
+                    raise EncodeError(f"fisher for {name!r} holds negative or non-finite weights", tensor=name)
+                top = (math.sqrt(top) if top >= 0 else top) if self._weights[name][1] else top
+            largest[name] = top
+        return _normalized(self._weights, largest)
+
+    def check(self) -> dict:
+        """:meth:`finish` with the maxima taken by a separate pass over the unchecked arrays."""
+        return self.finish({name: _checked_max(array) for name, (array, _) in self.unchecked.items()})
+
+
+def _tensor_weights(name: str, value, shape: tuple, power: float, defer: bool = False) -> tuple:
+    """(the tensor's weights before normalisation, their largest value, -inf if there are none):
     a float, or for per-element weights a float32/float64 array (to be square-rooted where the
-    power is 0.5, the one fractional power the federated entry points use: exact and cheap)."""
+    power is 0.5, the one fractional power the federated entry points use: exact and cheap).
+    With ``defer``, a float32 array at power 1 or 0.5 is not checked here and its largest value
+    is None (see :class:`DeferredWeights`)."""
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().float().cpu().numpy()
     if isinstance(value, (str, bytes, bool)) or np.asarray(value).dtype.kind not in "fiu":
@@ -96,6 +139,8 @@ def _tensor_weights(name: str, value, shape: tuple, power: float) -> tuple:
     if array.dtype not in (np.float32, np.float64) or not array.dtype.isnative:
         array = array.astype(np.float64)
     array = np.ascontiguousarray(array).reshape(-1)
+    if defer and power in (1, 0.5) and array.dtype == np.float32:
+        return (array, power == 0.5), None
     top = _checked_max(array)
     if top is None:
         raise EncodeError(f"fisher for {name!r} holds negative or non-finite weights", tensor=name)

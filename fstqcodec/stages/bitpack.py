@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import BadFormatError
 
-__all__ = ["packed_size", "pack", "unpack"]
+__all__ = ["packed_size", "pack", "pack_rows", "unpack"]
 
 
 def packed_size(count: int, width: int) -> int:
@@ -37,6 +37,20 @@ def pack(codes: np.ndarray, width: int) -> bytes:
         return out.tobytes()
     bits = np.unpackbits(codes[:, None], axis=1, count=width, bitorder="little")
     return np.packbits(bits.ravel(), bitorder="little").tobytes()
+
+
+def pack_rows(matrix: np.ndarray, rows: np.ndarray, offset: int, width: int) -> bytes:
+    """:func:`pack` of the symbols ``matrix[rows] + offset`` (modulo 256; rows of int8 or uint8
+    codes), without gathering them first where the C accelerator runs."""
+    from . import rans  # the accelerator's handle (and FSTQ_PURE_PYTHON) live there
+
+    native = getattr(rans._speedups, "pack_rows", None)
+    if native is not None and width in (1, 2, 4, 8):
+        matrix = np.ascontiguousarray(matrix)
+        return native(matrix, matrix.shape[1], np.ascontiguousarray(rows, dtype=np.int64), int(offset) & 0xFF, width)
+    symbols = matrix[rows].reshape(-1).view(np.uint8)
+    symbols += np.uint8(int(offset) & 0xFF)  # in place: the gather above made a copy
+    return pack(symbols, width)
 
 
 def unpack(data, width: int, count: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import os
 
 from ..errors import BadFormatError, TrailingDataError
 
-__all__ = ["RANS_L", "MAX_STEPS", "normalize_frequencies", "encode", "decode", "estimate_bits", "choose_lanes", "min_lanes", "ACCELERATED"]
+__all__ = ["RANS_L", "MAX_STEPS", "normalize_frequencies", "encode", "encode_rows", "decode", "estimate_bits", "choose_lanes", "min_lanes", "ACCELERATED"]
 
 # The C accelerator (fstqcodec/_speedups.c) produces the same bytes as the numpy code below, which
 # stays the reference and the fallback. FSTQ_PURE_PYTHON=1 forces the fallback.
@@ -102,6 +102,19 @@ def encode(symbols: np.ndarray, freqs: np.ndarray, prob_bits: int, lanes: int) -
     if _speedups is not None and len(freqs) <= 256:
         table = np.ascontiguousarray(freqs, dtype="<u4")
         return _speedups.rans_encode(np.ascontiguousarray(symbols, dtype=np.uint8), table, prob_bits, lanes)
+    return encode_numpy(symbols, freqs, prob_bits, lanes)
+
+
+def encode_rows(matrix: np.ndarray, rows: np.ndarray, offset: int, freqs: np.ndarray, prob_bits: int, lanes: int) -> bytes:
+    """:func:`encode` of the symbols ``matrix[rows] + offset`` (modulo 256; ``matrix`` of uint8 or
+    int8 rows), without gathering them first where the C accelerator runs."""
+    if _speedups is not None and len(freqs) <= 256:
+        table = np.ascontiguousarray(freqs, dtype="<u4")
+        matrix = np.ascontiguousarray(matrix)
+        return _speedups.rans_encode(matrix, table, prob_bits, lanes, np.ascontiguousarray(rows, dtype=np.int64),
+                                     matrix.shape[1], int(offset) & 0xFF)
+    symbols = matrix[rows].reshape(-1).view(np.uint8)
+    symbols += np.uint8(int(offset) & 0xFF)  # in place: the gather above made a copy
     return encode_numpy(symbols, freqs, prob_bits, lanes)
 
 
