@@ -89,6 +89,15 @@ EXPERIMENTS = {
                                       "--proxy-fill", "received", "--seeds", "2", "--rounds", "12", *_CLOCK],
     "bbc-proxies-client-only-seed2": ["--methods", "fp32", "--server-mask", "0", "--client-mask", "0.1",
                                       "--proxy-fill", "received", "--seeds", "2", "--rounds", "12", *_CLOCK],
+    # Within 1 point (issue 13 bar 1): the classifier head out of the server mask and the server step
+    # scaled by about 1/0.7 for the entries that move, beside the unmasked run under the same step.
+    "bbc-proxies-head-exempt-seed0": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1",
+                                      "--proxy-fill", "received", "--server-mask-exempt", "*classifier*",
+                                      "--seeds", "0", *_CLOCK],
+    "seeds-bbc-proxies-head-exempt-slr1.4": ["--methods", "fp32", "--server-mask", "0.3", "--client-mask", "0.1",
+                                             "--proxy-fill", "received", "--server-mask-exempt", "*classifier*",
+                                             "--server-lr", "1.4", "--seeds", "0,1,2", *_CLOCK],
+    "seeds-bbc-default-slr1.4": ["--methods", "fp32", "--server-lr", "1.4", "--seeds", "0,1,2", *_CLOCK],
     # One-seed exploration behind the above (bbc-*-variants-seed0 in the records).
     "bbc-alpha0.1-ef21": ["--alpha", "0.1", "--methods", "fstq,fstq-ef21", *_CLOCK],
     "bbc-alpha0.1-momentum": ["--alpha", "0.1", "--methods", "fp32,fstq", "--server-momentum", "0.5", *_CLOCK],

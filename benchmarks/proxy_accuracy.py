@@ -1,0 +1,83 @@
+"""Issue 13's first bar: the accuracy cost of downlink proxies on the default task, over 3 seeds.
+
+Reads the per-seed records (``<record>/seed-<n>/results.json``) of `fstq simulate --methods fp32`
+runs (fp32 uplink, so that only the downlink differs) and prints one Markdown table: per downlink
+(the plain fp32 adapter, or proxies with a server mask of 30% and a client mask of 10% under each
+recipe) the final accuracy and the mean of the last 5 rounds (mean +- std over the seeds, and per
+seed), the difference of the mean final accuracy from the unmasked run under the same server
+learning rate, the downlink bytes per client and round against fp32's, the cosine between a proxy
+and the global adapter in the last round, and the share of the adapter any client was ever sent.
+
+    python benchmarks/proxy_accuracy.py            # from benchmarks/simulate_results
+
+Each row's command is in README.md ("Downlink proxies") and benchmarks/simulate_results/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+
+from fstqcodec.sim.report import last_rounds_accuracy
+
+RECORDS = pathlib.Path(__file__).resolve().parent / "simulate_results"
+FP32_ADAPTER_BYTES = 302_620  # the default task's adapter as one lossless fp32 message
+
+# (label, server lr, record directory, record of the unmasked run under the same server lr)
+ROWS = [
+    ("fp32 downlink (no proxies)", 1.0, "seeds-bbc-default/runs-fp32", None),
+    ("proxies, hidden entries `previous`", 1.0, "seeds-bbc-proxies", "seeds-bbc-default/runs-fp32"),
+    ("proxies, hidden entries `received`", 1.0, "seeds-bbc-proxies-received", "seeds-bbc-default/runs-fp32"),
+    ("fp32 downlink (no proxies)", 1.4, "seeds-bbc-default-slr1.4", None),
+    ("**proxies, `received`, head exempt from the server mask**", 1.4, "seeds-bbc-proxies-head-exempt-slr1.4",
+     "seeds-bbc-default-slr1.4"),
+]
+
+
+def seed_runs(record: str) -> list[tuple[dict, list[dict]]]:
+    """(config, the fp32 method's per-round records) of every seed of ``record``, by seed."""
+    runs = [json.loads(path.read_text()) for path in sorted((RECORDS / record).glob("seed-*/results.json"))]
+    return [(run["config"], run["methods"]["fp32"]["rounds"]) for run in runs]
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def row(label: str, server_lr: float, record: str, reference: str | None) -> str:
+    configs, runs = zip(*seed_runs(record)) if seed_runs(record) else ((), ())
+    if not runs:
+        return f"| {label} | {server_lr:g} | not run | | | | | | |"
+    finals = [rounds[-1]["accuracy"] for rounds in runs]
+    lasts = [last_rounds_accuracy(rounds) for rounds in runs]
+    versus = "-"
+    if reference is not None:
+        reference_finals = [rounds[-1]["accuracy"] for _, rounds in seed_runs(reference)]
+        versus = f"{100 * (statistics.mean(finals) - statistics.mean(reference_finals)):+.1f}"
+    last = [rounds[-1] for rounds in runs]
+    clients = [config["clients_per_round"] for config in configs]
+    if "proxy_downlink_bytes" in last[0]:
+        per_client = statistics.mean(e["proxy_downlink_bytes"] / c for e, c in zip(last, clients))
+        downlink = f"{per_client / 1e3:.1f} kB ({FP32_ADAPTER_BYTES / per_client:.1f}x smaller)"
+        cosine = f"{statistics.mean(e['proxy_cosine_mean'] for e in last):.3f}"
+        seen = f"{statistics.mean(e['fraction_ever_seen'] for e in last):.3f}"
+    else:
+        downlink, cosine, seen = f"{FP32_ADAPTER_BYTES / 1e3:.1f} kB (1.0x)", "1", "1"
+    per_seed = " / ".join(f"{value:.3f}" for value in finals)
+    return (f"| {label} | {server_lr:g} | {len(runs)} | {spread(finals)} ({per_seed}) | {spread(lasts)} | {versus} | "
+            f"{downlink} | {cosine} | {seen} |")
+
+
+def main() -> None:
+    print("**Default task (BBC, 10 clients, Dirichlet 0.5, 20 rounds), fp32 uplink; proxies: server mask 30%, "
+          "client mask 10%, 4 bits per entry sent**\n")
+    print("| downlink | server lr | seeds | final acc (per seed) | last 5 rounds | vs unmasked, same server lr (points) "
+          "| downlink per client and round | cosine, last round | ever sent |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    for spec in ROWS:
+        print(row(*spec))
+
+
+if __name__ == "__main__":
+    main()
