@@ -123,16 +123,16 @@ def decompress_exact(stored, declared: int, what: str, offset: int) -> bytes:
         A structural defect (:func:`frame_length`), then content that does not regenerate exactly
         ``declared`` bytes or fails its checksum (BadFormatError).
     """
-    stored = bytes(stored)
     frame_length(stored, declared, what, offset)
-    # The frame is complete and declares ``declared`` bytes: libzstd writes no more than that.
+    # The frame is complete and declares ``declared`` bytes: libzstd writes no more than that, so
+    # one call into an output of exactly that size (no copy of the input, no chunks to join).
     # Single-segment frames have a window of their content size, which may exceed libzstd's
     # default limit; multi-segment windows were bounded to 8 MiB above.
-    decompressor = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+    decompressor = zstandard.ZstdDecompressor(max_window_size=1 << 31)
     try:
-        out = decompressor.decompress(stored)
+        out = decompressor.decompress(stored, max_output_size=declared)
     except zstandard.ZstdError as exc:
         raise BadFormatError(f"{what}: invalid zstd data ({exc})", offset=offset) from None
-    if not decompressor.eof or len(out) != declared:
+    if len(out) != declared:
         raise BadFormatError(f"{what}: zstd data decodes to {len(out)} bytes, header declares {declared}", offset=offset)
     return out
