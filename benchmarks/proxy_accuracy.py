@@ -37,7 +37,8 @@ ROWS = [
 
 def seed_runs(record: str) -> list[tuple[dict, list[dict]]]:
     """(config, the fp32 method's per-round records) of every seed of ``record``, by seed."""
-    runs = [json.loads(path.read_text()) for path in sorted((RECORDS / record).glob("seed-*/results.json"))]
+    paths = sorted((RECORDS / record).glob("seed-*/results.json")) or [RECORDS / record / "results.json"]
+    runs = [json.loads(path.read_text()) for path in paths if path.exists()]
     return [(run["config"], run["methods"]["fp32"]["rounds"]) for run in runs]
 
 
@@ -69,6 +70,33 @@ def row(label: str, server_lr: float, record: str, reference: str | None) -> str
             f"{downlink} | {cosine} | {seen} |")
 
 
+# The accuracy cost against mask rates (issue 13 bar 2): one seed (0), the recipe of the last row
+# above (head exempt from the server mask, server lr 1.4), fp32 uplink: (server, client, record).
+RATE_ROWS = [
+    (0.0, 0.0, "seeds-bbc-default-slr1.4"),
+    (0.1, 0.05, "bbc-proxies-server0.1-client0.05-seed0"),
+    (0.3, 0.1, "seeds-bbc-proxies-head-exempt-slr1.4"),
+    (0.5, 0.2, "bbc-proxies-server0.5-client0.2-seed0"),
+]
+
+
+def rate_row(server: float, client: float, record: str) -> str:
+    """One mask setting's seed-0 figures."""
+    runs = [(config, rounds) for config, rounds in seed_runs(record) if config["seed"] == 0]
+    if not runs:
+        return f"| {server:.0%} | {client:.0%} | not run | | | | |"
+    config, rounds = runs[0]
+    last = rounds[-1]
+    if "proxy_downlink_bytes" in last:
+        per_client = last["proxy_downlink_bytes"] / config["clients_per_round"]
+        figures = (f"{per_client / 1e3:.1f} kB ({FP32_ADAPTER_BYTES / per_client:.1f}x smaller) | "
+                   f"{last['proxy_cosine_mean']:.3f} | {last['fraction_ever_seen']:.3f}")
+    else:
+        figures = f"{FP32_ADAPTER_BYTES / 1e3:.1f} kB (1.0x) | 1 | 1"
+    return (f"| {server:.0%} | {client:.0%} | {last['accuracy']:.3f} | {last_rounds_accuracy(rounds):.3f} | "
+            f"{figures} |")
+
+
 def main() -> None:
     print("**Default task (BBC, 10 clients, Dirichlet 0.5, 20 rounds), fp32 uplink; proxies: server mask 30%, "
           "client mask 10%, 4 bits per entry sent**\n")
@@ -77,6 +105,13 @@ def main() -> None:
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for spec in ROWS:
         print(row(*spec))
+    print("\n**Accuracy cost against mask rates: seed 0 only, head exempt from the server mask, server lr 1.4, "
+          "`received`**\n")
+    print("| server mask | client mask | final acc | last 5 rounds | downlink per client and round | cosine, last round "
+          "| ever sent |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for spec in RATE_ROWS:
+        print(rate_row(*spec))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,11 @@ EXPERIMENTS = {
                                              "--proxy-fill", "received", "--server-mask-exempt", "*classifier*",
                                              "--server-lr", "1.4", "--seeds", "0,1,2", *_CLOCK],
     "seeds-bbc-default-slr1.4": ["--methods", "fp32", "--server-lr", "1.4", "--seeds", "0,1,2", *_CLOCK],
+    # The accuracy cost against mask rates (issue 13 bar 2), the same recipe, seed 0.
+    **{f"bbc-proxies-server{server}-client{client}-seed0": [
+        "--methods", "fp32", "--server-mask", server, "--client-mask", client, "--proxy-fill", "received",
+        "--server-mask-exempt", "*classifier*", "--server-lr", "1.4", "--seeds", "0", *_CLOCK]
+       for server, client in (("0.1", "0.05"), ("0.5", "0.2"))},
     # One-seed exploration behind the above (bbc-*-variants-seed0 in the records).
     "bbc-alpha0.1-ef21": ["--alpha", "0.1", "--methods", "fstq,fstq-ef21", *_CLOCK],
     "bbc-alpha0.1-momentum": ["--alpha", "0.1", "--methods", "fp32,fstq", "--server-momentum", "0.5", *_CLOCK],
