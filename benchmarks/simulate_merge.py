@@ -70,7 +70,9 @@ def _merge(runs: list[dict], target: float | None) -> dict:
 
 # Config entries a seed changes (the split, the partition, the links): not settings of the run.
 _PER_SEED_CONFIG = {"seed", "client_examples", "client_label_histogram", "bandwidth_model", "train_examples",
-                    "test_examples", "eval_examples", "wall_time_s", "platform"}
+                    "test_examples", "eval_examples", "wall_time_s", "platform",
+                    # the causal-LM tasks' split and generations differ by seed
+                    "mean_train_tokens", "sample_generations_last_eval"}
 
 
 def _common_seeds(directories: list[str]) -> list[int]:

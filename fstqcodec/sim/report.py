@@ -352,7 +352,9 @@ def write_outputs(results: dict, out_dir: str | pathlib.Path, *, plots: bool = T
 # (server_optimizer from server_lr and server_momentum), and how its summary chose the target
 # (the targets themselves must agree, checked apart).
 _MERGE_IGNORED = {"methods", "workers", "threads", "quick", "platform", "extra", "server_optimizer",
-                  "target_accuracy", "target_of_fp32"}
+                  "target_accuracy", "target_of_fp32",
+                  # an output of the causal-LM tasks (generations of the methods the run had), not a setting
+                  "sample_generations_last_eval"}
 
 
 def _comparable_settings(config: Mapping[str, Any]) -> dict:
