@@ -279,3 +279,14 @@ def test_merge_counts_a_setting_a_run_predates_as_its_default():
     assert list(merge_results([older, newer])["methods"]) == ["fp32", "fstq"]
     with pytest.raises(ValueError, match="server_momentum"):
         merge_results([older, {**newer, "config": {**newer["config"], "server_momentum": 0.5}}])
+
+
+def test_merge_ignores_the_generations_a_causal_run_recorded():
+    from fstqcodec.sim.report import merge_results
+
+    whole = _fake_results()
+    first = {**whole, "methods": {"fp32": whole["methods"]["fp32"]},
+             "config": {**whole["config"], "sample_generations_last_eval": [["prompt", "Depression"]]}}
+    second = {**whole, "methods": {"fstq": whole["methods"]["fstq"]},
+              "config": {**whole["config"], "sample_generations_last_eval": [["prompt", "Birth Control"]]}}
+    assert list(merge_results([first, second])["methods"]) == ["fp32", "fstq"]
