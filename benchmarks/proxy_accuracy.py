@@ -46,6 +46,20 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+FIGURE_COLUMNS = ["downlink per client and round", "cosine, last round", "ever sent"]
+
+
+def downlink_figures(last_rounds: list[dict], clients_per_round: list[int]) -> str:
+    """The downlink per client against fp32's, the proxies' cosine and the share ever sent, in the
+    last round (means over the seeds); the plain fp32 downlink where the runs had no proxies."""
+    if "proxy_downlink_bytes" not in last_rounds[0]:
+        return f"{FP32_ADAPTER_BYTES / 1e3:.1f} kB (1.0x) | 1 | 1"
+    per_client = statistics.mean(e["proxy_downlink_bytes"] / c for e, c in zip(last_rounds, clients_per_round))
+    cosine = statistics.mean(e["proxy_cosine_mean"] for e in last_rounds)
+    seen = statistics.mean(e["fraction_ever_seen"] for e in last_rounds)
+    return f"{per_client / 1e3:.1f} kB ({FP32_ADAPTER_BYTES / per_client:.1f}x smaller) | {cosine:.3f} | {seen:.3f}"
+
+
 def row(label: str, server_lr: float, record: str, reference: str | None) -> str:
     configs, runs = zip(*seed_runs(record)) if seed_runs(record) else ((), ())
     if not runs:
@@ -56,18 +70,9 @@ def row(label: str, server_lr: float, record: str, reference: str | None) -> str
     if reference is not None:
         reference_finals = [rounds[-1]["accuracy"] for _, rounds in seed_runs(reference)]
         versus = f"{100 * (statistics.mean(finals) - statistics.mean(reference_finals)):+.1f}"
-    last = [rounds[-1] for rounds in runs]
-    clients = [config["clients_per_round"] for config in configs]
-    if "proxy_downlink_bytes" in last[0]:
-        per_client = statistics.mean(e["proxy_downlink_bytes"] / c for e, c in zip(last, clients))
-        downlink = f"{per_client / 1e3:.1f} kB ({FP32_ADAPTER_BYTES / per_client:.1f}x smaller)"
-        cosine = f"{statistics.mean(e['proxy_cosine_mean'] for e in last):.3f}"
-        seen = f"{statistics.mean(e['fraction_ever_seen'] for e in last):.3f}"
-    else:
-        downlink, cosine, seen = f"{FP32_ADAPTER_BYTES / 1e3:.1f} kB (1.0x)", "1", "1"
     per_seed = " / ".join(f"{value:.3f}" for value in finals)
-    return (f"| {label} | {server_lr:g} | {len(runs)} | {spread(finals)} ({per_seed}) | {spread(lasts)} | {versus} | "
-            f"{downlink} | {cosine} | {seen} |")
+    figures = downlink_figures([rounds[-1] for rounds in runs], [config["clients_per_round"] for config in configs])
+    return f"| {label} | {server_lr:g} | {len(runs)} | {spread(finals)} ({per_seed}) | {spread(lasts)} | {versus} | {figures} |"
 
 
 # The accuracy cost against mask rates (issue 13 bar 2): one seed (0), the recipe of the last row
@@ -86,32 +91,29 @@ def rate_row(server: float, client: float, record: str) -> str:
     if not runs:
         return f"| {server:.0%} | {client:.0%} | not run | | | | |"
     config, rounds = runs[0]
-    last = rounds[-1]
-    if "proxy_downlink_bytes" in last:
-        per_client = last["proxy_downlink_bytes"] / config["clients_per_round"]
-        figures = (f"{per_client / 1e3:.1f} kB ({FP32_ADAPTER_BYTES / per_client:.1f}x smaller) | "
-                   f"{last['proxy_cosine_mean']:.3f} | {last['fraction_ever_seen']:.3f}")
-    else:
-        figures = f"{FP32_ADAPTER_BYTES / 1e3:.1f} kB (1.0x) | 1 | 1"
-    return (f"| {server:.0%} | {client:.0%} | {last['accuracy']:.3f} | {last_rounds_accuracy(rounds):.3f} | "
+    figures = downlink_figures([rounds[-1]], [config["clients_per_round"]])
+    return (f"| {server:.0%} | {client:.0%} | {rounds[-1]['accuracy']:.3f} | {last_rounds_accuracy(rounds):.3f} | "
             f"{figures} |")
 
 
+def print_table(title: str, columns: list[str], lines: list[str]) -> None:
+    """A Markdown table under a bold title: the first column left-aligned, the others right."""
+    print(f"**{title}**\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * (len(columns) - 1))
+    for line in lines:
+        print(line)
+
+
 def main() -> None:
-    print("**Default task (BBC, 10 clients, Dirichlet 0.5, 20 rounds), fp32 uplink; proxies: server mask 30%, "
-          "client mask 10%, 4 bits per entry sent**\n")
-    print("| downlink | server lr | seeds | final acc (per seed) | last 5 rounds | vs unmasked, same server lr (points) "
-          "| downlink per client and round | cosine, last round | ever sent |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
-    for spec in ROWS:
-        print(row(*spec))
-    print("\n**Accuracy cost against mask rates: seed 0 only, head exempt from the server mask, server lr 1.4, "
-          "`received`**\n")
-    print("| server mask | client mask | final acc | last 5 rounds | downlink per client and round | cosine, last round "
-          "| ever sent |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for spec in RATE_ROWS:
-        print(rate_row(*spec))
+    print_table("Default task (BBC, 10 clients, Dirichlet 0.5, 20 rounds), fp32 uplink; proxies: server mask 30%, "
+                "client mask 10%, 4 bits per entry sent",
+                ["downlink", "server lr", "seeds", "final acc (per seed)", "last 5 rounds",
+                 "vs unmasked, same server lr (points)", *FIGURE_COLUMNS], [row(*spec) for spec in ROWS])
+    print()
+    print_table("Accuracy cost against mask rates: seed 0 only, head exempt from the server mask, server lr 1.4, "
+                "`received`", ["server mask", "client mask", "final acc", "last 5 rounds", *FIGURE_COLUMNS],
+                [rate_row(*spec) for spec in RATE_ROWS])
 
 
 if __name__ == "__main__":
