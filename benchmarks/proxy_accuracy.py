@@ -85,12 +85,16 @@ RATE_ROWS = [
 ]
 
 
+def seed0_run(record: str):
+    """(config, rounds) of seed 0 in ``record``, or None."""
+    return next(((config, rounds) for config, rounds in seed_runs(record) if config["seed"] == 0), None)
+
+
 def rate_row(server: float, client: float, record: str) -> str:
     """One mask setting's seed-0 figures."""
-    runs = [(config, rounds) for config, rounds in seed_runs(record) if config["seed"] == 0]
-    if not runs:
+    if seed0_run(record) is None:
         return f"| {server:.0%} | {client:.0%} | not run | | | | |"
-    config, rounds = runs[0]
+    config, rounds = seed0_run(record)
     figures = downlink_figures([rounds[-1]], [config["clients_per_round"]])
     return (f"| {server:.0%} | {client:.0%} | {rounds[-1]['accuracy']:.3f} | {last_rounds_accuracy(rounds):.3f} | "
             f"{figures} |")
@@ -105,6 +109,31 @@ def print_table(title: str, columns: list[str], lines: list[str]) -> None:
         print(line)
 
 
+def plot_rates(path: pathlib.Path) -> None:
+    """Accuracy (final and last-5 mean) and the privacy figures of the last round against the mask
+    rates of :data:`RATE_ROWS` (seed 0), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(server, client, *seed0_run(record)) for server, client, record in RATE_ROWS if seed0_run(record)]
+    labels = [f"{server:.0%}/{client:.0%}" for server, client, _, _ in points]
+    last = [rounds[-1] for _, _, _, rounds in points]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(labels, [e["accuracy"] for e in last], "o-", label="final accuracy")
+    axes[0].plot(labels, [last_rounds_accuracy(rounds) for _, _, _, rounds in points], "s--", label="mean of last 5 rounds")
+    axes[0].set(xlabel="server mask / client mask", ylabel="accuracy (seed 0)", title="accuracy cost", ylim=(0.8, 1.0))
+    axes[1].plot(labels, [e.get("fraction_ever_seen", 1.0) for e in last], "o-", label="share of the adapter ever sent")
+    axes[1].plot(labels, [e.get("proxy_cosine_mean", 1.0) for e in last], "s--", label="cosine(proxy, global), last round")
+    axes[1].set(xlabel="server mask / client mask", title="privacy figures")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main() -> None:
     print_table("Default task (BBC, 10 clients, Dirichlet 0.5, 20 rounds), fp32 uplink; proxies: server mask 30%, "
                 "client mask 10%, 4 bits per entry sent",
@@ -114,6 +143,9 @@ def main() -> None:
     print_table("Accuracy cost against mask rates: seed 0 only, head exempt from the server mask, server lr 1.4, "
                 "`received`", ["server mask", "client mask", "final acc", "last 5 rounds", *FIGURE_COLUMNS],
                 [rate_row(*spec) for spec in RATE_ROWS])
+    plot = RECORDS.parent / "proxy_results" / "proxy_accuracy.png"
+    plot_rates(plot)
+    print(f"\nplot: {plot.relative_to(RECORDS.parent.parent)}")
 
 
 if __name__ == "__main__":
