@@ -61,9 +61,10 @@ def downlink_figures(last_rounds: list[dict], clients_per_round: list[int]) -> s
 
 
 def row(label: str, server_lr: float, record: str, reference: str | None) -> str:
-    configs, runs = zip(*seed_runs(record)) if seed_runs(record) else ((), ())
-    if not runs:
+    found = seed_runs(record)
+    if not found:
         return f"| {label} | {server_lr:g} | not run | | | | | | |"
+    configs, runs = zip(*found)
     finals = [rounds[-1]["accuracy"] for rounds in runs]
     lasts = [last_rounds_accuracy(rounds) for rounds in runs]
     versus = "-"
@@ -92,9 +93,10 @@ def seed0_run(record: str):
 
 def rate_row(server: float, client: float, record: str) -> str:
     """One mask setting's seed-0 figures."""
-    if seed0_run(record) is None:
+    found = seed0_run(record)
+    if found is None:
         return f"| {server:.0%} | {client:.0%} | not run | | | | |"
-    config, rounds = seed0_run(record)
+    config, rounds = found
     figures = downlink_figures([rounds[-1]], [config["clients_per_round"]])
     return (f"| {server:.0%} | {client:.0%} | {rounds[-1]['accuracy']:.3f} | {last_rounds_accuracy(rounds):.3f} | "
             f"{figures} |")
@@ -117,7 +119,8 @@ def plot_rates(path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(server, client, *seed0_run(record)) for server, client, record in RATE_ROWS if seed0_run(record)]
+    found = [(server, client, seed0_run(record)) for server, client, record in RATE_ROWS]
+    points = [(server, client, *run) for server, client, run in found if run is not None]
     labels = [f"{server:.0%}/{client:.0%}" for server, client, _, _ in points]
     last = [rounds[-1] for _, _, _, rounds in points]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))

@@ -13,13 +13,12 @@ Writes results.json, CSVs, summary.md and plots as `fstq simulate` does, and pri
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
 
-from fstqcodec.sim.config import SimConfig
-from fstqcodec.sim.report import aggregate_seeds, format_table, merge_results, summarize, validate_results, write_outputs
+from fstqcodec.sim.report import (aggregate_seeds, format_table, merge_results, summarize, validate_results, with_defaults,
+                                  write_outputs)
 
 
 def main() -> int:
@@ -90,11 +89,10 @@ def _seed_parts(directories: list[str], target: float | None) -> list[dict]:
     seeds = [run["config"]["seed"] for run in runs]
     if not runs or len(set(seeds)) != len(seeds):
         sys.exit(f"simulate_merge.py: --seed-parts needs distinct seeds, found {sorted(seeds)} in {directories}")
-    settings = [{k: v for k, v in run["config"].items() if k not in _PER_SEED_CONFIG} for run in runs]
-    # A run recorded before an option existed ran with its default: a missing key reads as that.
-    defaults = {f.name: f.default for f in dataclasses.fields(SimConfig)}
-    keys = {k for one in settings for k in one}
-    differing = sorted(k for k in keys if len({json.dumps(one.get(k, defaults.get(k))) for one in settings}) > 1)
+    # A run recorded before an option existed ran with its default (with_defaults).
+    settings = [{k: v for k, v in with_defaults(run["config"]).items() if k not in _PER_SEED_CONFIG} for run in runs]
+    differing = sorted({k for other in settings[1:] for k in other.keys() | settings[0].keys()
+                        if other.get(k) != settings[0].get(k)})
     if differing:
         sys.exit(f"simulate_merge.py: --seed-parts runs differ in {differing}")
     return [_merge([run], target) for run in sorted(runs, key=lambda run: run["config"]["seed"])]

@@ -30,12 +30,26 @@ from .codec import encode
 from .policy.budget import Budget
 from .wire.masks import GRANULARITIES, Mask, visibility
 
-__all__ = ["ProxyServer", "MaskedAverage", "decode_proxy", "read_proxy", "fill_hidden", "FILLS", "cosine_similarity"]
+__all__ = ["ProxyServer", "MaskedAverage", "decode_proxy", "read_proxy", "fill_hidden", "FILLS", "cosine_similarity",
+           "exempt_patterns"]
 
 #: What a client puts in the entries its proxy hides: zeros; its own previous values (the model it
 #: last trained); or the last values it received (the model it decoded from its last proxy: each entry
 #: as the server last sent it, the initial value where never sent).
 FILLS = ("zero", "previous", "received")
+
+
+def exempt_patterns(patterns) -> tuple[str, ...]:
+    """``patterns`` (a sequence of glob patterns of tensor names) as a tuple.
+
+    Raises
+    ------
+    TypeError
+        If ``patterns`` is a bare string (a sequence of one-letter patterns) or holds a non-string.
+    """
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"server_exempt must be a sequence of glob patterns (str), got {patterns!r}")
+    return tuple(patterns)
 
 
 def _derive_seed(*parts: int) -> int:
@@ -89,9 +103,7 @@ class ProxyServer:
         self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
         self.server_keep, self.client_keep = float(server_keep), float(client_keep)
         self.granularity, self.seed, self.budget, self.block_size = granularity, int(seed), budget, block_size
-        if isinstance(server_exempt, str) or not all(isinstance(p, str) for p in server_exempt):
-            raise TypeError(f"server_exempt must be a sequence of glob patterns (str), got {server_exempt!r}")
-        self.server_exempt = tuple(server_exempt)
+        self.server_exempt = exempt_patterns(server_exempt)
         unmatched = [p for p in self.server_exempt if not any(fnmatch.fnmatchcase(n, p) for n in self.shapes)]
         if unmatched:
             raise ValueError(f"server_exempt pattern(s) {unmatched} match no tensor name (names: {list(self.shapes)[:4]}...)")

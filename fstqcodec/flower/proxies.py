@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
 import fstqcodec
-from fstqcodec.proxy import FILLS, MaskedAverage, ProxyServer, cosine_similarity, decode_proxy
+from fstqcodec.proxy import FILLS, MaskedAverage, ProxyServer, cosine_similarity, decode_proxy, exempt_patterns
 from fstqcodec.wire.masks import GRANULARITIES
 
 from .protocol import STYPE_PROXY, ProtocolError, message_record
@@ -78,9 +78,7 @@ class DownlinkProxies:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not (self.budget is None or isinstance(self.budget, fstqcodec.Budget)):
             raise TypeError(f"budget must be a fstqcodec.Budget or None, got {type(self.budget).__name__}")
-        if isinstance(self.server_exempt, str) or not all(isinstance(p, str) for p in self.server_exempt):
-            raise TypeError(f"server_exempt must be a tuple of glob patterns (str), got {self.server_exempt!r}")
-        object.__setattr__(self, "server_exempt", tuple(self.server_exempt))
+        object.__setattr__(self, "server_exempt", exempt_patterns(self.server_exempt))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
 

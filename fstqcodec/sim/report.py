@@ -357,18 +357,22 @@ _MERGE_IGNORED = {"methods", "workers", "threads", "quick", "platform", "extra",
                   "sample_generations_last_eval"}
 
 
-def _comparable_settings(config: Mapping[str, Any]) -> dict:
-    """A run's settings as merging compares them: a setting added to the loop after the run was
-    recorded counts as its default (the run had no other), ignored keys left out."""
+def with_defaults(config: Mapping[str, Any]) -> dict:
+    """A run's recorded settings with every setting added to the loop after the run was recorded
+    at its default (the run had no other)."""
     from fstqcodec.sim.config import SimConfig
 
-    defaults = SimConfig().record()
+    return {**SimConfig().record(), **config}
+
+
+def _comparable_settings(config: Mapping[str, Any]) -> dict:
+    """A run's settings as merging compares them (:func:`with_defaults`), ignored keys left out."""
     # A run of fixed-rate methods only (fp32, nf4, ...) read no encoder setting, so it merges with
     # runs of any budget; runs that do read them must agree.
     from fstqcodec.sim.methods import ENCODER_SETTINGS
 
     ignored = _MERGE_IGNORED if _reads_encoder_settings(config) else _MERGE_IGNORED | set(ENCODER_SETTINGS)
-    return {k: v for k, v in {**defaults, **config}.items() if k not in ignored}
+    return {k: v for k, v in with_defaults(config).items() if k not in ignored}
 
 
 def _reads_encoder_settings(config: Mapping[str, Any]) -> bool:
