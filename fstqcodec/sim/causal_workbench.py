@@ -5,10 +5,12 @@ unchanged; this class loads a causal LM and a QA task instead, and its :meth:`ev
 ROUGE-L F1 of greedy generations on the held-out pairs (the loop records it where a classifier's
 accuracy goes; exact match rides along through :meth:`round_metrics`).
 
-Splits: the held-out split is stratified by group (language or condition), ``test_fraction`` of each;
-``eval_size`` caps the pairs scored each round (none: all of them). Clients: ``chatterbot-qa`` gives
-client ``c`` every training pair of the languages ``c, c + clients, ...`` (so ``clients`` must not
-exceed the six languages); ``drug-condition`` splits conditions among clients by Dirichlet(``alpha``).
+Splits: the held-out split is stratified by group (language or condition), ``test_fraction`` of each,
+except for ``chatterbot-xl``, whose held-out pairs are one version of ``test_fraction`` of its
+translation units (:func:`~fstqcodec.sim.causal_data.translated_split`); ``eval_size`` caps the pairs
+scored each round (none: all of them). Clients: the chatterbot tasks give client ``c`` every training
+pair of the languages ``c, c + clients, ...`` (so ``clients`` must not exceed the languages);
+``drug-condition`` splits conditions among clients by Dirichlet(``alpha``).
 """
 
 from __future__ import annotations
@@ -59,13 +61,17 @@ class CausalWorkbench(Workbench):
         import torch
 
         from fstqcodec.sim.causal import load_causal_lm, tokenize_qa
+        from fstqcodec.sim.causal_data import translated_split
         from fstqcodec.sim.data import train_test_split
         from fstqcodec.sim.partition import dirichlet_partition
 
         self.config = config
         torch.set_num_threads(config.threads or max(1, os.cpu_count() or 1))
         self.task = task = load_qa_task(config.task)
-        self.train_idx, self.test_idx = train_test_split(task.labels, config.test_fraction, config.seed)
+        if task.units is None:
+            self.train_idx, self.test_idx = train_test_split(task.labels, config.test_fraction, config.seed)
+        else:
+            self.train_idx, self.test_idx = translated_split(task.units, config.test_fraction, config.seed)
         eval_rng = np.random.default_rng(seed_for(config.seed, 1))
         self.eval_idx = np.sort(eval_rng.permutation(self.test_idx)[: config.eval_size])
         if task.split == "by-group":

@@ -55,7 +55,7 @@ class SimConfig:
     """
 
     task: str = _option("bbc", "bbc, drugreview, multilingual, hf:<dataset>[:<config>], or a causal-LM QA "
-                               "task: chatterbot-qa, drug-condition")
+                               "task: chatterbot-qa, chatterbot-xl, drug-condition")
     model: str = _option("all-MiniLM-L6-v2", "packaged model name, local path or hub id "
                                              "(SmolLM2-135M-Instruct for the QA tasks)")
     methods: tuple[str, ...] = _option(
@@ -116,8 +116,8 @@ class SimConfig:
         type=int)
     eval_batch_size: int = _option(64, "evaluation batch size")
     max_new_tokens: int | None = _option(
-        None, "QA tasks: greedy tokens generated per held-out answer (none: 24 for chatterbot-qa, "
-              "12 for drug-condition)", type=int)
+        None, "QA tasks: greedy tokens generated per held-out answer (none: 24 for the chatterbot "
+              "tasks, 12 for drug-condition)", type=int)
     token_keep: float | None = _option(
         None, "train each client on this share of every sequence's tokens, chosen by --token-select, and "
               "record the client compute (tokens, counted FLOPs, seconds); 1 keeps every token but records "

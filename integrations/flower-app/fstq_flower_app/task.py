@@ -2,7 +2,8 @@
 
 The app trains and evaluates with the workbench that ``fstq simulate`` runs in process
 (:func:`fstqcodec.sim.client.make_workbench`: the classifier's :class:`~fstqcodec.sim.client.Workbench`,
-or the causal LM's for the generative QA tasks ``drug-condition`` and ``chatterbot-qa``), built from
+or the causal LM's for the generative QA tasks ``drug-condition``, ``chatterbot-qa``
+and ``chatterbot-xl``), built from
 a :class:`fstqcodec.sim.config.SimConfig` read from the app's ``run_config``
 (:func:`fstqcodec.sim.flower_engine.config_from_run_config`). Both engines therefore run the same
 experiment: same split, partition, initial adapter, batches and dropout masks, and the same defaults.
