@@ -71,7 +71,7 @@ def _merge(runs: list[dict], target: float | None) -> dict:
 _PER_SEED_CONFIG = {"seed", "client_examples", "client_label_histogram", "bandwidth_model", "train_examples",
                     "test_examples", "eval_examples", "wall_time_s", "platform",
                     # the causal-LM tasks' split and generations differ by seed
-                    "mean_train_tokens", "sample_generations_last_eval"}
+                    "mean_train_tokens", "mean_answer_tokens", "sample_generations_last_eval"}
 
 
 def _common_seeds(directories: list[str]) -> list[int]:
