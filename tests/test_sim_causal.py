@@ -81,6 +81,9 @@ def test_group_partition_gives_whole_languages():
     assert sorted(np.concatenate(parts)) == list(range(groups.size))
     with pytest.raises(ValueError, match="at most 6 clients"):
         group_partition(groups, 7)
+
+
+def test_chatterbot_xl_refuses_more_clients_than_languages():
     with pytest.raises(ValueError, match="chatterbot-xl splits clients by language: at most 4 clients, got 5"):
         check_qa_config("chatterbot-xl", 5)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import load_drugreview, package_path
+from .data import load_drugreview, package_path, train_test_split
 
 __all__ = [
     "DEFAULT_CAUSAL_MODEL",
@@ -126,6 +126,13 @@ class QATask:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    def held_out_split(self, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(train, held-out) pair indices: :func:`translated_split` of the units where the task has
+        them, else stratified by group (:func:`fstqcodec.sim.data.train_test_split`)."""
+        if self.units is not None:
+            return translated_split(self.units, test_fraction, seed)
+        return train_test_split(self.labels, test_fraction, seed)
 
 
 def _conversations(path) -> list[list[str]]:

@@ -61,17 +61,12 @@ class CausalWorkbench(Workbench):
         import torch
 
         from fstqcodec.sim.causal import load_causal_lm, tokenize_qa
-        from fstqcodec.sim.causal_data import translated_split
-        from fstqcodec.sim.data import train_test_split
         from fstqcodec.sim.partition import dirichlet_partition
 
         self.config = config
         torch.set_num_threads(config.threads or max(1, os.cpu_count() or 1))
         self.task = task = load_qa_task(config.task)
-        if task.units is None:
-            self.train_idx, self.test_idx = train_test_split(task.labels, config.test_fraction, config.seed)
-        else:
-            self.train_idx, self.test_idx = translated_split(task.units, config.test_fraction, config.seed)
+        self.train_idx, self.test_idx = task.held_out_split(config.test_fraction, config.seed)
         eval_rng = np.random.default_rng(seed_for(config.seed, 1))
         self.eval_idx = np.sort(eval_rng.permutation(self.test_idx)[: config.eval_size])
         if task.split == "by-group":
